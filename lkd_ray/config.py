@@ -1,0 +1,263 @@
+"""Typed run configuration: recipes, YAML files and ``a.b=value`` overrides, validated before any work.
+
+Every ablation in DESIGN §1 is a field here. Unknown fields and values are errors that list the
+valid ones, so a typo fails in the first second rather than after a cluster spins up.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Section):
+    teacher: str = "cnn_teacher"
+    student: str = "cnn_student"
+    teacher_weights: str | None = Field(
+        None, description="path, file://, http(s)://, s3:// URI or torchvision[:WEIGHTS]; "
+        "None trains a teacher once with this project (cached under run.cache_dir)")
+    teacher_epochs: int = Field(8, ge=1, description="epochs when the teacher is trained here")
+
+    @field_validator("teacher", "student")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .models import MODEL_NAMES
+
+        if v not in MODEL_NAMES:
+            raise ValueError(f"unknown model {v!r}; valid models: {', '.join(MODEL_NAMES)}")
+        return v
+
+
+class DataCfg(_Section):
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic"] = "fashion_mnist"
+    root: str | None = Field(None, description="data root (CIFAR, ImageNet); Fashion-MNIST looks in the Debian package first")
+    quiz_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of the training set held out as the meta-learning quiz split")
+    split_seed: int = 0
+    image_size: int | None = Field(None, description="None: the data set's recipe size (28 Fashion-MNIST, 32 CIFAR, 224 ImageNet)")
+    channels: Literal[1, 3] = 1
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    quiz_batch_size: int | None = Field(None, description="None: same as batch_size")
+    num_workers: int = Field(0, ge=0)
+    train_subset: int | None = Field(None, ge=10, description="use only this many training images (after the quiz split); quick runs")
+    augment: bool = True
+    synthetic_size: int = Field(512, ge=32, description="images per split for dataset=synthetic (smoke runs)")
+    num_classes_override: int | None = Field(None, ge=2, description="classes for dataset=synthetic")
+
+
+class OptimCfg(_Section):
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    epochs: int = Field(4, ge=1)
+    schedule: Literal["multistep", "cosine", "constant"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _milestones(self):
+        if self.schedule == "multistep" and not self.milestones:
+            raise ValueError("schedule 'multistep' needs milestones (epochs at which lr is multiplied by gamma)")
+        return self
+
+
+class LossCfg(_Section):
+    method: Literal["ce", "kd", "dkd", "dist", "lkd"] = "lkd"
+    w_ce: float = Field(1.0, ge=0)
+    w_logit: float = Field(1.0, ge=0)
+    w_feat: float = Field(0.0, ge=0)
+    tau: float = Field(4.0, gt=0)
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    dkd_warmup_epochs: int = Field(0, ge=0, description="linear warm-up of the DKD term (the DKD paper uses 20 of 240 epochs)")
+    dist_beta: float = 1.0
+    dist_gamma: float = 1.0
+
+
+LogitInput = Literal["log_ps", "log_pt", "ps", "pt", "onehot", "log_ratio"]
+
+
+class LossNetCfg(_Section):
+    base: Literal["kd", "dist", "none"] = "kd"
+    inputs: list[LogitInput] = Field(default_factory=lambda: ["log_ps", "log_pt", "ps", "pt", "onehot"])
+    hidden: list[int] = Field(default_factory=lambda: [32, 32])
+    activation: Literal["silu", "softplus", "gelu", "tanh"] = "silu"
+    state_inputs: bool = Field(False, description="feed training progress and running quiz accuracy to the loss networks")
+    feature_hidden: list[int] = Field(default_factory=lambda: [16])
+
+    @field_validator("inputs")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v or len(set(v)) != len(v):
+            raise ValueError("inputs must be a non-empty list without repeats")
+        return v
+
+
+class MetaCfg(_Section):
+    backend: Literal["higher", "torch.func"] = "higher"
+    scope: Literal["full", "head"] = "full"
+    unroll_steps: int = Field(1, ge=1, le=16)
+    meta_every: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    clip_norm: float = Field(1.0, gt=0)
+    batch_source: Literal["same", "fresh"] = "same"
+    freeze_after_epoch: int | None = Field(None, ge=1, description="stop meta-updates after this many epochs (None: adapt for the whole run)")
+    snapshot_every: int = Field(50, ge=1)
+    p_snapshot: float = Field(0.2, ge=0, le=1)
+    sampling: Literal["uniform", "recent", "gaussian"] = "uniform"
+    max_snapshots: int | None = Field(None, ge=1, description="in-memory store bound; None keeps every snapshot (the method's uniform-over-history)")
+
+
+class RunCfg(_Section):
+    name: str = "lkd"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool = Field(False, description="bf16 autocast on CUDA")
+    channels_last: bool = False
+    out_dir: str = "runs"
+    cache_dir: str = ".cache/lkd_ray"
+    progress: bool = True
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v) or ".." in v:
+            raise ValueError(f"run name {v!r} must be 1-128 of [A-Za-z0-9._-], start alphanumeric and contain no '..' "
+                             "(it becomes a storage prefix and must not escape it)")
+        return v
+
+
+class Config(_Section):
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    loss: LossCfg = Field(default_factory=LossCfg)
+    lossnet: LossNetCfg = Field(default_factory=LossNetCfg)
+    meta: MetaCfg = Field(default_factory=MetaCfg)
+    run: RunCfg = Field(default_factory=RunCfg)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.data.dataset == "imagenet" and self.data.channels != 3:
+            raise ValueError("ImageNet images have 3 channels: set data.channels=3")
+        if self.data.dataset in ("cifar10", "cifar100", "imagenet") and not self.data.root:
+            raise ValueError(f"data.root is required for {self.data.dataset}: the directory holding the data set (nothing is downloaded)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- recipes
+RECIPES: dict[str, dict[str, Any]] = {
+    # Small offline recipe: Fashion-MNIST, small CNN pair, minutes on 2 CPU cores.
+    "fashion_mnist": {
+        "model": {"teacher": "cnn_teacher", "student": "cnn_student", "teacher_epochs": 5},
+        "data": {"dataset": "fashion_mnist", "channels": 1, "batch_size": 128},
+        "optim": {"lr": 0.05, "epochs": 4, "schedule": "cosine", "weight_decay": 5e-4},
+    },
+    # CIFAR-100 KD benchmark recipe (DESIGN §4): 240 epochs, batch 64, lr 0.05, ×0.1 at 150/180/210, wd 5e-4.
+    # (Use lr 0.01 for MobileNetV2/ShuffleNet students.)
+    "cifar100": {
+        "model": {"teacher": "resnet32x4", "student": "resnet8x4"},
+        "data": {"dataset": "cifar100", "channels": 3, "batch_size": 64, "num_workers": 4},
+        "optim": {"lr": 0.05, "epochs": 240, "schedule": "multistep", "milestones": [150, 180, 210],
+                  "gamma": 0.1, "weight_decay": 5e-4},
+        "loss": {"tau": 4.0},
+    },
+    # ImageNet KD recipe: 100 epochs, batch 256 (per job), lr 0.1, ×0.1 at 30/60/90, wd 1e-4, τ=1.
+    "imagenet": {
+        "model": {"teacher": "resnet34", "student": "resnet18", "teacher_weights": "torchvision:IMAGENET1K_V1"},
+        "data": {"dataset": "imagenet", "channels": 3, "batch_size": 256, "num_workers": 8, "eval_batch_size": 256},
+        "optim": {"lr": 0.1, "epochs": 100, "schedule": "multistep", "milestones": [30, 60, 90],
+                  "gamma": 0.1, "weight_decay": 1e-4},
+        "loss": {"tau": 1.0},
+        "run": {"bf16": True, "channels_last": True},
+    },
+}
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``meta.scope=head`` → ``{"meta": {"scope": "head"}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value, e.g. meta.scope=head")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"override {text!r}: malformed key {key!r}")
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    out: dict[str, Any] = {}
+    cur = out
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = Config
+            for part in e["loc"][:-1]:
+                field = section.model_fields.get(str(part))
+                section = field.annotation if field is not None else section
+            valid = ", ".join(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else "?"
+            lines.append(f"unknown field {loc!r}; valid fields here: {valid}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{loc or 'config'}: {msg} (got {e.get('input')!r})" if e["type"] != "value_error" else f"{loc or 'config'}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def build_config(recipe: str | None = "fashion_mnist", file: str | Path | None = None,
+                 overrides: list[str] | tuple[str, ...] = (), **sections: dict[str, Any]) -> Config:
+    """recipe → YAML file → keyword sections → ``a.b=v`` overrides, validated once at the end."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
+        data = copy.deepcopy(RECIPES[recipe])
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model, data, optim, loss, lossnet, meta, run)")
+        _deep_update(data, loaded)
+    _deep_update(data, copy.deepcopy(sections))
+    for o in overrides:
+        _deep_update(data, parse_override(o))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,90 @@
+"""Data sets, the held-out quiz split and loaders, built from ``DataCfg``."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import DataCfg
+from .fashion import DataNotFound, load_fashion_mnist
+from .loaders import InMemoryLoader, cycle
+from .split import stratified_split
+
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+CIFAR_STATS = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+               "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass
+class DataBundle:
+    train: Any
+    quiz: Any
+    test: Any
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_size: int
+    quiz_size: int
+    test_size: int
+    quiz_indices: np.ndarray | None = None  # indices into the original training set
+    synthetic: bool = False
+
+
+def _to_tensor(images: np.ndarray, cfg: DataCfg) -> torch.Tensor:
+    """uint8 N×H×W → normalised float N×C×S×S (zero-padded to image_size, channels repeated)."""
+    x = torch.from_numpy(np.array(images, copy=True)).float().div_(255.0).sub_(FASHION_MEAN).div_(FASHION_STD)
+    x = x.unsqueeze(1)
+    size = cfg.image_size or 28
+    if size != x.shape[-1]:
+        p = size - x.shape[-1]
+        if p < 0:
+            raise ValueError(f"image_size {size} is smaller than the data set's 28 pixels")
+        x = torch.nn.functional.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2), value=-FASHION_MEAN / FASHION_STD)
+    return x.repeat(1, cfg.channels, 1, 1).contiguous()
+
+
+def _in_memory(train_x, train_y, test_x, test_y, cfg: DataCfg, seed: int, rank: int, world: int, num_classes: int,
+               synthetic: bool = False, pad_value: float = 0.0) -> DataBundle:
+    tr_idx, quiz_idx = stratified_split(train_y.numpy(), cfg.quiz_fraction, cfg.split_seed)
+    if cfg.train_subset is not None:
+        tr_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(tr_idx, min(cfg.train_subset, len(tr_idx)), replace=False))
+    qb = cfg.quiz_batch_size or cfg.batch_size
+    tr = InMemoryLoader(train_x[tr_idx], train_y[tr_idx], cfg.batch_size, True, cfg.augment, seed=seed, drop_last=True,
+                        rank=rank, world_size=world, pad_value=pad_value)
+    qz = InMemoryLoader(train_x[quiz_idx], train_y[quiz_idx], qb, True, False, seed=seed + 7, drop_last=True)
+    te = InMemoryLoader(test_x, test_y, cfg.eval_batch_size, False)
+    return DataBundle(tr, qz, te, num_classes, train_x.shape[1], train_x.shape[-1], len(tr_idx), len(quiz_idx),
+                      len(test_y), quiz_idx, synthetic)
+
+
+def synthetic_arrays(n: int, num_classes: int, channels: int, size: int, seed: int):
+    """Learnable random images with the job's real shapes (for --smoke runs): class-dependent means."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    protos = torch.randn(num_classes, channels, size, size, generator=torch.Generator().manual_seed(1234))
+    x = 0.6 * protos[y] + torch.randn(n, channels, size, size, generator=g)
+    return x, y
+
+
+def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, cache_dir: str = ".cache/lkd_ray") -> DataBundle:
+    if cfg.dataset == "fashion_mnist":
+        raw = load_fashion_mnist(cfg.root, cache_dir)
+        (trx, try_), (tex, tey) = raw["train"], raw["test"]
+        return _in_memory(_to_tensor(trx, cfg), torch.from_numpy(try_), _to_tensor(tex, cfg), torch.from_numpy(tey),
+                          cfg, seed, rank, world_size, 10, pad_value=-FASHION_MEAN / FASHION_STD)
+    if cfg.dataset == "synthetic":
+        k = cfg.num_classes_override or 10
+        size = cfg.image_size or 32
+        trx, try_ = synthetic_arrays(cfg.synthetic_size, k, cfg.channels, size, 1)
+        tex, tey = synthetic_arrays(max(64, cfg.synthetic_size // 4), k, cfg.channels, size, 2)
+        return _in_memory(trx, try_, tex, tey, cfg, seed, rank, world_size, k, synthetic=True)
+    from .vision import build_torchvision_data
+
+    return build_torchvision_data(cfg, seed, rank, world_size)
+
+
+__all__ = ["DataBundle", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]

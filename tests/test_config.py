@@ -1,0 +1,54 @@
+import pytest
+
+from lkd_ray.config import RECIPES, ConfigError, build_config, parse_override
+
+
+def test_unknown_field_lists_valid_fields():
+    with pytest.raises(ConfigError, match=r"unknown field 'meta.scop'; valid fields here: backend, scope"):
+        build_config("fashion_mnist", overrides=["meta.scop=head"])
+    with pytest.raises(ConfigError, match=r"unknown field 'metaa'.*valid fields here: model, data, optim"):
+        build_config("fashion_mnist", overrides=["metaa.scope=head"])
+
+
+def test_unknown_value_lists_valid_values():
+    with pytest.raises(ConfigError, match=r"loss.method: Input should be 'ce', 'kd', 'dkd', 'dist' or 'lkd'"):
+        build_config("fashion_mnist", overrides=["loss.method=fitnet"])
+    with pytest.raises(ConfigError, match=r"valid models: .*resnet8x4"):
+        build_config("fashion_mnist", overrides=["model.student=resnet9"])
+    with pytest.raises(ConfigError, match="valid recipes: cifar100, fashion_mnist, imagenet|valid recipes: fashion_mnist, cifar100, imagenet"):
+        build_config("mnist")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x" * 200])
+def test_run_names_cannot_escape_their_prefix(name):
+    with pytest.raises(ConfigError, match="run name"):
+        build_config("fashion_mnist", run={"name": name})
+
+
+def test_recipes_validate_and_overrides_apply(tmp_path):
+    for r in RECIPES:
+        cfg = build_config(r, data={"root": str(tmp_path)})
+        assert cfg.optim.epochs >= 1
+    cfg = build_config("cifar100", data={"root": str(tmp_path)})
+    assert (cfg.optim.lr, cfg.optim.milestones, cfg.data.batch_size, cfg.optim.weight_decay) == (0.05, [150, 180, 210], 64, 5e-4)
+    f = tmp_path / "c.yaml"
+    f.write_text("meta:\n  scope: head\n  meta_every: 5\n")
+    cfg = build_config("fashion_mnist", f, ["meta.meta_every=7", "lossnet.hidden=[4, 4]"])
+    assert (cfg.meta.scope, cfg.meta.meta_every, cfg.lossnet.hidden) == ("head", 7, [4, 4])
+    assert parse_override("a.b=1.5") == {"a": {"b": 1.5}}
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="data.root is required for cifar100"):
+        build_config("cifar100")
+    with pytest.raises(ConfigError, match="needs milestones"):
+        build_config("fashion_mnist", optim={"schedule": "multistep"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config("fashion_mnist", "/nonexistent.yaml")
+
+
+def test_cli_config_error_exits_2_before_work(capsys):
+    from lkd_ray.cli import main
+
+    assert main(["train", "--set", "meta.backend=jax"]) == 2
+    assert "meta.backend" in capsys.readouterr().err

@@ -1,0 +1,125 @@
+"""Meta-gradients: finite differences, backend agreement, side-effect freedom, non-finite rejection."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lkd_ray.config import LossCfg, LossNetCfg, MetaCfg
+from lkd_ray.losses import Connector, DistillObjective, build_lossnets
+from lkd_ray.meta import MetaBatch, MetaOptimizer, MetaStep, NonFiniteMetaGradient, StudentBundle, check_and_clip
+from lkd_ray.meta.gradcheck import run_gradcheck
+from lkd_ray.models import build_model
+
+
+@pytest.mark.parametrize("scope,unroll", [("full", 1), ("full", 2), ("head", 1), ("head", 3)])
+def test_both_backends_match_finite_differences(scope, unroll):
+    errs = run_gradcheck(scope=scope, unroll=unroll, max_entries=25, seed=unroll)
+    assert set(errs) == {"higher", "torch.func"}
+    for backend, e in errs.items():
+        assert e < 1e-5, f"{backend}: {e}"
+
+
+def test_gradcheck_cli_exit_codes():
+    ok = subprocess.run([sys.executable, "-m", "lkd_ray", "gradcheck", "--scope", "head", "--unroll", "1"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "backend=higher" in ok.stdout and "backend=torch.func" in ok.stdout and "max relative error" in ok.stdout
+    # a tolerance nothing can meet must fail: the command really compares
+    bad = subprocess.run([sys.executable, "-m", "lkd_ray", "gradcheck", "--scope", "head", "--unroll", "1", "--tol", "1e-30"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "FAILED" in bad.stderr
+
+
+def _cifar_setup(scope="full", w_feat=0.0, seed=0):
+    torch.manual_seed(seed)
+    teacher = build_model("resnet8x4", 10).eval()
+    net = build_model("resnet8", 10)
+    bundle = StudentBundle(net, Connector(64, 256) if w_feat else None, (8, 8) if w_feat else None).train()
+    loss_cfg = LossCfg(method="lkd", w_feat=w_feat)
+    lossnets = build_lossnets(loss_cfg, LossNetCfg(hidden=[8]))
+    with torch.no_grad():
+        for p in lossnets.parameters():
+            p.normal_(0, 0.2)
+    obj = DistillObjective(loss_cfg, lossnets)
+    opt = torch.optim.SGD(bundle.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with torch.no_grad():
+        ft = teacher.forward_features(x)
+        tl = teacher.forward_head(ft)
+    loss = obj(bundle(x), tl, ft, y)[0]
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    batch = MetaBatch(x, y, tl, ft if w_feat else None)
+    xq, yq = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    return bundle, opt, obj, lossnets, batch, xq, yq
+
+
+@pytest.mark.parametrize("scope", ["full", "head"])
+def test_backends_agree_on_a_cifar_model(scope):
+    bundle, opt, obj, lossnets, batch, xq, yq = _cifar_setup(w_feat=0.5)
+    grads = {}
+    for backend in ("higher", "torch.func"):
+        step = MetaStep(MetaCfg(backend=backend, scope=scope), obj, lossnets)
+        q, grads[backend] = step.compute(bundle, opt, [batch], xq, yq)
+    assert any(g.abs().sum() > 0 for g in grads["higher"])
+    for a, b in zip(grads["higher"], grads["torch.func"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def _fingerprint(bundle, opt):
+    return ({k: v.clone() for k, v in bundle.state_dict().items()},
+            {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in opt.state.items()},
+            [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups])
+
+
+@pytest.mark.parametrize("backend", ["higher", "torch.func"])
+@pytest.mark.parametrize("scope", ["full", "head"])
+@pytest.mark.parametrize("from_snapshot", [False, True])
+def test_meta_step_is_side_effect_free(backend, scope, from_snapshot):
+    bundle, opt, obj, lossnets, batch, xq, yq = _cifar_setup(w_feat=0.5)
+    snap = {k: v.clone() * (1.01 if v.is_floating_point() else 1) for k, v in bundle.state_dict().items()} if from_snapshot else None
+    before = _fingerprint(bundle, opt)
+    grads_before = [None if p.grad is None else p.grad.clone() for p in bundle.parameters()]
+    step = MetaStep(MetaCfg(backend=backend, scope=scope, unroll_steps=2), obj, lossnets)
+    step.compute(bundle, opt, [batch, batch], xq, yq, start_state=snap)
+    after = _fingerprint(bundle, opt)
+    for k, v in before[0].items():
+        assert torch.equal(v, after[0][k]), k  # parameters and BatchNorm buffers, bit for bit
+    for pid, s in before[1].items():
+        for k, v in s.items():
+            assert torch.equal(v, after[1][pid][k]) if torch.is_tensor(v) else v == after[1][pid][k]
+    assert before[2] == after[2]
+    for g0, p in zip(grads_before, bundle.parameters()):  # the real .grad fields are not touched either
+        assert (g0 is None and p.grad is None) or torch.equal(g0, p.grad)
+
+
+def test_snapshot_start_changes_the_meta_gradient():
+    bundle, opt, obj, lossnets, batch, xq, yq = _cifar_setup()
+    step = MetaStep(MetaCfg(scope="full"), obj, lossnets)
+    _, g_now = step.compute(bundle, opt, [batch], xq, yq)
+    snap = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in bundle.state_dict().items()}
+    _, g_snap = step.compute(bundle, opt, [batch], xq, yq, start_state=snap)
+    assert not all(torch.allclose(a, b) for a, b in zip(g_now, g_snap))
+
+
+def test_non_finite_meta_gradient_is_rejected_and_counted():
+    lossnets = build_lossnets(LossCfg(method="lkd"), LossNetCfg(hidden=[4]))
+    mo = MetaOptimizer(lossnets, lr=1e-2, clip_norm=1.0)
+    before = [p.clone() for p in lossnets.parameters()]
+    grads = [torch.ones_like(p) for p in lossnets.parameters()]
+    grads[0][0, 0] = float("nan")
+    assert mo.apply(grads) is False
+    assert mo.counters.rejected_nonfinite == 1 and mo.counters.accepted == 0 and mo.counters.version == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, lossnets.parameters()))
+    with pytest.raises(NonFiniteMetaGradient, match="non-finite"):
+        check_and_clip(grads, 1.0)
+    assert mo.apply([torch.ones_like(p) for p in lossnets.parameters()]) is True
+    assert mo.counters.version == 1 and not all(torch.equal(a, b) for a, b in zip(before, lossnets.parameters()))
+
+
+def test_clipping_bounds_the_norm():
+    clipped, norm = check_and_clip([torch.full((3,), 4.0), torch.full((4,), 3.0)], clip_norm=1.0)
+    assert norm == pytest.approx((48 + 36) ** 0.5)
+    assert torch.linalg.vector_norm(torch.cat(clipped)).item() == pytest.approx(1.0, rel=1e-6)
