@@ -52,7 +52,7 @@ def _in_memory(train_x, train_y, test_x, test_y, cfg: DataCfg, seed: int, rank: 
     tr_idx, quiz_idx = stratified_split(train_y.numpy(), cfg.quiz_fraction, cfg.split_seed)
     if cfg.train_subset is not None:
         tr_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(tr_idx, min(cfg.train_subset, len(tr_idx)), replace=False))
-    qb = cfg.quiz_batch_size or cfg.batch_size
+    qb = min(cfg.quiz_batch_size or cfg.batch_size, len(quiz_idx))
     tr = InMemoryLoader(train_x[tr_idx], train_y[tr_idx], cfg.batch_size, True, cfg.augment, seed=seed, drop_last=True,
                         rank=rank, world_size=world, pad_value=pad_value)
     qz = InMemoryLoader(train_x[quiz_idx], train_y[quiz_idx], qb, True, False, seed=seed + 7, drop_last=True)

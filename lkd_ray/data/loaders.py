@@ -76,5 +76,10 @@ def cycle(loader):
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("a loader yielded no batch (split smaller than one batch?); lower the batch size or raise the split")
         epoch += 1

@@ -84,7 +84,7 @@ def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int):
     tr_idx, quiz_idx = stratified_split(targets, cfg.quiz_fraction, cfg.split_seed)
     if cfg.train_subset is not None:
         tr_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(tr_idx, min(cfg.train_subset, len(tr_idx)), replace=False))
-    qb = cfg.quiz_batch_size or cfg.batch_size
+    qb = min(cfg.quiz_batch_size or cfg.batch_size, len(quiz_idx))
     tr = _ShardedLoader(train_ds, tr_idx, cfg, True, seed, rank, world, cfg.batch_size, True)
     qz = _ShardedLoader(quiz_ds, quiz_idx, cfg, True, seed + 7, 0, 1, qb, True)
     te = _ShardedLoader(test_ds, np.arange(len(test_ds)), cfg, False, 0, 0, 1, cfg.eval_batch_size, False)

@@ -101,6 +101,9 @@ class Trainer:
         self.device = device or resolve_device(cfg.run.device)
         seed_everything(cfg.run.seed)
         self.data = data or build_data(cfg.data, cfg.run.seed, rank, world_size, cfg.run.cache_dir)
+        if len(self.data.train) == 0:
+            raise ValueError(f"the training split ({self.data.train_size} images over {world_size} worker(s)) is smaller than "
+                             f"one batch of {cfg.data.batch_size}; lower data.batch_size")
         if teacher is None and cfg.loss.method != "ce":
             raise ValueError(f"method {cfg.loss.method!r} distils from a teacher; none was given")
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
