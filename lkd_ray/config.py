@@ -27,7 +27,8 @@ class ModelCfg(_Section):
     student: str = "cnn_student"
     teacher_weights: str | None = Field(
         None, description="path, file://, http(s)://, s3:// URI or torchvision[:WEIGHTS]; "
-        "None trains a teacher once with this project (cached under run.cache_dir)")
+        "None trains a teacher once with this project (cached under run.cache_dir); 'random' (smoke runs only) "
+        "an untrained teacher")
     teacher_epochs: int = Field(8, ge=1, description="epochs when the teacher is trained here")
 
     @field_validator("teacher", "student")

@@ -172,6 +172,9 @@ class S3Storage(Storage):
         cfg = BotoConfig(retries={"max_attempts": self.settings.max_attempts, "mode": "standard"},
                          connect_timeout=self.settings.connect_timeout, read_timeout=self.settings.read_timeout)
         self.client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg)
+        # start-up checks should answer in seconds, not after a full retry budget
+        fast = BotoConfig(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=3, read_timeout=10)
+        self._check_client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=fast)
 
     def _key(self, key: str) -> str:
         k = safe_key(key)
@@ -241,7 +244,7 @@ class S3Storage(Storage):
     def check(self) -> None:
         """Fail early: endpoint reachable, bucket present, credentials accepted."""
         try:
-            self.client.head_bucket(Bucket=self.bucket)
+            self._check_client.head_bucket(Bucket=self.bucket)
         except Exception as e:
             raise self._wrap(e, "check the bucket") from None
 
@@ -250,7 +253,8 @@ class S3Storage(Storage):
 
         creds = self.client._request_signer._credentials  # resolved by boto3's standard chain
         frozen = creds.get_frozen_credentials() if creds is not None else None
-        kw: dict[str, Any] = {"region": self.region}
+        # allow_delayed_open: small objects go up as one PutObject instead of a multipart upload
+        kw: dict[str, Any] = {"region": self.region, "allow_delayed_open": True}
         if frozen is not None:
             kw.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
         if self.endpoint_url:

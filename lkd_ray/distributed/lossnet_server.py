@@ -29,10 +29,9 @@ class LossNetServerCore:
     def __init__(self, cfg: dict, storage_uri: str, run: str, world_size: int, mode: str = "sync",
                  max_staleness: int = 4, persist_every: int = 10, endpoint_url: str | None = None):
         self.cfg = Config.model_validate(cfg)
-        self.lossnets = build_lossnets(self.cfg.loss, self.cfg.lossnet)
+        self.lossnets = build_lossnets(self.cfg.loss, self.cfg.lossnet, self.cfg.run.seed)  # same φ0 as every worker
         if self.lossnets is None:
             raise ValueError("the LossNetServer serves method 'lkd' only")
-        torch.manual_seed(self.cfg.run.seed)  # same init as the single-process trainer's zero-init residual
         self.params = list(self.lossnets.parameters())
         self.adam = torch.optim.Adam(self.params, lr=self.cfg.meta.lr)
         self.world_size, self.mode, self.max_staleness, self.persist_every = world_size, mode, max_staleness, persist_every

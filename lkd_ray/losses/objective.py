@@ -68,11 +68,17 @@ class DistillObjective:
         return total, parts
 
 
-def build_lossnets(loss: LossCfg, net: LossNetCfg) -> LossNetworks | None:
-    """The learnable networks for method 'lkd' (None for hand-crafted methods)."""
+def build_lossnets(loss: LossCfg, net: LossNetCfg, seed: int = 0) -> LossNetworks | None:
+    """The learnable networks for method 'lkd' (None for hand-crafted methods).
+
+    Initialised from their own seeded RNG, so every process that builds them (the single-process
+    trainer, each Ray worker, the LossNetServer) starts from the same φ without sharing state.
+    """
     if loss.method != "lkd":
         return None
-    logit = LogitLossNet(net.inputs, net.hidden, net.activation, net.base, loss.tau, net.state_inputs,
-                         loss.dist_beta, loss.dist_gamma)
-    feature = FeatureLossNet(net.feature_hidden, net.activation, net.state_inputs) if loss.w_feat > 0 else None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        logit = LogitLossNet(net.inputs, net.hidden, net.activation, net.base, loss.tau, net.state_inputs,
+                             loss.dist_beta, loss.dist_gamma)
+        feature = FeatureLossNet(net.feature_hidden, net.activation, net.state_inputs) if loss.w_feat > 0 else None
     return LossNetworks(logit, feature)

@@ -127,7 +127,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(self.bundle.parameters(), lr=o.lr, momentum=o.momentum,
                                          weight_decay=o.weight_decay, nesterov=o.nesterov)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.lossnets = build_lossnets(cfg.loss, cfg.lossnet)
+        self.lossnets = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
         if self.lossnets is not None:
             self.lossnets.to(self.device)
         self.objective = DistillObjective(cfg.loss, self.lossnets)
@@ -274,7 +274,7 @@ class Trainer:
             metrics.update({"epoch": self.state.epoch, "test_top1": test["top1"], "test_top5": test["top5"],
                             "test_loss": test["loss"], "quiz_top1": quiz["top1"], "epoch_s": time.perf_counter() - e0,
                             "meta_s": self.meta_time})
-            if self.meta_optimizer is not None:
+            if self.meta_optimizer is not None and self.meta_updater is self.meta_optimizer:  # remote: the server reports
                 metrics.update({f"meta_{k}": v for k, v in self.meta_optimizer.counters.as_dict().items()})
             metrics["snapshots"] = len(self.snapshots) if self.is_lkd else 0
             self.state.history.append(metrics)

@@ -1,0 +1,77 @@
+"""Flags every job shares, and the one code path from flags to a finished distributed run.
+
+Config is built and validated here, before Ray or any storage is touched: a typo costs a second.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/x.py` from a checkout / ray working_dir
+
+from lkd_ray.config import ConfigError, build_config  # noqa: E402
+from lkd_ray.storage import StorageError  # noqa: E402
+
+
+def parser(description: str, recipe: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--storage", default=os.environ.get("LKD_STORAGE", "runs"), help="local folder or s3://bucket/prefix (default: ./runs)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--config", help="YAML with sections model/data/optim/loss/lossnet/meta/run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("--recipe", default=recipe, help=f"base recipe (default {recipe})")
+    p.add_argument("--mode", choices=["sync", "async"], default="sync", help="LossNetServer update mode")
+    p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny generated data set with the job's real shapes and an untrained teacher: checks the pipeline anywhere")
+    return p
+
+
+def smoke_overrides(num_classes: int, image_size: int, channels: int = 3) -> dict:
+    return {"data": {"dataset": "synthetic", "root": None, "num_classes_override": num_classes, "image_size": image_size,
+                     "channels": channels, "synthetic_size": 64, "batch_size": 4, "eval_batch_size": 16, "num_workers": 0},
+            "optim": {"epochs": 1, "schedule": "constant", "milestones": []},
+            "meta": {"meta_every": 4, "snapshot_every": 4}, "model": {"teacher_weights": "random"},
+            "run": {"bf16": False, "channels_last": False, "progress": False}}
+
+
+def build(args, extra: dict | None = None, smoke: dict | None = None):
+    """Config from recipe → file → job extras → --smoke → --set; exits 2 with the reason if invalid."""
+    sections: dict = {}
+    for part in (extra or {}), (smoke if args.smoke else {}) or {}:
+        for k, v in part.items():
+            sections.setdefault(k, {}).update(v)
+    try:
+        return build_config(args.recipe, args.config, args.overrides, **sections)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def launch(cfg, args, **extra_opts) -> dict:
+    from lkd_ray.distributed.launch import LaunchOptions, run_distributed
+
+    opts = LaunchOptions(storage=args.storage, num_workers=args.num_workers, use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
+                         mode=args.mode, max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker, **extra_opts)
+    try:
+        return run_distributed(cfg, opts)
+    except StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3)
+
+
+def summarize(res: dict) -> str:
+    m = res.get("metrics", {})
+    tag = " [SMOKE: generated data, untrained teacher]" if res.get("synthetic_data") else ""
+    return (f"{res['method']}: test top-1 {m.get('test_top1', float('nan')):.2f}%  top-5 {m.get('test_top5', float('nan')):.2f}%  "
+            f"epochs {m.get('epoch')}  ({res['wall_s']:.0f}s, results in {res['storage']}/{res['run']}){tag}")
+
+
+def dump(res: dict) -> None:
+    print(json.dumps({k: v for k, v in res.items() if k != "config"}, default=str, indent=1))

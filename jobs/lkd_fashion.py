@@ -1,0 +1,30 @@
+"""The embedded default: KD vs LKD through Ray on one machine — local Ray, local storage, offline
+Fashion-MNIST, a teacher trained once and cached.
+
+    python jobs/lkd_fashion.py                       # what `./dev run` runs
+    ray job submit --working-dir . -- python jobs/lkd_fashion.py --num-workers 2
+"""
+from _common import build, dump, launch, parser, smoke_overrides, summarize
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__, "fashion_mnist")
+    p.add_argument("--methods", nargs="+", default=["kd", "lkd"], choices=["ce", "kd", "dkd", "dist", "lkd"])
+    p.add_argument("--json", action="store_true", help="print the full result records")
+    args = p.parse_args(argv)
+    cfgs = []
+    for method in args.methods:  # validate every config before any cluster work
+        cfg = build(args, {"loss": {"method": method}}, smoke_overrides(10, 28, 1))
+        cfg.run.name = f"{cfg.run.name}-{method}"
+        cfgs.append(cfg)
+    results = [launch(cfg, args) for cfg in cfgs]
+    print()
+    for res in results:
+        print(summarize(res))
+        if args.json:
+            dump(res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
