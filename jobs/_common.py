@@ -57,8 +57,13 @@ def build(args, extra: dict | None = None, smoke: dict | None = None):
 def launch(cfg, args, **extra_opts) -> dict:
     from lkd_ray.distributed.launch import LaunchOptions, run_distributed
 
+    threads = max(1, int(args.cpus_per_worker), (os.cpu_count() or 1) // max(1, args.num_workers)) if not args.use_gpu else 4
     opts = LaunchOptions(storage=args.storage, num_workers=args.num_workers, use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
-                         mode=args.mode, max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker, **extra_opts)
+                         mode=args.mode, max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker,
+                         threads_per_worker=threads, **extra_opts)
+    if args.smoke:
+        print(f"[smoke] {cfg.run.name}: generated data with the job's real shapes and an untrained teacher — "
+              "checks the pipeline, says nothing about accuracy", flush=True)
     try:
         return run_distributed(cfg, opts)
     except StorageError as e:
