@@ -96,14 +96,18 @@ def test_two_worker_lkd_run_on_s3(tmp_path, s3_bucket, moto_endpoint):
     assert {f"e2e/lossnet/v{v}.pt" for v in range(2, rounds + 1, 2)} <= set(keys) and "e2e/lossnet/latest.json" in keys
     assert any(k.startswith("e2e/ray/checkpoint_") and k.endswith("trainer.pt") for k in keys)
     assert any(k.endswith("student.pt") for k in keys)
+    assert any(k.startswith("e2e/logs/tb/events.out.tfevents") for k in keys)  # TensorBoard-readable, in the bucket
+    lines = st.get_bytes("e2e/logs/metrics.jsonl").decode().splitlines()
+    assert len(lines) == 2 and json.loads(lines[-1])["epoch"] == 2
     result = st.get_json("e2e/result.json")
     assert result["server"]["accepted"] == rounds * 2 and result["run"] == "e2e"
 
 
-def test_one_ray_worker_reproduces_the_single_process_trainer(tmp_path):
+def test_one_ray_worker_reproduces_the_single_process_trainer(tmp_path, monkeypatch):
     cfg = small_cfg("equiv", tmp_path, meta={"p_snapshot": 0.0})
+    monkeypatch.chdir(tmp_path)  # a relative --storage must reach workers, whose working directory differs
     store = tmp_path / "store"
-    run_distributed(cfg, LaunchOptions(storage=str(store), num_workers=1, persist_every=1000))
+    run_distributed(cfg, LaunchOptions(storage="store", num_workers=1, persist_every=1000))
     st = LocalStorage(store)
     ptr = st.get_json("equiv/lossnet/latest.json")
     ray_phi = st.get_torch(ptr["key"], expect_sha256=ptr["sha256"])["lossnets"]

@@ -92,3 +92,32 @@ def test_arrow_filesystem_reads_what_boto3_wrote(s3_bucket, moto_endpoint):
     fs, base = st.arrow_fs()
     with fs.open_input_stream(f"{base}/run/x.txt") as f:
         assert f.read() == b"hello"
+
+
+def test_bad_credentials_fail_early_and_clearly(tmp_path):
+    """A second moto_server that enforces authentication: unknown keys are refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.3).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        with pytest.raises(StorageError, match="refused the credentials") as e:
+            S3Storage("any-bucket", "", S3Settings(endpoint_url=f"http://127.0.0.1:{port}")).check()
+        assert "testing" not in str(e.value)
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -85,6 +85,9 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
     run = safe_key(cfg.run.name)
     storage = open_storage(opts.storage, opts.endpoint_url)
     storage.check()  # unreachable endpoint, missing bucket, bad credentials: fail before any worker starts
+    uri = storage.uri  # absolute: workers and actors run in other working directories
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
     t0 = time.perf_counter()
     teacher_key = _prepare_teacher(cfg, storage, run)
     init_ray()
@@ -94,14 +97,14 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
     if cfg.loss.method == "lkd":
         server = LossNetServer.options(name=names["server_name"], max_restarts=opts.server_max_restarts,
                                        max_task_retries=-1, get_if_exists=True).remote(
-            cfg.to_dict(), opts.storage, run, opts.num_workers, opts.mode, opts.max_staleness, opts.persist_every, opts.endpoint_url)
+            cfg.to_dict(), uri, run, opts.num_workers, opts.mode, opts.max_staleness, opts.persist_every, opts.endpoint_url)
         ray.get(server.ping.remote())
-        index, loaders = start_snapshot_pool(opts.storage, run, cfg.meta.sampling, cfg.run.seed, opts.num_loaders,
+        index, loaders = start_snapshot_pool(uri, run, cfg.meta.sampling, cfg.run.seed, opts.num_loaders,
                                              endpoint_url=opts.endpoint_url, namespace_name=names["index_name"])
         actors = [server, index, *loaders]
         names["loader_names"] = [f"{names['index_name']}-loader{i}" for i in range(opts.num_loaders)]
     fs, base = storage.arrow_fs()
-    worker_cfg = {"cfg": cfg.to_dict(), "storage": opts.storage, "endpoint_url": opts.endpoint_url, "run": run,
+    worker_cfg = {"cfg": cfg.to_dict(), "storage": uri, "endpoint_url": opts.endpoint_url, "run": run,
                   "teacher_key": teacher_key, "mode": opts.mode, "use_gpu": opts.use_gpu, "namespace": ns,
                   "threads_per_worker": opts.threads_per_worker, **names, **opts.extra_worker_config}
     trainer = TorchTrainer(

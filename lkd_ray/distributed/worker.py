@@ -118,12 +118,21 @@ def train_loop_per_worker(config: dict) -> None:
         store = RaySnapshotStore(config["storage"], run, index, loaders, record=rank == 0, endpoint_url=config.get("endpoint_url"))
     server = ray.get_actor(config["server_name"], namespace=config.get("namespace")) if is_lkd else None
 
+    log_dir = Path(tempfile.mkdtemp(prefix=f"lkd-{run}-logs-")) if rank == 0 else None
+
+    def upload_logs() -> None:
+        """metrics.jsonl and TensorBoard events, mirrored to <run>/logs/ (readable wherever the storage is)."""
+        for f in log_dir.rglob("*"):
+            if f.is_file():
+                storage.put_bytes(f"{run}/logs/{f.relative_to(log_dir).as_posix()}", f.read_bytes())
+
     def on_epoch_end(trainer: Trainer, metrics: dict) -> None:
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         metrics["rank"] = rank
         if server is not None:
             metrics.update({f"server_{k}": v for k, v in ray.get(server.report.remote()).items() if isinstance(v, (int, float))})
         if rank == 0:
+            upload_logs()
             with tempfile.TemporaryDirectory() as d:
                 torch.save(trainer.state_dict(), os.path.join(d, CHECKPOINT_FILE))
                 torch.save({"model": trainer.bundle.net.state_dict(), "epoch": trainer.state.epoch}, os.path.join(d, STUDENT_FILE))
@@ -135,7 +144,7 @@ def train_loop_per_worker(config: dict) -> None:
             _maybe_kill_server(config, rank, trainer.state.epoch, server)
 
     trainer = Trainer(cfg, teacher, data, device=device, snapshot_store=store, wrap_student=wrap,
-                      on_epoch_end=on_epoch_end, rank=rank, world_size=world, log=False)
+                      on_epoch_end=on_epoch_end, rank=rank, world_size=world, out_dir=log_dir, log=rank == 0)
     if is_lkd:
         trainer.meta_updater = RemoteMetaUpdater(server, rank, config.get("mode", "sync"), trainer.lossnets)
     ckpt = ray.train.get_checkpoint()

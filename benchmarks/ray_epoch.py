@@ -1,0 +1,58 @@
+"""Wall time of a 2-worker Ray LKD epoch against the single-process trainer, same data and recipe.
+
+Both run LKD on a Fashion-MNIST subset for one epoch with the same teacher; reps interleave so
+machine noise hits both. Reported: each wall time and the ratio of medians. On one 2-core machine
+two workers split the same cores, so this measures the distributed path's overhead, not a speed-up.
+
+    .venv/bin/python benchmarks/ray_epoch.py [--reps 2] [--subset 10000]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import torch  # noqa: E402
+
+from _util import write  # noqa: E402
+from lkd_ray.config import build_config  # noqa: E402
+from lkd_ray.data import build_data  # noqa: E402
+from lkd_ray.distributed.launch import LaunchOptions, init_ray, run_distributed  # noqa: E402
+from lkd_ray.train import Trainer  # noqa: E402
+from lkd_ray.train.teacher import prepare_teacher  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--subset", type=int, default=10000)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cfg = build_config("fashion_mnist", data={"train_subset": args.subset}, optim={"epochs": 1}, run={"progress": False})
+    data = build_data(cfg.data)
+    prepare_teacher(cfg, data)  # cached; both paths then load the same teacher
+    init_ray()
+    single, ray2 = [], []
+    with tempfile.TemporaryDirectory() as store:
+        for rep in range(args.reps):
+            teacher, _ = prepare_teacher(cfg, data, log=lambda *_: None)
+            torch.set_num_threads(os.cpu_count() or 1)
+            t = time.perf_counter()
+            Trainer(cfg, teacher, data, log=False).fit()
+            single.append(time.perf_counter() - t)
+            c = cfg.model_copy(deep=True)
+            c.run.name = f"bench-{rep}"
+            res = run_distributed(c, LaunchOptions(storage=store, num_workers=2, threads_per_worker=1))
+            ray2.append(res["metrics"]["epoch_s"])
+            print(f"rep {rep}: single-process {single[-1]:.1f}s  ray 2 workers (epoch) {ray2[-1]:.1f}s  job wall {res['wall_s']:.1f}s", flush=True)
+    ratio = statistics.median(ray2) / statistics.median(single)
+    print(f"ray 2-worker epoch / single-process epoch (medians): {ratio:.2f}")
+    write("ray_epoch.json", {"subset": args.subset, "single_process_s": single, "ray_2_workers_epoch_s": ray2, "ratio_median": ratio})
+
+
+if __name__ == "__main__":
+    main()

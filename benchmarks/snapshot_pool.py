@@ -1,0 +1,88 @@
+"""SnapshotPool draw latency — cold (loader cache empty), warm (cached) and prefetched (fetch
+overlapped with a simulated training interval) — against a raw boto3 GET of the same object, on a
+real S3 endpoint (moto_server, 127.0.0.1).
+
+    .venv/bin/python benchmarks/snapshot_pool.py [--model resnet8x4] [--reps 20]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import boto3  # noqa: E402
+import ray  # noqa: E402
+
+from _util import moto_server, summary, write  # noqa: E402
+from lkd_ray.distributed.snapshot_pool import RaySnapshotStore, start_snapshot_pool  # noqa: E402
+from lkd_ray.models import build_model  # noqa: E402
+from lkd_ray.train.snapshots import cpu_state  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="resnet8x4")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--train-ms", type=float, default=300.0, help="simulated training time between draws (prefetch case)")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    with moto_server() as endpoint:
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket="bench")
+        uri = "s3://bench/pool"
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        state = cpu_state(build_model(args.model, 100))
+        rows = {}
+        # one snapshot only, so every draw is the same object as the raw GET
+        index, loaders = start_snapshot_pool(uri, "one", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=endpoint,
+                                             namespace_name="cold")
+        store = RaySnapshotStore(uri, "one", index, loaders, record=True, endpoint_url=endpoint, prefetch=False)
+        store.record(1, state)
+        key = "pool/one/snapshots/1.pt"
+        size = s3.head_object(Bucket="bench", Key=key)["ContentLength"]
+        raw = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            s3.get_object(Bucket="bench", Key=key)["Body"].read()
+            raw.append(time.perf_counter() - t)
+        rows["raw_boto3_get"] = summary(raw)
+        cold = []
+        for _ in range(args.reps):  # cache_bytes=0: every draw fetches, verifies and deserialises
+            t = time.perf_counter()
+            store.sample()
+            cold.append(time.perf_counter() - t)
+        rows["pool_cold"] = summary(cold)
+        wi, wl = start_snapshot_pool(uri, "one", "uniform", 0, num_loaders=1, cache_bytes=1 << 30, endpoint_url=endpoint,
+                                     namespace_name="warm")
+        warm_store = RaySnapshotStore(uri, "one", wi, wl, record=False, endpoint_url=endpoint, prefetch=False)
+        warm_store.sample()
+        warm = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            warm_store.sample()
+            warm.append(time.perf_counter() - t)
+        rows["pool_warm"] = summary(warm)
+        pi, pl = start_snapshot_pool(uri, "one", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=endpoint,
+                                     namespace_name="pre")
+        pre_store = RaySnapshotStore(uri, "one", pi, pl, record=False, endpoint_url=endpoint, prefetch=True)
+        pre_store.sample()
+        pre = []
+        for _ in range(args.reps):
+            time.sleep(args.train_ms / 1e3)  # the worker trains while the next draw is fetched
+            t = time.perf_counter()
+            pre_store.sample()
+            pre.append(time.perf_counter() - t)
+        rows["pool_prefetched"] = summary(pre)
+        ray.shutdown()
+    ms = {k: {kk: (vv * 1e3 if kk != "n" else vv) for kk, vv in v.items()} for k, v in rows.items()}
+    for k, v in ms.items():
+        print(f"{k:16} p50 {v['p50']:8.2f} ms  p99 {v['p99']:8.2f} ms  (n={v['n']})")
+    path = write("snapshot_pool.json", {"model": args.model, "object_bytes": size, "train_ms": args.train_ms, "latency_ms": ms,
+                                        "ratio_to_raw_get_p50": {k: v["p50"] / ms["raw_boto3_get"]["p50"] for k, v in ms.items()}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
