@@ -19,6 +19,9 @@ def main(argv=None) -> int:
         cfgs.append(cfg)
     results = [launch(cfg, args) for cfg in cfgs]
     print()
+    t = results[0].get("teacher", {})
+    if "test_top1" in t:
+        print(f"teacher {cfgs[0].model.teacher}: test top-1 {t['test_top1']:.2f}%")
     for res in results:
         print(summarize(res))
         if args.json:

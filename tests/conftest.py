@@ -38,7 +38,9 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """A real S3 endpoint: a moto_server process on 127.0.0.1, stopped at the end of the session."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    exe = str(Path(sys.executable).parent / "moto_server")  # the venv's, installed by ./dev
+    if not Path(exe).exists():
+        exe = shutil.which("moto_server") or exe
     port = free_port()
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     log = open(os.environ.get("LKD_MOTO_LOG", os.devnull), "w")

@@ -29,6 +29,7 @@ class LaunchOptions:
     threads_per_worker: int = 1
     cpus_per_worker: float = 1.0
     extra_worker_config: dict[str, Any] = field(default_factory=dict)
+    callbacks: list[Any] = field(default_factory=list)  # Ray Train UserCallbacks (Tune's TuneReportCallback)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -113,7 +114,7 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
                                      resources_per_worker={"CPU": opts.cpus_per_worker}),
         run_config=RunConfig(name="ray", storage_path=f"{base}/{run}", storage_filesystem=fs,
                              failure_config=FailureConfig(max_failures=opts.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(opts.callbacks)),
     )
     try:
         result = trainer.fit()
@@ -122,6 +123,8 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
                                    "checkpoint": result.checkpoint.path if result.checkpoint else None,
                                    "wall_s": time.perf_counter() - t0, "synthetic_data": cfg.data.dataset == "synthetic",
                                    "config": cfg.to_dict()}
+        if storage.exists(safe_key(run, "teacher.json")):
+            summary["teacher"] = storage.get_json(safe_key(run, "teacher.json"))
         if actors:
             server = actors[0]
             summary["lossnet_final"] = ray.get(server.persist.remote())

@@ -1,0 +1,37 @@
+"""Tune search over loss-network architectures (Optuna TPE + ASHA on quiz accuracy).
+
+    python jobs/tune_lossnet.py --trials 16 --max-concurrent 4 --set optim.epochs=6
+    ray job submit --working-dir . -- python jobs/tune_lossnet.py --storage s3://bucket/lkd --use-gpu --trials 32
+Writes trials.csv, trials.json and best_config.yaml (accepted unchanged by jobs/lkd_*.py --config)
+to --out and to <storage>/<name>/. Re-running with the same --name resumes an interrupted search.
+"""
+from _common import build, parser
+
+from lkd_ray.distributed.launch import LaunchOptions
+from lkd_ray.distributed.tune import TuneOptions, format_table, run_search
+
+
+def main(argv=None) -> int:
+    p = parser(__doc__, "fashion_mnist")
+    p.add_argument("--name", default="tune-lossnet", help="search name (storage prefix); reuse it to resume")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--max-concurrent", type=int, default=2)
+    p.add_argument("--grace-epochs", type=int, default=1, help="ASHA: epochs every trial gets before it can be stopped")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial (with --use-gpu: per worker)")
+    p.add_argument("--out", default=None, help="local folder for the results (default runs/<name>)")
+    args = p.parse_args(argv)
+    cfg = build(args, {"loss": {"method": "lkd"}, "run": {"progress": False}})
+    launch = LaunchOptions(storage=args.storage, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                           endpoint_url=args.endpoint_url, mode=args.mode, max_failures=args.max_failures,
+                           cpus_per_worker=args.cpus_per_worker)
+    res = run_search(cfg, launch, TuneOptions(trials=args.trials, max_concurrent=args.max_concurrent,
+                                              grace_epochs=args.grace_epochs, name=args.name,
+                                              gpus_per_trial=args.gpus_per_trial),
+                     args.out or f"runs/{args.name}")
+    print(format_table(res["rows"]))
+    print(f"\nbest quiz top-1 {res['best_metric']}; best config: {res['out_dir']}/best_config.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

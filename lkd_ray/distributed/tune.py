@@ -1,0 +1,160 @@
+"""Ray Tune searches over loss-network architectures.
+
+A define-by-run space (Optuna's TPE sampler through ``OptunaSearch``) over depth, width per layer,
+activation, input features, base loss, scope, ``meta_every`` and the meta learning rate; ASHA stops
+trials whose quiz-split accuracy lags. Each trial is a short LKD run that builds its own
+``TorchTrainer`` (the Ray Train V2 pattern) and relays its per-epoch metrics with
+``TuneReportCallback``. The test set is never consulted: trials are ranked on the quiz split.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import Config, _deep_update
+from ..storage import open_storage, safe_key
+from .launch import LaunchOptions, init_ray, run_distributed
+
+METRIC, MODE = "quiz_top1", "max"
+INPUT_SETS = {
+    "probs": ["ps", "pt", "onehot"],
+    "logprobs": ["log_ps", "log_pt", "onehot"],
+    "full": ["log_ps", "log_pt", "ps", "pt", "onehot"],
+    "ratio": ["log_ratio", "pt", "onehot"],
+}
+
+
+def define_space(trial) -> dict[str, Any] | None:
+    """Optuna define-by-run: the number of width parameters depends on the sampled depth."""
+    depth = trial.suggest_int("lossnet.depth", 1, 3)
+    for i in range(depth):
+        trial.suggest_categorical(f"lossnet.width{i}", [8, 16, 32, 64])
+    trial.suggest_categorical("lossnet.activation", ["silu", "softplus", "gelu", "tanh"])
+    trial.suggest_categorical("lossnet.inputs", list(INPUT_SETS))
+    trial.suggest_categorical("lossnet.base", ["kd", "dist", "none"])
+    trial.suggest_categorical("meta.scope", ["full", "head"])
+    trial.suggest_categorical("meta.meta_every", [2, 5, 10, 20])
+    trial.suggest_float("meta.lr", 1e-4, 1e-2, log=True)
+    return None
+
+
+def overrides_from_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Flat sampled parameters → config sections (``lossnet``, ``meta``)."""
+    depth = int(params["lossnet.depth"])
+    return {
+        "lossnet": {"hidden": [int(params[f"lossnet.width{i}"]) for i in range(depth)],
+                    "activation": params["lossnet.activation"], "inputs": INPUT_SETS[params["lossnet.inputs"]],
+                    "base": params["lossnet.base"]},
+        "meta": {"scope": params["meta.scope"], "meta_every": int(params["meta.meta_every"]), "lr": float(params["meta.lr"])},
+    }
+
+
+def lkd_trial(params: dict[str, Any], base: dict, opts: dict) -> None:
+    """One Tune trial: a short distributed LKD run with the sampled loss network."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    data = copy.deepcopy(base)
+    _deep_update(data, overrides_from_params(params))
+    cfg = Config.model_validate(data)
+    cfg.run.name = safe_key(f"{cfg.run.name}-{tune.get_context().get_trial_id()}")
+    run_distributed(cfg, LaunchOptions(**opts, callbacks=[TuneReportCallback()]))
+
+
+@dataclass
+class TuneOptions:
+    trials: int = 8
+    max_concurrent: int = 2
+    grace_epochs: int = 1
+    reduction_factor: int = 2
+    seed: int = 0
+    cpus_per_trial: float = 0.0      # the trial function itself only waits; its TorchTrainer asks for workers
+    gpus_per_trial: float = 0.0
+    name: str = "tune"
+
+
+def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: str | Path) -> dict[str, Any]:
+    """Run (or resume) a search; write trials.csv/json and best_config.yaml; return a summary."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = open_storage(launch.storage, launch.endpoint_url)
+    storage.check()
+    init_ray()
+    fs, base_path = storage.arrow_fs()
+    opts = {k: v for k, v in launch.__dict__.items() if k != "callbacks"}
+    opts["storage"] = storage.uri
+    cfg = cfg.model_copy(deep=True)
+    cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
+    cfg.loss.method = "lkd"
+    # prepare the teacher once, so trials share it from the cache
+    from .launch import _prepare_teacher
+
+    _prepare_teacher(cfg, storage, safe_key(topts.name, "teacher"))
+    trainable = tune.with_resources(tune.with_parameters(lkd_trial, base=cfg.to_dict(), opts=opts),
+                                    {"CPU": topts.cpus_per_trial, "GPU": topts.gpus_per_trial})
+    path = f"{base_path}/{safe_key(topts.name)}"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=fs, resume_errored=True)
+    else:
+        search = ConcurrencyLimiter(OptunaSearch(space=define_space, seed=topts.seed), max_concurrent=topts.max_concurrent)
+        sched = ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs, grace_period=topts.grace_epochs,
+                              reduction_factor=topts.reduction_factor)
+        tuner = tune.Tuner(trainable,
+                           tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search, scheduler=sched,
+                                                       num_samples=topts.trials),
+                           run_config=tune.RunConfig(name=safe_key(topts.name), storage_path=base_path, storage_filesystem=fs))
+    grid = tuner.fit()
+    return write_results(grid, cfg, out_dir, storage, topts.name)
+
+
+def write_results(grid, cfg: Config, out_dir: str | Path, storage, name: str) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in grid:
+        params = {k[len("config/"):]: v for k, v in (r.metrics or {}).items() if k.startswith("config/")} or dict(r.config or {})
+        m = r.metrics or {}
+        rows.append({"trial_id": m.get("trial_id"), "epochs": m.get("training_iteration", 0), METRIC: m.get(METRIC),
+                     "test_top1": m.get("test_top1"), "error": str(r.error) if r.error else None,
+                     **{f"param.{k}": v for k, v in params.items()}})
+    rows.sort(key=lambda r: -(r[METRIC] or -1))
+    import csv
+
+    cols = sorted({k for r in rows for k in r}, key=lambda k: (not k.startswith(("trial", "epochs", METRIC, "test")), k))
+    with open(out / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "trials.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    best = grid.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    best_sections = overrides_from_params(dict(best.config))
+    (out / "best_config.yaml").write_text(
+        f"# Best loss network of Tune search {name!r} by {METRIC} (quiz split): "
+        f"{best.metrics.get(METRIC) if best.metrics else None}\n" + yaml.safe_dump(best_sections, sort_keys=False))
+    for f in ("trials.csv", "trials.json", "best_config.yaml"):
+        storage.put_bytes(safe_key(name, f), (out / f).read_bytes())
+    return {"rows": rows, "best": best_sections, "best_metric": best.metrics.get(METRIC) if best.metrics else None,
+            "out_dir": str(out)}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    keys = ["trial_id", "epochs", METRIC, "param.lossnet.depth", "param.lossnet.activation", "param.lossnet.inputs",
+            "param.lossnet.base", "param.meta.scope", "param.meta.meta_every", "param.meta.lr"]
+    head = " | ".join(k.replace("param.", "") for k in keys)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
