@@ -71,6 +71,13 @@ def launch(cfg, args, **extra_opts) -> dict:
         raise SystemExit(3)
 
 
+def run_and_report(cfg, args) -> int:
+    res = launch(cfg, args)
+    print(summarize(res))
+    dump(res)
+    return 0
+
+
 def summarize(res: dict) -> str:
     m = res.get("metrics", {})
     tag = " [SMOKE: generated data, untrained teacher]" if res.get("synthetic_data") else ""

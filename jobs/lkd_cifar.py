@@ -7,7 +7,7 @@
 Teachers come from the community's checkpoint files (state dict at the top level or under model).
 MobileNetV2/ShuffleNet students use lr 0.01, as the benchmark does.
 """
-from _common import build, dump, launch, parser, smoke_overrides, summarize
+from _common import build, parser, run_and_report, smoke_overrides
 
 PAIRS = ["resnet56-resnet20", "resnet110-resnet32", "resnet32x4-resnet8x4", "wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1",
          "vgg13-vgg8", "resnet32x4-ShuffleV1", "resnet32x4-ShuffleV2", "ResNet50-MobileNetV2", "vgg13-MobileNetV2",
@@ -34,10 +34,7 @@ def main(argv=None) -> int:
     elif not args.smoke:
         p.error("--teacher-weights is required (a CIFAR-100 teacher checkpoint); or use --smoke")
     cfg = build(args, extra, smoke_overrides(100, 32) | {"run": {"name": f"smoke-cifar-{args.pair}", "progress": False}})
-    res = launch(cfg, args)
-    print(summarize(res))
-    dump(res)
-    return 0
+    return run_and_report(cfg, args)
 
 
 if __name__ == "__main__":

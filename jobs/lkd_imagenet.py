@@ -7,7 +7,7 @@
 Data: an ImageFolder root with train/ and val/. Teacher: torchvision weights by default, or
 --teacher-weights PATH|URI (state dict at the top level or under model/state_dict).
 """
-from _common import build, dump, launch, parser, smoke_overrides, summarize
+from _common import build, parser, run_and_report, smoke_overrides
 
 PAIRS = {"r34-r18": ("resnet34", "resnet18", "torchvision:IMAGENET1K_V1"),
          "r50-mbv1": ("resnet50", "mobilenet_v1", "torchvision:IMAGENET1K_V1")}
@@ -27,10 +27,7 @@ def main(argv=None) -> int:
         extra["data"] = {"root": args.data}
     cfg = build(args, extra, smoke_overrides(1000, 224) | {"run": {"name": f"smoke-imagenet-{args.pair}", "bf16": False,
                                                                     "channels_last": False, "progress": False}})
-    res = launch(cfg, args)
-    print(summarize(res))
-    dump(res)
-    return 0
+    return run_and_report(cfg, args)
 
 
 if __name__ == "__main__":

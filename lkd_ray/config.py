@@ -42,8 +42,10 @@ class ModelCfg(_Section):
 
 
 class DataCfg(_Section):
-    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "synthetic"] = "fashion_mnist"
-    root: str | None = Field(None, description="data root (CIFAR, ImageNet); Fashion-MNIST looks in the Debian package first")
+    dataset: Literal["fashion_mnist", "cifar10", "cifar100", "imagenet", "parquet", "synthetic"] = "fashion_mnist"
+    root: str | None = Field(None, description="data root (CIFAR, ImageNet folder; for parquet a path or s3:// URI of shards "
+                             "written by jobs/prepare_imagenet.py); Fashion-MNIST looks in the Debian package first")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint for an s3:// parquet root (default AWS_ENDPOINT_URL)")
     quiz_fraction: float = Field(0.1, gt=0.0, lt=0.5, description="share of the training set held out as the meta-learning quiz split")
     split_seed: int = 0
     image_size: int | None = Field(None, description="None: the data set's recipe size (28 Fashion-MNIST, 32 CIFAR, 224 ImageNet)")
@@ -155,7 +157,7 @@ class Config(_Section):
     def _consistent(self):
         if self.data.dataset == "imagenet" and self.data.channels != 3:
             raise ValueError("ImageNet images have 3 channels: set data.channels=3")
-        if self.data.dataset in ("cifar10", "cifar100", "imagenet") and not self.data.root:
+        if self.data.dataset in ("cifar10", "cifar100", "imagenet", "parquet") and not self.data.root:
             raise ValueError(f"data.root is required for {self.data.dataset}: the directory holding the data set (nothing is downloaded)")
         return self
 

@@ -35,27 +35,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    """A real S3 endpoint: a moto_server process on 127.0.0.1, stopped at the end of the session."""
+def start_moto(env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a real moto_server on 127.0.0.1 and wait until it accepts connections."""
     exe = str(Path(sys.executable).parent / "moto_server")  # the venv's, installed by ./dev
     if not Path(exe).exists():
         exe = shutil.which("moto_server") or exe
     port = free_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
     log = open(os.environ.get("LKD_MOTO_LOG", os.devnull), "w")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
     deadline = time.time() + 30
     while time.time() < deadline:
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
+            return proc, f"http://127.0.0.1:{port}"
         except OSError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("moto_server did not start")
+    proc.kill()
+    raise RuntimeError("moto_server did not start within 30 s")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real S3 endpoint: a moto_server process on 127.0.0.1, stopped at the end of the session."""
+    proc, url = start_moto()
     yield url
     proc.terminate()
     proc.wait(10)

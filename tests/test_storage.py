@@ -96,27 +96,12 @@ def test_arrow_filesystem_reads_what_boto3_wrote(s3_bucket, moto_endpoint):
 
 def test_bad_credentials_fail_early_and_clearly(tmp_path):
     """A second moto_server that enforces authentication: unknown keys are refused."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.conftest import start_moto
 
-    from tests.conftest import free_port
-
-    port = free_port()
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, url = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
-        import socket
-
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.3).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         with pytest.raises(StorageError, match="refused the credentials") as e:
-            S3Storage("any-bucket", "", S3Settings(endpoint_url=f"http://127.0.0.1:{port}")).check()
+            S3Storage("any-bucket", "", S3Settings(endpoint_url=url)).check()
         assert "testing" not in str(e.value)
     finally:
         proc.terminate()

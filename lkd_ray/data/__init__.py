@@ -73,7 +73,36 @@ def synthetic_arrays(n: int, num_classes: int, channels: int, size: int, seed: i
     return x, y
 
 
-def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, cache_dir: str = ".cache/lkd_ray") -> DataBundle:
+def _parquet(cfg: DataCfg, seed: int, rank: int, world: int, stream_train: bool) -> DataBundle:
+    """Quiz and val decoded into memory; train too unless a Ray Data stream will feed it."""
+    from ..storage import open_storage
+    from .parquet import decode_batch, read_meta, read_split
+
+    fs, base = open_storage(cfg.root, cfg.endpoint_url).arrow_fs()
+    meta = read_meta(fs, base)
+    size = cfg.image_size or meta["image_size"]
+    kw = dict(size=size, channels=cfg.channels, mean=meta["mean"][:cfg.channels], std=meta["std"][:cfg.channels])
+
+    def load(split: str, train: bool):
+        d = decode_batch(read_split(fs, base, split).to_pydict(), train=False, **kw)
+        return torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
+
+    qx, qy = load("quiz", False)
+    tx, ty = load("val", False)
+    qb = min(cfg.quiz_batch_size or cfg.batch_size, len(qy))
+    if stream_train:
+        train, n_train = None, meta["counts"]["train"]
+    else:
+        x, y = load("train", True)
+        train = InMemoryLoader(x, y, cfg.batch_size, True, cfg.augment, seed=seed, drop_last=True, rank=rank, world_size=world)
+        n_train = len(y)
+    return DataBundle(train, InMemoryLoader(qx, qy, qb, True, False, seed=seed + 7, drop_last=True),
+                      InMemoryLoader(tx, ty, cfg.eval_batch_size, False), meta["num_classes"], cfg.channels, size,
+                      n_train, len(qy), len(ty))
+
+
+def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, cache_dir: str = ".cache/lkd_ray",
+               stream_train: bool = False) -> DataBundle:
     if cfg.dataset == "fashion_mnist":
         raw = load_fashion_mnist(cfg.root, cache_dir)
         (trx, try_), (tex, tey) = raw["train"], raw["test"]
@@ -85,6 +114,8 @@ def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, 
         trx, try_ = synthetic_arrays(cfg.synthetic_size, k, cfg.channels, size, 1)
         tex, tey = synthetic_arrays(max(64, cfg.synthetic_size // 4), k, cfg.channels, size, 2)
         return _in_memory(trx, try_, tex, tey, cfg, seed, rank, world_size, k, synthetic=True)
+    if cfg.dataset == "parquet":
+        return _parquet(cfg, seed, rank, world_size, stream_train)
     from .vision import build_torchvision_data
 
     return build_torchvision_data(cfg, seed, rank, world_size)

@@ -43,7 +43,9 @@ def init_ray(address: str | None = None) -> None:
     if addr:
         ray.init(address=addr, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, _node_ip_address="127.0.0.1",
+        # The dashboard (on loopback) backs the State API that Ray Train uses to release a dead
+        # controller's placement group; without it a stopped Tune trial leaks its workers' CPUs.
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True, _node_ip_address="127.0.0.1",
                  num_cpus=max(2, os.cpu_count() or 2))
 
 
@@ -108,8 +110,13 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
     worker_cfg = {"cfg": cfg.to_dict(), "storage": uri, "endpoint_url": opts.endpoint_url, "run": run,
                   "teacher_key": teacher_key, "mode": opts.mode, "use_gpu": opts.use_gpu, "namespace": ns,
                   "threads_per_worker": opts.threads_per_worker, **names, **opts.extra_worker_config}
+    datasets = None
+    if cfg.data.dataset == "parquet":  # stream the train split through Ray Data (decoding on CPU tasks)
+        from .streaming import train_dataset
+
+        datasets = {"train": train_dataset(cfg)}
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=worker_cfg,
+        train_loop_per_worker, train_loop_config=worker_cfg, datasets=datasets,
         scaling_config=ScalingConfig(num_workers=opts.num_workers, use_gpu=opts.use_gpu,
                                      resources_per_worker={"CPU": opts.cpus_per_worker}),
         run_config=RunConfig(name="ray", storage_path=f"{base}/{run}", storage_filesystem=fs,

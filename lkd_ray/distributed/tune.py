@@ -74,7 +74,7 @@ class TuneOptions:
     grace_epochs: int = 1
     reduction_factor: int = 2
     seed: int = 0
-    cpus_per_trial: float = 0.0      # the trial function itself only waits; its TorchTrainer asks for workers
+    cpus_per_trial: float = 0.01     # the trial function itself only waits; its TorchTrainer asks for the workers
     gpus_per_trial: float = 0.0
     name: str = "tune"
 
@@ -100,17 +100,17 @@ def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: 
 
     _prepare_teacher(cfg, storage, safe_key(topts.name, "teacher"))
     trainable = tune.with_resources(tune.with_parameters(lkd_trial, base=cfg.to_dict(), opts=opts),
-                                    {"CPU": topts.cpus_per_trial, "GPU": topts.gpus_per_trial})
+                                    {"CPU": max(topts.cpus_per_trial, 0.01), "GPU": topts.gpus_per_trial})
     path = f"{base_path}/{safe_key(topts.name)}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=fs, resume_errored=True)
     else:
-        search = ConcurrencyLimiter(OptunaSearch(space=define_space, seed=topts.seed), max_concurrent=topts.max_concurrent)
-        sched = ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs, grace_period=topts.grace_epochs,
-                              reduction_factor=topts.reduction_factor)
+        search = ConcurrencyLimiter(OptunaSearch(space=define_space, metric=METRIC, mode=MODE, seed=topts.seed),
+                                    max_concurrent=topts.max_concurrent)
+        sched = ASHAScheduler(time_attr="training_iteration", metric=METRIC, mode=MODE, max_t=cfg.optim.epochs,
+                              grace_period=topts.grace_epochs, reduction_factor=topts.reduction_factor)
         tuner = tune.Tuner(trainable,
-                           tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search, scheduler=sched,
-                                                       num_samples=topts.trials),
+                           tune_config=tune.TuneConfig(search_alg=search, scheduler=sched, num_samples=topts.trials),
                            run_config=tune.RunConfig(name=safe_key(topts.name), storage_path=base_path, storage_filesystem=fs))
     grid = tuner.fit()
     return write_results(grid, cfg, out_dir, storage, topts.name)

@@ -92,7 +92,13 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     storage = open_storage(config["storage"], config.get("endpoint_url"))
     run = config["run"]
-    data = build_data(cfg.data, cfg.run.seed, rank, world, cfg.run.cache_dir)
+    streaming = cfg.data.dataset == "parquet"
+    data = build_data(cfg.data, cfg.run.seed, rank, world, cfg.run.cache_dir, stream_train=streaming)
+    if streaming:
+        from .streaming import StreamingLoader
+
+        data.train = StreamingLoader(ray.train.get_dataset_shard("train"), cfg.data.batch_size, data.train_size, world,
+                                     record_ids=bool(config.get("record_sample_ids")))
     if config.get("teacher_key"):
         net_state = storage.get_torch(config["teacher_key"])
         from ..models import build_model, load_weights
@@ -131,6 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics["rank"] = rank
         if server is not None:
             metrics.update({f"server_{k}": v for k, v in ray.get(server.report.remote()).items() if isinstance(v, (int, float))})
+        if streaming and config.get("record_sample_ids"):
+            storage.put_json(f"{run}/seen_ids/epoch{trainer.state.epoch}-rank{rank}.json", trainer.data.train.seen)
         if rank == 0:
             upload_logs()
             with tempfile.TemporaryDirectory() as d:
