@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
     return _train_one(cfg, args.out)
 
 
-def _train_one(cfg, out: str | None, teacher_and_data=None) -> int:
+def _train_one(cfg, out: str | None) -> int:
     from .data import build_data
     from .train import Trainer
     from .train.teacher import prepare_teacher

@@ -15,10 +15,10 @@ ray = pytest.importorskip("ray")
 
 from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.data import build_data  # noqa: E402
-from lkd_ray.distributed.launch import LaunchOptions, init_ray, run_distributed  # noqa: E402
+from lkd_ray.distributed.launch import LaunchOptions, run_distributed  # noqa: E402
 from lkd_ray.distributed.snapshot_pool import RaySnapshotStore, SnapshotIndex, start_snapshot_pool  # noqa: E402
 from lkd_ray.models import build_model, load_weights  # noqa: E402
-from lkd_ray.storage import LocalStorage, S3Settings, S3Storage, StorageError, open_storage  # noqa: E402
+from lkd_ray.storage import LocalStorage, S3Settings, S3Storage, StorageError  # noqa: E402
 from lkd_ray.train import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

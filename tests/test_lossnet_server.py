@@ -59,6 +59,7 @@ def test_duplicate_and_non_finite_do_not_apply(tmp_path):
     r = core.submit(1, 0, _grads(core, float("nan")), 0)  # closes the round with rank 0's gradient only
     assert not r["accepted"] and r["closed"] and core.counters.rejected_nonfinite == 1 and core.counters.version == 1
     assert all(torch.isfinite(p).all() for p in core.params)
+    assert not all(torch.equal(a, b) for a, b in zip(before, core.params))  # rank 0's finite gradient was applied
     _, core2 = _core(tmp_path / "b", world=1)
     r = core2.submit(0, 0, _grads(core2, float("inf")), 0)
     assert r["closed"] and core2.counters.version == 0 and core2.counters.rejected_nonfinite == 1

@@ -1,7 +1,6 @@
 """Data sets, the held-out quiz split and loaders, built from ``DataCfg``."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
-from ..storage import Storage, StorageError, open_storage, safe_key
+from ..storage import Storage, open_storage, safe_key
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import torch
 from ..config import Config
 from ..losses import build_lossnets
 from ..meta.step import MetaCounters, NonFiniteMetaGradient, check_and_clip
-from ..storage import StorageError, open_storage, safe_key
+from ..storage import open_storage, safe_key
 
 
 class LossNetServerCore:

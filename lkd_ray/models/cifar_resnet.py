@@ -5,7 +5,6 @@ Layer names and shapes follow the community's benchmark code so its published ch
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.nn import functional as F
 

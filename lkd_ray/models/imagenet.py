@@ -2,7 +2,6 @@
 torchvision weights load as published) plus MobileNetV1, the ImageNet KD benchmark's student."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision import models as tvm
 from torchvision.models.mobilenetv2 import MobileNetV2 as _TVMobileNetV2

@@ -7,7 +7,6 @@ and an end-of-epoch hook (``ray.train.report``).
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from dataclasses import dataclass, field
