@@ -254,14 +254,13 @@ class S3Storage(Storage):
             raise self._wrap(e, "check the bucket") from None
 
     def arrow_fs(self):
+        """A pyarrow S3 filesystem for Ray Train/Tune/Data. No keys are passed in: pyarrow resolves the
+        same standard chain (environment, profile, instance role) wherever it runs, so the object that
+        Ray pickles into experiment state and ships to workers carries no secret."""
         import pyarrow.fs as pafs
 
-        creds = self.client._request_signer._credentials  # resolved by boto3's standard chain
-        frozen = creds.get_frozen_credentials() if creds is not None else None
         # allow_delayed_open: small objects go up as one PutObject instead of a multipart upload
         kw: dict[str, Any] = {"region": self.region, "allow_delayed_open": True}
-        if frozen is not None:
-            kw.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
         if self.endpoint_url:
             scheme, _, host = self.endpoint_url.partition("://")
             kw.update(endpoint_override=host.rstrip("/"), scheme=scheme)

@@ -146,6 +146,7 @@ def test_train_worker_killed_mid_run_resumes_from_checkpoint(tmp_path):
     assert res["metrics"]["epoch"] == 3
     ckpt = torch.load(Path(res["checkpoint"]) / "trainer.pt", weights_only=True)
     assert ckpt["epoch"] == 3 and len(ckpt["history"]) == 3  # resumed: epochs 2-3 after the restored epoch 1
+    assert ckpt["lossnet_version"] == res["server"]["version"]
 
 
 def test_missing_bucket_and_unreachable_endpoint_fail_before_any_worker(tmp_path, moto_endpoint):

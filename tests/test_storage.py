@@ -86,12 +86,16 @@ def test_open_storage_uris(tmp_path):
     assert safe_key("a", "b/c") == "a/b/c"
 
 
-def test_arrow_filesystem_reads_what_boto3_wrote(s3_bucket, moto_endpoint):
+def test_arrow_filesystem_reads_what_boto3_wrote_and_pickles_no_secret(s3_bucket, moto_endpoint, monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value-for-this-test")
     st = S3Storage(s3_bucket, "p", S3Settings(endpoint_url=moto_endpoint))
     st.put_bytes("run/x.txt", b"hello")
     fs, base = st.arrow_fs()
     with fs.open_input_stream(f"{base}/run/x.txt") as f:
         assert f.read() == b"hello"
+    assert b"s3cr3t-value-for-this-test" not in pickle.dumps(fs)  # Ray stores and ships this object
 
 
 def test_bad_credentials_fail_early_and_clearly(tmp_path):

@@ -142,7 +142,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             upload_logs()
             with tempfile.TemporaryDirectory() as d:
-                torch.save(trainer.state_dict(), os.path.join(d, CHECKPOINT_FILE))
+                state = trainer.state_dict()
+                if is_lkd:  # φ lives on the server; the checkpoint records which version this epoch trained with
+                    state["lossnet_version"] = trainer.meta_updater.version
+                torch.save(state, os.path.join(d, CHECKPOINT_FILE))
                 torch.save({"model": trainer.bundle.net.state_dict(), "epoch": trainer.state.epoch}, os.path.join(d, STUDENT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
