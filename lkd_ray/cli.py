@@ -1,4 +1,4 @@
-"""Command line: ``python -m lkd_ray {train,demo,gradcheck}``. Config errors exit 2 before any work."""
+"""Command line: ``python -m lkd_ray {train,demo,gradcheck,plot}``. Config errors exit 2 before any work."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,21 @@ def cmd_gradcheck(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from .plot import PlotError, make_figures
+    from .storage import StorageError
+
+    try:
+        paths = make_figures(args.lossnet, None if args.accuracy == "none" else args.accuracy, args.out,
+                             args.endpoint_url, args.max_versions, None if args.methods == ["all"] else args.methods)
+    except (PlotError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkd_ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -107,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gradcheck)
+    p = sub.add_parser("plot", help="figures: the learned logit loss vs KD over training, and every method's training curves")
+    p.add_argument("--lossnet", nargs="*", default=[f"benchmarks/results/lossnet/{m}" for m in ("lkd-full", "lkd-head", "lkd-me20")],
+                   metavar="RUN_URI", help="run locations holding lossnet/v<version>.pt (local path or s3://bucket/prefix/run)")
+    p.add_argument("--accuracy", default="benchmarks/results/accuracy.json",
+                   help="records written by benchmarks/accuracy.py ('none' to skip the training curves)")
+    p.add_argument("--out", default="docs/figures")
+    p.add_argument("--max-versions", type=int, default=5, help="loss-network versions drawn per run (evenly spaced)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations")
+    p.add_argument("--methods", nargs="+", default=["ce", "kd", "dkd", "dist", "lkd-full", "lkd-head", "lkd-me20"],
+                   help="methods drawn in the training curves ('all': every method in the records, ablations included)")
+    p.set_defaults(func=cmd_plot)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -113,8 +113,12 @@ class MetaCfg(_Section):
     backend: Literal["higher", "torch.func"] = "higher"
     scope: Literal["full", "head"] = "full"
     unroll_steps: int = Field(1, ge=1, le=16)
-    meta_every: int = Field(10, ge=1)
+    meta_every: int = Field(20, ge=1, description="student steps per meta-step; 20 is the cheapest setting tied for best "
+                            "quiz accuracy on the offline benchmark at ≤ 1.15× KD (BENCHMARKS.md)")
     lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["constant", "student"] = Field(
+        "constant", description="'student': scale the meta lr by the student's lr schedule (lr_t / lr_0), so φ settles as "
+        "the student converges instead of drifting on meta-gradients that shrink with the student's lr")
     clip_norm: float = Field(1.0, gt=0)
     batch_source: Literal["same", "fresh"] = "same"
     freeze_after_epoch: int | None = Field(None, ge=1, description="stop meta-updates after this many epochs (None: adapt for the whole run)")
@@ -181,6 +185,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optim": {"lr": 0.05, "epochs": 240, "schedule": "multistep", "milestones": [150, 180, 210],
                   "gamma": 0.1, "weight_decay": 5e-4},
         "loss": {"tau": 4.0},
+        # A full meta-step costs ~4.2 KD steps for this pair on a GPU (DESIGN §4: 35.5 vs 8.5 ms), so
+        # ≤ 1.15× KD needs meta_every ≥ 28 (BENCHMARKS.md, "Choosing the defaults").
+        "meta": {"meta_every": 30},
     },
     # ImageNet KD recipe: 100 epochs, batch 256 (per job), lr 0.1, ×0.1 at 30/60/90, wd 1e-4, τ=1.
     "imagenet": {
@@ -189,6 +196,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optim": {"lr": 0.1, "epochs": 100, "schedule": "multistep", "milestones": [30, 60, 90],
                   "gamma": 0.1, "weight_decay": 1e-4},
         "loss": {"tau": 1.0},
+        # A full meta-step costs ~9.6 KD steps for R34→R18 (DESIGN §4: 275 vs 28.7 ms): meta_every ≥ 64 keeps ≤ 1.15× KD.
+        "meta": {"meta_every": 64},
         "run": {"bf16": True, "channels_last": True},
     },
 }

@@ -87,3 +87,20 @@ def test_persists_every_n_versions_and_restores(tmp_path):
     assert restored.adam.state_dict()["state"][0]["step"] == 4  # Adam moments come back too
     r = restored.submit(0, 7, _grads(restored, 0.1), 4)  # follows the workers' round after a restart
     assert r["accepted"] and r["closed"] and restored.round == 8 and restored.counters.version == 5
+
+
+def test_meta_lr_scale_is_the_mean_of_the_round_and_bad_scales_are_rejected(tmp_path):
+    cfg, core = _core(tmp_path)
+    ref = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
+    g = [torch.randn_like(p) for p in core.params]
+    assert core.submit(0, 0, g, 0, 0.2)["accepted"]
+    assert core.submit(1, 0, g, 0, 0.6)["closed"]
+    adam = torch.optim.Adam(ref.parameters(), lr=0.01 * 0.4)  # Adam's step scales with its lr: mean of 0.2 and 0.6
+    for p, a in zip(ref.parameters(), g):
+        p.grad = a.clone()
+    adam.step()
+    for a, b in zip(ref.parameters(), core.params):
+        torch.testing.assert_close(a, b)
+    for bad in (float("nan"), -1.0, 1e9, "x"):
+        r = core.submit(0, 1, g, 1, bad)
+        assert not r["accepted"] and "bad lr_scale" in r["reason"]

@@ -102,3 +102,17 @@ def test_every_method_runs_through_one_loop_with_features(method, tmp_path):
     if method == "lkd":
         for a, b in zip(trainer.lossnets.parameters(), other.lossnets.parameters()):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("schedule,expected_ratio", [("constant", 1.0), ("student", 0.5)])
+def test_meta_lr_follows_the_student_schedule_when_asked(schedule, expected_ratio):
+    # cosine over 2 epochs: the student's lr in epoch 2 is lr0·(1 + cos(π/2))/2 = lr0/2
+    cfg = build_config("fashion_mnist", data={"dataset": "synthetic", "synthetic_size": 256, "batch_size": 32, "image_size": 16},
+                       optim={"epochs": 2, "schedule": "cosine"}, run={"progress": False},
+                       meta={"meta_every": 2, "p_snapshot": 0.0, "lr_schedule": schedule})
+    data = build_data(cfg.data)
+    teacher = build_model(cfg.model.teacher, data.num_classes, data.in_channels)
+    tr = Trainer(cfg, teacher, data, log=False)
+    res = tr.fit()
+    assert res["meta"]["accepted"] > 0
+    assert tr.meta_optimizer.adam.param_groups[0]["lr"] == pytest.approx(cfg.meta.lr * expected_ratio)

@@ -11,6 +11,7 @@ restarted actor (``max_restarts``) restores it and the workers carry on.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 
 from ..config import Config
 from ..losses import build_lossnets
-from ..meta.step import MetaCounters, NonFiniteMetaGradient, check_and_clip
+from ..meta.step import MetaCounters, NonFiniteMetaGradient, check_and_clip, set_meta_lr
 from ..storage import open_storage, safe_key
 
 
@@ -42,12 +43,14 @@ class LossNetServerCore:
                       "wait_s": 0.0, "restored_from": None, "rounds": 0}
         self.round: int | None = 0
         self.pending: dict[int, torch.Tensor | None] = {}  # rank → flattened grad (None: rejected as non-finite)
+        self.pending_scale: dict[int, float] = {}  # rank → its meta-lr scale for this round
         self.restore()
 
     # --------------------------------------------------------------- persistence
     def state(self) -> dict[str, Any]:
         return {"lossnets": self.lossnets.state_dict(), "adam": self.adam.state_dict(), "version": self.counters.version,
-                "round": self.round if self.round is not None else -1, "counters": self.counters.as_dict()}
+                "round": self.round if self.round is not None else -1, "counters": self.counters.as_dict(),
+                "config": self.cfg.to_dict()}  # lets `python -m lkd_ray plot` rebuild φ from the version alone
 
     def persist(self) -> dict:
         v = self.counters.version
@@ -88,7 +91,7 @@ class LossNetServerCore:
             out.append(g.to(p.dtype))
         return out, None
 
-    def _apply(self, grads: list[torch.Tensor]) -> bool:
+    def _apply(self, grads: list[torch.Tensor], lr_scale: float = 1.0) -> bool:
         try:
             clipped, norm = check_and_clip(grads, self.cfg.meta.clip_norm)
         except NonFiniteMetaGradient:
@@ -96,6 +99,7 @@ class LossNetServerCore:
             return False
         for p, g in zip(self.params, clipped):
             p.grad = g
+        set_meta_lr(self.adam, self.cfg.meta.lr * lr_scale)
         self.adam.step()
         self.adam.zero_grad(set_to_none=True)
         self.counters.version += 1
@@ -106,12 +110,17 @@ class LossNetServerCore:
         return True
 
     # --------------------------------------------------------------- protocol
-    def submit(self, rank: int, round_: int, grads: list, base_version: int) -> dict:
-        """Record one worker's meta-gradient; returns whether it was accepted (and, sync, if its round closed)."""
+    def submit(self, rank: int, round_: int, grads: list, base_version: int, lr_scale: float = 1.0) -> dict:
+        """Record one worker's meta-gradient; returns whether it was accepted (and, sync, if its round closed).
+
+        ``lr_scale`` multiplies the meta lr for this update (``meta.lr_schedule=student``); a sync round
+        uses the mean of its ranks' scales (they agree unless a rank lags a step)."""
         self.stats["submitted"] += 1
         checked, why = self._validate(rank, grads)
         if checked is None:
             return self._reject(why)
+        if not isinstance(lr_scale, (int, float)) or not math.isfinite(lr_scale) or not 0 <= lr_scale <= 100:
+            return self._reject(f"bad lr_scale: {lr_scale!r} (expected a finite number in [0, 100])")
         finite = all(torch.isfinite(g).all() for g in checked)
         if self.mode == "async":
             stale = self.counters.version - base_version
@@ -121,7 +130,7 @@ class LossNetServerCore:
             if not finite:
                 self.counters.rejected_nonfinite += 1
                 return self._reject("non-finite: meta-gradient has NaN/Inf")
-            self._apply(checked)
+            self._apply(checked, float(lr_scale))
             self.stats["accepted"] += 1
             return {"accepted": True, "version": self.counters.version, "closed": True}
         if self.round is None or (round_ > self.round and not self.pending):
@@ -131,6 +140,7 @@ class LossNetServerCore:
         if rank in self.pending:
             return self._reject(f"duplicate: rank {rank} already submitted round {round_}")
         self.pending[rank] = torch.cat([g.flatten() for g in checked]) if finite else None
+        self.pending_scale[rank] = float(lr_scale)
         if not finite:
             self.counters.rejected_nonfinite += 1
             self.stats["rejected"] += 1
@@ -143,8 +153,10 @@ class LossNetServerCore:
             if good:
                 mean = torch.stack(good).mean(0)
                 sizes = [p.numel() for p in self.params]
-                self._apply([c.view_as(p) for c, p in zip(mean.split(sizes), self.params)])
+                scale = sum(self.pending_scale.values()) / len(self.pending_scale)
+                self._apply([c.view_as(p) for c, p in zip(mean.split(sizes), self.params)], scale)
             self.pending.clear()
+            self.pending_scale.clear()
             self.round += 1
             self.stats["rounds"] += 1
             closed = True
@@ -167,9 +179,10 @@ class LossNetServer:
         self.core = LossNetServerCore(*args, **kwargs)
         self.cond = asyncio.Condition()
 
-    async def submit(self, rank: int, round_: int, grads: list, base_version: int, wait: bool = True) -> dict:
+    async def submit(self, rank: int, round_: int, grads: list, base_version: int, wait: bool = True,
+                     lr_scale: float = 1.0) -> dict:
         async with self.cond:
-            res = self.core.submit(rank, round_, grads, base_version)
+            res = self.core.submit(rank, round_, grads, base_version, lr_scale)
             if res.get("closed"):
                 self.cond.notify_all()
             if self.core.mode == "sync" and wait and res.get("round") is not None and not res.get("closed"):

@@ -50,14 +50,14 @@ class RemoteMetaUpdater:
             self.lossnets.load_state_dict(sd)
             self.version = v
 
-    def apply(self, grads: list[torch.Tensor]) -> bool:
+    def apply(self, grads: list[torch.Tensor], lr_scale: float = 1.0) -> bool:
         payload = [g.detach().cpu() for g in grads]
         if self.mode == "sync":
-            res = ray.get(self.server.submit.remote(self.rank, self.round, payload, self.version))
+            res = ray.get(self.server.submit.remote(self.rank, self.round, payload, self.version, True, lr_scale))
             self.round += 1
             self.pull(blocking=True)  # the round is closed: everyone trains on the same φ
             return bool(res["accepted"])
-        self.server.submit.remote(self.rank, self.round, payload, self.version, False)  # fire and forget
+        self.server.submit.remote(self.rank, self.round, payload, self.version, False, lr_scale)  # fire and forget
         self.round += 1
         self.pull(blocking=False)
         return True

@@ -42,6 +42,13 @@ class MetaCounters:
         return dict(self.__dict__)
 
 
+def set_meta_lr(adam: torch.optim.Optimizer, lr: float) -> None:
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"meta learning rate must be finite and ≥ 0, got {lr}")
+    for g in adam.param_groups:
+        g["lr"] = lr
+
+
 class MetaOptimizer:
     """Adam on φ, ψ owned in-process (the single-process trainer; Ray swaps in its LossNetServer)."""
 
@@ -49,10 +56,11 @@ class MetaOptimizer:
         self.lossnets = lossnets
         self.params = [p for p in lossnets.parameters()]
         self.adam = torch.optim.Adam(self.params, lr=lr)
+        self.lr = lr
         self.clip_norm = clip_norm
         self.counters = MetaCounters()
 
-    def apply(self, grads: Sequence[torch.Tensor]) -> bool:
+    def apply(self, grads: Sequence[torch.Tensor], lr_scale: float = 1.0) -> bool:
         try:
             clipped, norm = check_and_clip(grads, self.clip_norm)
         except NonFiniteMetaGradient:
@@ -60,6 +68,7 @@ class MetaOptimizer:
             return False
         for p, g in zip(self.params, clipped):
             p.grad = g.to(p.dtype)
+        set_meta_lr(self.adam, self.lr * lr_scale)
         self.adam.step()
         self.adam.zero_grad(set_to_none=True)
         self.counters.version += 1

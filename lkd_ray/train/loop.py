@@ -33,7 +33,7 @@ class TrainingDiverged(RuntimeError):
 class MetaUpdater(Protocol):
     """Where meta-gradients go: applied locally, or sent to the Ray LossNetServer."""
 
-    def apply(self, grads: list[torch.Tensor]) -> bool: ...
+    def apply(self, grads: list[torch.Tensor], lr_scale: float = 1.0) -> bool: ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -217,6 +217,12 @@ class Trainer:
         t_logits, t_feat = self.teacher_outputs(x)
         return MetaBatch(x, y, t_logits, t_feat)
 
+    def meta_lr_scale(self) -> float:
+        """1, or the student's current lr over its initial lr (``meta.lr_schedule=student``)."""
+        if self.cfg.meta.lr_schedule == "constant":
+            return 1.0
+        return self.optimizer.param_groups[0]["lr"] / self.cfg.optim.lr
+
     def meta_update(self, batch: MetaBatch, state) -> dict[str, float]:
         t0 = time.perf_counter()
         m = self.cfg.meta
@@ -229,7 +235,7 @@ class Trainer:
                 start = {k: v.to(self.device) for k, v in start.items()}
         with self.autocast():
             q, grads = self.meta_step.compute(self.bundle, self.optimizer, batches, xq, yq, state, self.state.epoch, start)
-        accepted = self.meta_updater.apply(grads)
+        accepted = self.meta_updater.apply(grads, self.meta_lr_scale())
         if self.meta_optimizer is not None and start is not None:
             self.meta_optimizer.counters.from_snapshot += 1
         if self.meta_optimizer is not None:
@@ -259,8 +265,30 @@ class Trainer:
         bar.close()
         return {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
 
+    def save_lossnet_version(self) -> Path | None:
+        """Write φ to ``out_dir/lossnet/v<version>.pt`` (the LossNetServer's layout) so ``plot`` can show
+        what the loss looked like at each point in training. Atomic; a version already written is kept."""
+        if self.out_dir is None or self.rank != 0 or self.meta_optimizer is None or self.meta_updater is not self.meta_optimizer:
+            return None  # under Ray the LossNetServer persists the versions
+        import io
+
+        from ..storage import atomic_write_bytes
+
+        v = self.meta_optimizer.counters.version
+        path = self.out_dir / "lossnet" / f"v{v}.pt"
+        if not path.exists():
+            buf = io.BytesIO()
+            torch.save({"lossnets": self.lossnets.state_dict(), "version": v, "epoch": self.state.epoch,
+                        "step": self.state.step, "counters": self.meta_optimizer.counters.as_dict(),
+                        "config": self.cfg.to_dict()}, buf)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buf.getvalue())
+        return path
+
     def fit(self) -> dict[str, Any]:
         t0 = time.perf_counter()
+        if self.state.epoch == 0:
+            self.save_lossnet_version()
         while self.state.epoch < self.cfg.optim.epochs:
             e0 = time.perf_counter()
             metrics = self.train_epoch()
@@ -278,6 +306,7 @@ class Trainer:
             metrics["snapshots"] = len(self.snapshots) if self.is_lkd else 0
             self.state.history.append(metrics)
             self.logger.log(self.state.step, metrics)
+            self.save_lossnet_version()
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self, metrics)
         wall = time.perf_counter() - t0

@@ -1,0 +1,46 @@
+"""The benchmark scripts themselves: their statistics against scipy, and the GPU script on tiny shapes
+(so it still runs the day a GPU is lent)."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_paired_difference_and_its_standard_error_match_scipy():
+    acc = _load("accuracy")
+    kd = [85.2, 84.9, 85.6, 85.0, 84.7, 85.3]
+    lkd = [85.6, 85.0, 86.1, 85.1, 85.2, 85.2]
+    recs = [{"method": "kd", "seed": s, "test_top1": a, "quiz_top1": a, "wall_s": 1.0} for s, a in enumerate(kd)]
+    recs += [{"method": "lkd-full", "seed": s, "test_top1": a, "quiz_top1": a, "wall_s": 1.1} for s, a in enumerate(lkd)]
+    recs.append({"method": "lkd-full", "seed": 99, "test_top1": 0.0, "quiz_top1": 0.0, "wall_s": 1.0})  # no KD partner: not paired
+    d = acc.paired(recs, "lkd-full", "kd")
+    t = stats.ttest_rel(lkd, kd)
+    assert d["n"] == 6
+    assert d["mean"] == pytest.approx(sum(b - a for a, b in zip(kd, lkd)) / 6)
+    assert d["mean"] / d["se"] == pytest.approx(t.statistic)
+    rows = {r["method"]: r for r in acc.summarise(recs[:-1])}
+    assert rows["kd"]["vs_kd"] is None and rows["lkd-full"]["vs_kd"]["n"] == 6
+    assert rows["lkd-full"]["test_std"] == pytest.approx(stats.tstd(lkd))
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_setting_on_tiny_shapes():
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_core.py"), "--smoke", "--pairs", "resnet32x4->resnet8x4"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    gpu = _load("gpu_core")
+    for name, _ in gpu.SETTINGS:
+        assert f"resnet32x4->resnet8x4    {name}" in r.stdout
