@@ -38,7 +38,7 @@ METHODS: dict[str, dict] = {
     "dkd": {"loss": {"method": "dkd"}},
     "dist": {"loss": {"method": "dist"}},
     # The LKD rows pin meta_every=10 (the default when they were run); the shipped default,
-    # meta_every=20, is the variant "me20" (BENCHMARKS.md, "Choosing the defaults").
+    # meta_every=40, is the variant "me40" (BENCHMARKS.md, "Choosing the defaults").
     "lkd-full": {"loss": {"method": "lkd"}, "meta": {"scope": "full", "meta_every": 10}},
     "lkd-head": {"loss": {"method": "lkd"}, "meta": {"scope": "head", "meta_every": 10}},
 }

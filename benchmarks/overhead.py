@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import random
 import statistics
@@ -21,7 +22,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
-from _util import write  # noqa: E402
+from _util import RESULTS, write  # noqa: E402
 from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.data import build_data, cycle  # noqa: E402
 from lkd_ray.models import build_model  # noqa: E402
@@ -43,37 +44,78 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--configs", nargs="+", metavar="NAME",
+                    help="measure only these settings (names as in the table, e.g. default); KD is then timed between "
+                         "every two settings, and their records replace the same names in overhead.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     base = build_config("fashion_mnist", data={"train_subset": 20000})
     data = build_data(base.data)
     teacher = build_model(base.model.teacher, 10, 1).eval()  # timing only: weights do not change the cost
     grid = [("default", {})] + [(f"meta_every={m},scope={s},backend={b}", {"meta_every": m, "scope": s, "backend": b})
-                                for m, s, b in itertools.product([1, 5, 10, 20], ["full", "head"], ["higher", "torch.func"])]
-    times: dict[str, list[float]] = {"kd": []} | {name: [] for name, _ in grid}
+                                for m, s, b in itertools.product([1, 5, 10, 20, 40], ["full", "head"], ["higher", "torch.func"])]
+    if args.configs:
+        unknown = set(args.configs) - {n for n, _ in grid}
+        if unknown:
+            ap.error(f"unknown settings {sorted(unknown)}; valid: {', '.join(n for n, _ in grid)}")
+        grid = [(n, m) for n, m in grid if n in args.configs]
     kd = base.model_copy(deep=True)
     kd.loss.method = "kd"
+    seconds: dict[str, list[float]] = {name: [] for name, _ in grid}
+    ratios: dict[str, list[float]] = {name: [] for name, _ in grid}
+    kd_all: list[float] = []
     for rep in range(args.reps):
-        # KD is timed at the start and at the end of each rep (its mean is the rep's reference), and the
-        # settings run in a different order each rep, so slow drifts of the machine do not favour any of them.
-        kd_first = time_steps(kd, teacher, data, args.steps)
-        for name, meta in random.Random(rep).sample(grid, len(grid)):
+        # Settings run in a different order each rep. Full grid: KD is timed at the start and end of the
+        # rep and their mean is every setting's reference. --configs: KD runs between every two settings
+        # and each setting is compared with the mean of its two neighbours (drifts cancel better).
+        order = random.Random(rep).sample(grid, len(grid))
+        kd_prev = time_steps(kd, teacher, data, args.steps)
+        kd_all.append(kd_prev)
+        pending = []
+        for name, meta in order:
             c = base.model_copy(deep=True)
             for k, v in meta.items():
                 setattr(c.meta, k, v)
-            times[name].append(time_steps(c, teacher, data, args.steps))
-        times["kd"].append((kd_first + time_steps(kd, teacher, data, args.steps)) / 2)
-        print(f"rep {rep}: kd {times['kd'][-1]:.2f}s", flush=True)
-    kd_med = statistics.median(times["kd"])
+            t = time_steps(c, teacher, data, args.steps)
+            seconds[name].append(t)
+            if args.configs:
+                kd_next = time_steps(kd, teacher, data, args.steps)
+                kd_all.append(kd_next)
+                ratios[name].append(t / ((kd_prev + kd_next) / 2))
+                kd_prev = kd_next
+            else:
+                pending.append((name, t))
+        if not args.configs:
+            kd_end = time_steps(kd, teacher, data, args.steps)
+            kd_all.append(kd_end)
+            ref = (kd_prev + kd_end) / 2
+            for name, t in pending:
+                ratios[name].append(t / ref)
+        print(f"rep {rep}: kd {kd_all[-1]:.2f}s", flush=True)
+    d = base.meta
     records = []
     for name, _ in grid:
-        ratios = [t / k for t, k in zip(times[name], times["kd"])]
-        records.append({"config": name, "lkd_over_kd": statistics.median(times[name]) / kd_med,
-                        "spread": [min(ratios), max(ratios)], "seconds": times[name]})
-        print(f"{name:45} {records[-1]['lkd_over_kd']:.2f}x  (per-rep {min(ratios):.2f}–{max(ratios):.2f})")
-    d = base.meta
-    write("overhead.json", {"steps": args.steps, "reps": args.reps, "pair": f"{base.model.teacher}->{base.model.student}",
-                            "batch_size": base.data.batch_size, "kd_seconds": times["kd"],
+        r = ratios[name]
+        records.append({"config": name, "lkd_over_kd": statistics.median(r), "spread": [min(r), max(r)], "ratios": r,
+                        "seconds": seconds[name], "steps": args.steps, "reps": args.reps,
+                        "kd_reference": "neighbours" if args.configs else "rep start/end",
+                        "command": " ".join(["python", *sys.argv]),
+                        **({"meta": {"meta_every": d.meta_every, "scope": d.scope, "backend": d.backend}} if name == "default" else {})})
+        print(f"{name:45} {records[-1]['lkd_over_kd']:.2f}x  (per-rep {min(r):.2f}–{max(r):.2f})")
+    if args.configs and (RESULTS / "overhead.json").is_file():
+        measured = {r["config"] for r in records}
+        prev = json.loads((RESULTS / "overhead.json").read_text())
+        old = prev.get("records", [])
+        for r in old:  # records written before they carried how they were measured
+            for k, v in (("steps", prev.get("steps")), ("reps", prev.get("reps")), ("command", prev.get("command")),
+                         ("kd_reference", "rep start/end (ratio of medians)")):
+                r.setdefault(k, v)
+        records = [r for r in old if r["config"] not in measured] + records
+        order = {n: i for i, (n, _) in enumerate([("default", {})] + [(f"meta_every={m},scope={s},backend={b}", {})
+                 for m, s, b in itertools.product([1, 5, 10, 20, 40], ["full", "head"], ["higher", "torch.func"])])}
+        records.sort(key=lambda r: order.get(r["config"], 999))
+    write("overhead.json", {"pair": f"{base.model.teacher}->{base.model.student}", "batch_size": base.data.batch_size,
+                            "kd_seconds_last_run": kd_all,
                             "default_meta": {"meta_every": d.meta_every, "scope": d.scope, "backend": d.backend},
                             "records": records})
 

@@ -182,7 +182,7 @@ def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
     return [statistics.mean(c) for c in cols], [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]
 
 
-MAIN_METHODS = ("ce", "kd", "dkd", "dist", "lkd-full", "lkd-head", "lkd-me20")  # me20: the shipped LKD default
+MAIN_METHODS = ("ce", "kd", "dkd", "dist", "lkd-full", "lkd-head", "lkd-me40")  # me40: the shipped LKD default
 
 
 def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] | None = MAIN_METHODS) -> list[Path]:
