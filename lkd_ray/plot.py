@@ -193,6 +193,7 @@ def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (integer epoch ticks)
 
     present = list(dict.fromkeys(r["method"] for r in records))
     methods = present if methods is None else [m for m in methods if m in present]
@@ -212,6 +213,7 @@ def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] 
     for ax, name in zip(axes, ("quiz split (meta-learning held-out)", "test set")):
         ax.set_title(f"top-1 on the {name}")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%), mean ± std over seeds")
     axes[1].legend(fontsize=8)
