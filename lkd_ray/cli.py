@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .config import RECIPES, ConfigError, build_config, save_config
+from .train.run import LossNetArtifactError
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_recipe: str = "fashion_mnist") -> None:
@@ -16,53 +17,41 @@ def _add_config_args(p: argparse.ArgumentParser, default_recipe: str = "fashion_
                    help="override one field, e.g. --set meta.scope=head (repeatable)")
 
 
-def _configure_threads(cfg) -> None:
-    import torch
-
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
-
-
 def cmd_train(args) -> int:
     cfg = build_config(args.recipe, args.config, args.overrides)
     return _train_one(cfg, args.out)
 
 
 def _train_one(cfg, out: str | None) -> int:
-    from .data import build_data
-    from .train import Trainer
-    from .train.teacher import prepare_teacher
+    from .train import build_run
 
-    _configure_threads(cfg)
     out_dir = Path(out or Path(cfg.run.out_dir) / cfg.run.name)
-    data = build_data(cfg.data, cfg.run.seed, cache_dir=cfg.run.cache_dir)
-    teacher, info = prepare_teacher(cfg, data) if cfg.loss.method != "ce" else (None, {})
+    run = build_run(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    res = Trainer(cfg, teacher, data, out_dir=out_dir).fit()
-    print(json.dumps({k: res[k] for k in ("method", "test_top1", "test_top5", "quiz_top1", "wall_s")} | {"teacher": info}, default=float))
+    res = run.fit(out_dir)
+    print(json.dumps({k: res[k] for k in ("method", "test_top1", "test_top5", "quiz_top1", "wall_s")}
+                     | {"teacher": {k: v for k, v in run.teacher_info.items() if k not in ("curve", "recipe")}}, default=float))
     return 0
 
 
 def cmd_demo(args) -> int:
     """Teacher once (cached), then KD and LKD students on the same recipe; prints both."""
     from .data import build_data
-    from .train import Trainer
-    from .train.teacher import prepare_teacher
+    from .train import build_run
 
     base = build_config(args.recipe, args.config, args.overrides)
-    _configure_threads(base)
     data = build_data(base.data, base.run.seed, cache_dir=base.run.cache_dir)
-    teacher, info = prepare_teacher(base, data)
     rows = []
+    info = {}
     for method in ("kd", "lkd"):
         cfg = base.model_copy(deep=True)
         cfg.loss.method = method
         cfg.run.name = f"{base.run.name}-{method}"
         out_dir = Path(cfg.run.out_dir) / cfg.run.name
-        print(f"== {method}: {cfg.model.student} from {cfg.model.teacher}, {cfg.optim.epochs} epochs on {cfg.data.dataset}", flush=True)
-        res = Trainer(cfg, teacher, data, out_dir=out_dir).fit()
-        rows.append((method, res))
+        run = build_run(cfg, data=data)
+        info = run.teacher_info
+        rows.append((method, run.fit(out_dir)))
     print(f"\nteacher {base.model.teacher}: test top-1 {info.get('test_top1', float('nan')):.2f}%")
     for method, res in rows:
         print(f"{method:>4}: student {res['student']} test top-1 {res['test_top1']:.2f}%  top-5 {res['test_top5']:.2f}%  "
@@ -78,11 +67,14 @@ def cmd_gradcheck(args) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     worst = 0.0
     for scope in args.scope:
-        errs = run_gradcheck(eps=args.eps, scope=scope, unroll=args.unroll, seed=args.seed)
-        for backend, e in errs.items():
-            ok = e <= args.tol
-            worst = max(worst, e)
-            print(f"scope={scope:<4} unroll={args.unroll} backend={backend:<10} max relative error {e:.3e}  {'OK' if ok else 'FAIL'}")
+        for lock in args.lock:
+            unroll = 1 if lock != "none" else args.unroll
+            errs = run_gradcheck(eps=args.eps, scope=scope, unroll=unroll, seed=args.seed, lock=lock)
+            for backend, e in errs.items():
+                ok = e <= args.tol
+                worst = max(worst, e)
+                print(f"scope={scope:<4} lock={lock:<9} unroll={unroll} backend={backend:<10} max relative error {e:.3e}  "
+                      f"{'OK' if ok else 'FAIL'}")
     if worst > args.tol:
         print(f"gradcheck FAILED: max relative error {worst:.3e} > {args.tol:g}", file=sys.stderr)
         return 1
@@ -117,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("gradcheck", help="meta-gradients of both backends vs float64 finite differences")
     p.add_argument("--scope", nargs="+", default=["full", "head"], choices=["full", "head"])
-    p.add_argument("--unroll", type=int, default=2)
+    p.add_argument("--unroll", type=int, default=2, help="unrolled steps (a scale lock is checked at 1, where it is exact)")
+    p.add_argument("--lock", nargs="+", default=["none", "norm", "nontarget"], choices=["none", "norm", "nontarget"])
     p.add_argument("--eps", type=float, default=1e-6)
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
@@ -137,5 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except LossNetArtifactError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

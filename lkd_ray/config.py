@@ -30,6 +30,11 @@ class ModelCfg(_Section):
         "None trains a teacher once with this project (cached under run.cache_dir); 'random' (smoke runs only) "
         "an untrained teacher")
     teacher_epochs: int = Field(8, ge=1, description="epochs when the teacher is trained here")
+    teacher_cache: bool = Field(False, description="compute the teacher's logits once per augmented view (FKD, Shen & Xing "
+                                "2022), store them as Parquet keyed like the teacher, and train on views drawn from them: "
+                                "no teacher forward per step. Logits only: with loss.w_feat > 0 the teacher runs live")
+    teacher_cache_views: int = Field(0, ge=0, description="views cached per image; 0 = every distinct view of the "
+                                     "augmentation (exact: the student sees the live augmentation's distribution)")
 
     @field_validator("teacher", "student")
     @classmethod
@@ -77,8 +82,13 @@ class OptimCfg(_Section):
         return self
 
 
+METHOD_NAMES = ("ce", "kd", "dkd", "dist", "lkd", "control")
+
+
 class LossCfg(_Section):
-    method: Literal["ce", "kd", "dkd", "dist", "lkd"] = "lkd"
+    method: Literal["ce", "kd", "dkd", "dist", "lkd", "control"] = Field(
+        "lkd", description="'control': KD with one meta-learned weight on the KD term (w = exp(s), s₀ = 0), learned by "
+        "the same meta-step as LKD; if LKD only matches it, the network learned a step size, not a loss")
     w_ce: float = Field(1.0, ge=0)
     w_logit: float = Field(1.0, ge=0)
     w_feat: float = Field(0.0, ge=0)
@@ -100,6 +110,15 @@ class LossNetCfg(_Section):
     activation: Literal["silu", "softplus", "gelu", "tanh"] = "silu"
     state_inputs: bool = Field(False, description="feed training progress and running quiz accuracy to the loss networks")
     feature_hidden: list[int] = Field(default_factory=lambda: [16])
+    lock: Literal["none", "norm", "nontarget"] = Field(
+        "none", description="scale lock on the learned logit gradient: 'norm' rescales it per batch to the base loss's "
+        "gradient norm; 'nontarget' keeps the target-logit component at the base loss's and lets φ reshape only the "
+        "non-target part (norm-locked there). φ then changes the direction of the gradient, not its size")
+    trust: float | None = Field(0.5, gt=0, description="with a lock: the residual gradient's norm is at most trust × the "
+                                "base gradient's (a cone of half-angle asin(trust) around the base gradient); None = unbounded")
+    init_from: str | None = Field(None, description="start φ from a loss network learned earlier: a v<N>.pt file, a run "
+                                  "folder holding lossnet/, or an s3:// URI of either")
+    frozen: bool = Field(False, description="no meta-updates: train with the loss network as given (init_from) at KD's cost")
 
     @field_validator("inputs")
     @classmethod
@@ -110,6 +129,10 @@ class LossNetCfg(_Section):
 
 
 class MetaCfg(_Section):
+    estimator: Literal["unroll", "implicit", "es"] = Field(
+        "unroll", description="meta-gradient: 'unroll' (k differentiable student steps, greedy), 'implicit' (Neumann-series "
+        "implicit differentiation, Lorraine et al. 2020), 'es' (antithetic evolution strategies over particles, each its "
+        "own student; persistent by default, Vicol et al. 2021)")
     backend: Literal["higher", "torch.func"] = "higher"
     scope: Literal["full", "head"] = "full"
     unroll_steps: int = Field(1, ge=1, le=16)
@@ -125,7 +148,15 @@ class MetaCfg(_Section):
     snapshot_every: int = Field(50, ge=1)
     p_snapshot: float = Field(0.2, ge=0, le=1)
     sampling: Literal["uniform", "recent", "gaussian"] = "uniform"
-    max_snapshots: int | None = Field(None, ge=1, description="in-memory store bound; None keeps every snapshot (the method's uniform-over-history)")
+    max_snapshots: int | None = Field(None, ge=1, description="keep only the newest N snapshots (in memory and under Ray); "
+                                      "None keeps every snapshot (the method's uniform-over-history)")
+    neumann_steps: int = Field(5, ge=0, le=200, description="implicit: Hessian-vector products in the Neumann series")
+    neumann_alpha: float | None = Field(None, gt=0, description="implicit: the series' step (None: the student's current lr)")
+    es_particles: int = Field(8, ge=2, description="es: particles (antithetic pairs × 2), each its own student")
+    es_sigma: float = Field(0.05, gt=0, description="es: perturbation scale")
+    es_params: Literal["all", "last"] = Field("last", description="es: perturb every φ entry or only the last layer's")
+    es_persistent: bool = Field(True, description="es: persistent ES (perturbations accumulate over truncations: unbiased "
+                                "for the whole run); False: plain antithetic ES per truncation")
 
 
 class RunCfg(_Section):
@@ -159,6 +190,17 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.model.teacher_cache and self.loss.w_feat > 0:
+            raise ValueError("model.teacher_cache caches the teacher's logits only; with loss.w_feat > 0 the teacher's "
+                             "features are needed every step, so it runs live: turn one of them off")
+        if self.model.teacher_cache and self.data.dataset not in ("fashion_mnist", "synthetic"):
+            raise ValueError(f"model.teacher_cache is implemented for the in-memory data sets (fashion_mnist, synthetic), "
+                             f"not {self.data.dataset!r} yet: set model.teacher_cache=false")
+        if self.lossnet.frozen and self.lossnet.init_from is None and self.loss.method in ("lkd", "control"):
+            raise ValueError("lossnet.frozen=true without lossnet.init_from trains with the initial loss network, which is "
+                             "the base loss itself: give lossnet.init_from (a learned loss network) or use loss.method=kd")
+        if self.meta.estimator == "es" and self.meta.es_particles % 2:
+            raise ValueError(f"meta.es_particles must be even (antithetic pairs), got {self.meta.es_particles}")
         if self.data.dataset == "imagenet" and self.data.channels != 3:
             raise ValueError("ImageNet images have 3 channels: set data.channels=3")
         if self.data.dataset in ("cifar10", "cifar100", "imagenet", "parquet") and not self.data.root:

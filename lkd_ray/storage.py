@@ -129,7 +129,7 @@ class LocalStorage(Storage):
         return self._path(key).is_file()
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
+        base = self._path(prefix) if prefix.strip("/.") else self.root
         if not base.is_dir():
             return []
         return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
@@ -230,7 +230,7 @@ class S3Storage(Storage):
             raise self._wrap(e, f"look up {key}") from None
 
     def list(self, prefix: str) -> list[str]:
-        full = self._key(prefix) + "/"
+        full = (self._key(prefix) + "/") if prefix.strip("/.") else (f"{self.prefix}/" if self.prefix else "")
         out: list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):

@@ -37,12 +37,33 @@ def test_quiz_split_comes_from_training_set_not_test(fashion_available):
 
 def test_loader_shapes_augmentation_and_sharding(fashion_available):
     d = build_data(DataCfg(image_size=32, channels=3, batch_size=64, train_subset=1000))
-    x, y = next(iter(d.train))
+    x, y = next(iter(d.train))[:2]
     assert x.shape == (64, 3, 32, 32) and y.shape == (64,)
     r0 = build_data(DataCfg(train_subset=1000, batch_size=10), rank=0, world_size=2).train
     r1 = build_data(DataCfg(train_subset=1000, batch_size=10), rank=1, world_size=2).train
-    a, b = set(r0._indices().tolist()), set(r1._indices().tolist())
-    assert not a & b and len(a) == len(b) == 500 and len(r0) == 50
+    a = {i for b in r0 for i in b.ids.tolist()}
+    b_ = {i for b in r1 for i in b.ids.tolist()}
+    assert not a & b_ and len(a) == len(b_) == 500 and len(r0) == 50  # DistributedSampler: disjoint, equal shards
+
+
+def test_a_samples_view_depends_on_seed_epoch_and_id_not_on_its_rank_or_batch(fashion_available):
+    """The shared spec keys augmentation by (seed, epoch, id): the same sample gets the same tensor
+    on any rank, in any batch; another epoch or seed gives another view; views are uniform."""
+    cfg = DataCfg(train_subset=600, batch_size=20)
+    one = {int(i): x for b in build_data(cfg, seed=3).train for i, x in zip(b.ids, b.x)}
+    two = {}
+    for r in (0, 1):
+        two.update({int(i): x for b in build_data(cfg, seed=3, rank=r, world_size=2).train for i, x in zip(b.ids, b.x)})
+    common = set(one) & set(two)
+    assert len(common) == 600 and all(torch.equal(one[i], two[i]) for i in common)
+    loader = build_data(cfg, seed=3).train
+    loader.set_epoch(1)
+    other = {int(i): x for b in loader for i, x in zip(b.ids, b.x)}
+    assert sum(not torch.equal(one[i], other[i]) for i in common) > 500
+    from scipy.stats import chisquare
+
+    views = loader.augment.views(np.arange(20000), 3, 0)
+    assert chisquare(np.bincount(views, minlength=loader.augment.num_views)).pvalue > 1e-3
 
 
 def test_missing_data_paths_fail_clearly(tmp_path):

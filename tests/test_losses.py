@@ -102,3 +102,98 @@ def test_feature_lossnet_equals_mse_at_init():
     assert torch.equal(torch.autograd.grad(out, fs)[0], torch.autograd.grad(ref, fs)[0])
     with pytest.raises(ValueError, match="equal shapes"):
         net(fs, ft[:, :4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dkd_is_exact_for_confidently_wrong_students_at_low_temperature(dtype):
+    """τ = 1, target-logit gap of 60: TCKD must equal the exact log-space value and keep its gradient."""
+    from scipy.special import logsumexp
+
+    zs = torch.tensor([[-30.0, 30.0, 0.0, 1.0], [40.0, -20.0, 5.0, 0.0]], dtype=dtype, requires_grad=True)
+    zt = torch.tensor([[5.0, 0.0, 1.0, -1.0], [0.0, 3.0, 0.0, 0.0]], dtype=dtype)
+    y = torch.tensor([0, 1])
+    loss = handcrafted.dkd(zs, zt, y, alpha=1.0, beta=0.0, tau=1.0)
+    g, = torch.autograd.grad(loss, zs)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+    ref, ref_g = 0.0, np.zeros((2, 4))
+    for i, c in enumerate(y.tolist()):  # exact, in float64 log space, independent of the implementation
+        s, t = zs[i].detach().double().numpy(), zt[i].double().numpy()
+        rest = [j for j in range(4) if j != c]
+        ls = np.array([s[c] - logsumexp(s), logsumexp(s[rest]) - logsumexp(s)])
+        lt = np.array([t[c] - logsumexp(t), logsumexp(t[rest]) - logsumexp(t)])
+        ref += float(np.sum(np.exp(lt) * (lt - ls))) / 2
+        ref_g[i, c] = (np.exp(ls[0]) - np.exp(lt[0])) / 2  # ∂/∂z_target of KL(b_t‖b_s), batch mean
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert g[0, 0].item() == pytest.approx(ref_g[0, 0], rel=1e-4) and g[0, 0].item() < -0.4  # pulled back up
+    assert ref > -np.log(1e-12) / 2 + 2  # the case lies beyond where the old clamp at 1e-12 capped TCKD
+
+
+@pytest.mark.parametrize("lock", ["norm", "nontarget"])
+def test_scale_locked_lossnet_equals_base_at_init_and_keeps_the_base_gradient_norm(logits, lock):
+    zs, zt, y = logits
+    net = LogitLossNet(hidden=(16,), base="kd", tau=4.0, lock=lock, trust=0.5).double()
+    z1, z2 = zs.clone().requires_grad_(True), zs.clone().requires_grad_(True)
+    learned, ref = net(z1, zt, y), handcrafted.kd(z2, zt, 4.0)
+    assert torch.equal(learned, ref)
+    g_l, g_b = torch.autograd.grad(learned, z1)[0], torch.autograd.grad(ref, z2)[0]
+    torch.testing.assert_close(g_l, g_b, rtol=0, atol=1e-15)
+    with torch.no_grad():  # move φ far from zero: the gradient turns, its size does not
+        for p in net.parameters():
+            p.normal_(0, 1.0)
+    z3 = zs.clone().requires_grad_(True)
+    g = torch.autograd.grad(net(z3, zt, y), z3)[0]
+    mask = torch.ones_like(g) if lock == "norm" else 1 - torch.nn.functional.one_hot(y, 10).double()
+    gm, bm = g * mask, g_b * mask
+    assert torch.linalg.vector_norm(gm).item() == pytest.approx(torch.linalg.vector_norm(bm).item(), rel=1e-10)
+    cos = (gm * bm).sum() / (torch.linalg.vector_norm(gm) * torch.linalg.vector_norm(bm))
+    assert 0.99 > cos.item() >= np.cos(np.arcsin(0.5)) - 1e-9  # turned, but within the cone of half-angle asin(trust)
+    if lock == "nontarget":  # the target-logit components are the base loss's, exactly
+        tgt = torch.nn.functional.one_hot(y, 10).bool()
+        torch.testing.assert_close(g[tgt], g_b[tgt], rtol=0, atol=1e-15)
+    # without a trust bound the direction is free: the same φ turns it further
+    free = LogitLossNet(hidden=(16,), base="kd", tau=4.0, lock=lock, trust=None).double()
+    free.load_state_dict(net.state_dict())
+    z4 = zs.clone().requires_grad_(True)
+    gf = torch.autograd.grad(free(z4, zt, y), z4)[0] * mask
+    cos_free = (gf * bm).sum() / (torch.linalg.vector_norm(gf) * torch.linalg.vector_norm(bm))
+    assert cos_free < cos
+
+
+def test_lock_needs_a_base_and_a_known_name():
+    with pytest.raises(ValueError, match="needs lossnet.base"):
+        LogitLossNet(base="none", lock="norm")
+    with pytest.raises(ValueError, match="unknown lock"):
+        LogitLossNet(lock="sideways")
+
+
+def test_scalar_control_starts_as_kd_and_scales_it(logits):
+    from lkd_ray.losses import KDWeight
+
+    zs, zt, y = logits
+    c = KDWeight(tau=4.0).double()
+    assert torch.equal(c(zs, zt, y), handcrafted.kd(zs, zt, 4.0)) and c.weight == 1.0
+    with torch.no_grad():
+        c.log_w.fill_(np.log(2.5))
+    assert c(zs, zt, y).item() == pytest.approx(2.5 * handcrafted.kd(zs, zt, 4.0).item(), rel=1e-12)
+
+
+def test_method_registry_names_every_method_and_combines_terms(logits):
+    from lkd_ray.config import LossCfg, LossNetCfg
+    from lkd_ray.losses import METHODS, StudentOutputs, TeacherOutputs, build_lossnets, build_method
+
+    assert set(METHODS) == {"ce", "kd", "dkd", "dist", "lkd", "control"}
+    zs, zt, y = logits
+    for name in METHODS:
+        cfg = LossCfg(method=name, w_ce=0.5, w_logit=2.0)
+        nets = build_lossnets(cfg, LossNetCfg(hidden=[4]))
+        m = build_method(cfg, nets.double() if nets is not None else None)
+        total, parts = m(StudentOutputs(zs), TeacherOutputs(zt), y)
+        assert parts["ce"].item() == pytest.approx(0.5 * handcrafted.ce(zs, y).item())
+        expect = {"ce": 0.0, "kd": handcrafted.kd(zs, zt, 4.0), "dkd": handcrafted.dkd(zs, zt, y),
+                  "dist": handcrafted.dist(zs, zt, tau=4.0), "lkd": handcrafted.kd(zs, zt, 4.0),
+                  "control": handcrafted.kd(zs, zt, 4.0)}[name]
+        if name != "ce":
+            assert parts[name].item() == pytest.approx(2.0 * float(expect), rel=1e-10)
+        assert total.item() == pytest.approx(sum(v.item() for v in parts.values()))
+    with pytest.raises(ValueError, match="teacher's logits"):
+        build_method(LossCfg(method="kd"))(StudentOutputs(zs), None, y)

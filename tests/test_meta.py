@@ -6,42 +6,53 @@ import pytest
 import torch
 
 from lkd_ray.config import LossCfg, LossNetCfg, MetaCfg
-from lkd_ray.losses import Connector, DistillObjective, build_lossnets
-from lkd_ray.meta import MetaBatch, MetaOptimizer, MetaStep, NonFiniteMetaGradient, StudentBundle, check_and_clip
+from lkd_ray.losses import Connector, TeacherOutputs, build_lossnets, build_method
+from lkd_ray.meta import (LossNetOptimizer, MetaBatch, MetaStep, NonFiniteMetaGradient, StudentBundle, check_and_clip,
+                          flatten)
 from lkd_ray.meta.gradcheck import run_gradcheck
 from lkd_ray.models import build_model
 
 
-@pytest.mark.parametrize("scope,unroll", [("full", 1), ("full", 2), ("head", 1), ("head", 3)])
-def test_both_backends_match_finite_differences(scope, unroll):
-    errs = run_gradcheck(scope=scope, unroll=unroll, max_entries=25, seed=unroll)
+@pytest.mark.parametrize("scope,unroll,lock,method", [
+    ("full", 1, "none", "lkd"), ("full", 2, "none", "lkd"), ("head", 1, "none", "lkd"), ("head", 3, "none", "lkd"),
+    ("full", 1, "norm", "lkd"), ("full", 1, "nontarget", "lkd"), ("head", 1, "norm", "lkd"), ("full", 2, "none", "control")])
+def test_both_backends_match_finite_differences(scope, unroll, lock, method):
+    errs = run_gradcheck(scope=scope, unroll=unroll, max_entries=25, seed=unroll, lock=lock, method=method)
     assert set(errs) == {"higher", "torch.func"}
     for backend, e in errs.items():
         assert e < 1e-5, f"{backend}: {e}"
 
 
+def test_a_lock_refuses_longer_unrolls_in_gradcheck():
+    with pytest.raises(ValueError, match="one-step unroll"):
+        run_gradcheck(unroll=2, lock="norm")
+
+
 def test_gradcheck_cli_exit_codes():
-    ok = subprocess.run([sys.executable, "-m", "lkd_ray", "gradcheck", "--scope", "head", "--unroll", "1"],
+    ok = subprocess.run([sys.executable, "-m", "lkd_ray", "gradcheck", "--scope", "head", "--unroll", "1", "--lock", "none"],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "backend=higher" in ok.stdout and "backend=torch.func" in ok.stdout and "max relative error" in ok.stdout
     # a tolerance nothing can meet must fail: the command really compares
-    bad = subprocess.run([sys.executable, "-m", "lkd_ray", "gradcheck", "--scope", "head", "--unroll", "1", "--tol", "1e-30"],
+    bad = subprocess.run([sys.executable, "-m", "lkd_ray", "gradcheck", "--scope", "head", "--unroll", "1", "--lock", "none", "--tol", "1e-30"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "FAILED" in bad.stderr
 
 
-def _cifar_setup(scope="full", w_feat=0.0, seed=0):
+def _cifar_setup(scope="full", w_feat=0.0, seed=0, lock="none"):
     torch.manual_seed(seed)
     teacher = build_model("resnet8x4", 10).eval()
     net = build_model("resnet8", 10)
     bundle = StudentBundle(net, Connector(64, 256) if w_feat else None, (8, 8) if w_feat else None).train()
     loss_cfg = LossCfg(method="lkd", w_feat=w_feat)
-    lossnets = build_lossnets(loss_cfg, LossNetCfg(hidden=[8]))
+    lossnets = build_lossnets(loss_cfg, LossNetCfg(hidden=[8], lock=lock))
     with torch.no_grad():
         for p in lossnets.parameters():
             p.normal_(0, 0.2)
-    obj = DistillObjective(loss_cfg, lossnets)
+    method = build_method(loss_cfg, lossnets)
+
+    def obj(out, tl, ft, y):
+        return method(out, TeacherOutputs(tl, ft), y)
     opt = torch.optim.SGD(bundle.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     with torch.no_grad():
@@ -61,7 +72,7 @@ def test_backends_agree_on_a_cifar_model(scope):
     bundle, opt, obj, lossnets, batch, xq, yq = _cifar_setup(w_feat=0.5)
     grads = {}
     for backend in ("higher", "torch.func"):
-        step = MetaStep(MetaCfg(backend=backend, scope=scope), obj, lossnets)
+        step = MetaStep(MetaCfg(backend=backend, scope=scope), build_method(LossCfg(method="lkd", w_feat=0.5), lossnets), lossnets)
         q, grads[backend] = step.compute(bundle, opt, [batch], xq, yq)
     assert any(g.abs().sum() > 0 for g in grads["higher"])
     for a, b in zip(grads["higher"], grads["torch.func"]):
@@ -74,16 +85,20 @@ def _fingerprint(bundle, opt):
             [dict((k, v) for k, v in g.items() if k != "params") for g in opt.param_groups])
 
 
-@pytest.mark.parametrize("backend", ["higher", "torch.func"])
+@pytest.mark.parametrize("backend,estimator,lock", [("higher", "unroll", "none"), ("torch.func", "unroll", "none"),
+                                                    ("higher", "unroll", "norm"), ("higher", "unroll", "nontarget"),
+                                                    ("higher", "implicit", "none"), ("higher", "implicit", "norm")])
 @pytest.mark.parametrize("scope", ["full", "head"])
 @pytest.mark.parametrize("from_snapshot", [False, True])
-def test_meta_step_is_side_effect_free(backend, scope, from_snapshot):
-    bundle, opt, obj, lossnets, batch, xq, yq = _cifar_setup(w_feat=0.5)
+def test_meta_step_is_side_effect_free(backend, estimator, lock, scope, from_snapshot):
+    bundle, opt, obj, lossnets, batch, xq, yq = _cifar_setup(w_feat=0.5, lock=lock)
     snap = {k: v.clone() * (1.01 if v.is_floating_point() else 1) for k, v in bundle.state_dict().items()} if from_snapshot else None
     before = _fingerprint(bundle, opt)
     grads_before = [None if p.grad is None else p.grad.clone() for p in bundle.parameters()]
-    step = MetaStep(MetaCfg(backend=backend, scope=scope, unroll_steps=2), obj, lossnets)
-    step.compute(bundle, opt, [batch, batch], xq, yq, start_state=snap)
+    step = MetaStep(MetaCfg(backend=backend, scope=scope, unroll_steps=2, estimator=estimator, neumann_steps=2),
+                    build_method(LossCfg(method="lkd", w_feat=0.5), lossnets), lossnets)
+    _, grads = step.compute(bundle, opt, [batch, batch], xq, yq, start_state=snap)
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     after = _fingerprint(bundle, opt)
     for k, v in before[0].items():
         assert torch.equal(v, after[0][k]), k  # parameters and BatchNorm buffers, bit for bit
@@ -97,7 +112,7 @@ def test_meta_step_is_side_effect_free(backend, scope, from_snapshot):
 
 def test_snapshot_start_changes_the_meta_gradient():
     bundle, opt, obj, lossnets, batch, xq, yq = _cifar_setup()
-    step = MetaStep(MetaCfg(scope="full"), obj, lossnets)
+    step = MetaStep(MetaCfg(scope="full"), build_method(LossCfg(method="lkd"), lossnets), lossnets)
     _, g_now = step.compute(bundle, opt, [batch], xq, yq)
     snap = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in bundle.state_dict().items()}
     _, g_snap = step.compute(bundle, opt, [batch], xq, yq, start_state=snap)
@@ -106,20 +121,24 @@ def test_snapshot_start_changes_the_meta_gradient():
 
 def test_non_finite_meta_gradient_is_rejected_and_counted():
     lossnets = build_lossnets(LossCfg(method="lkd"), LossNetCfg(hidden=[4]))
-    mo = MetaOptimizer(lossnets, lr=1e-2, clip_norm=1.0)
+    mo = LossNetOptimizer(lossnets, lr=1e-2, clip_norm=1.0)
     before = [p.clone() for p in lossnets.parameters()]
     grads = [torch.ones_like(p) for p in lossnets.parameters()]
     grads[0][0, 0] = float("nan")
-    assert mo.apply(grads) is False
-    assert mo.counters.rejected_nonfinite == 1 and mo.counters.accepted == 0 and mo.counters.version == 0
+    assert mo.submit(grads) is False
+    c = mo.counters()
+    assert c["rejected_nonfinite"] == 1 and c["accepted"] == 0 and c["version"] == 0
     assert all(torch.equal(a, b) for a, b in zip(before, lossnets.parameters()))
     with pytest.raises(NonFiniteMetaGradient, match="non-finite"):
-        check_and_clip(grads, 1.0)
-    assert mo.apply([torch.ones_like(p) for p in lossnets.parameters()]) is True
-    assert mo.counters.version == 1 and not all(torch.equal(a, b) for a, b in zip(before, lossnets.parameters()))
+        check_and_clip(flatten(grads), 1.0)
+    assert mo.submit(flatten([torch.ones_like(p) for p in lossnets.parameters()]), from_snapshot=True) is True
+    c = mo.counters()
+    assert c["version"] == 1 and c["from_snapshot"] == 1 and not all(torch.equal(a, b) for a, b in zip(before, lossnets.parameters()))
+    with pytest.raises(ValueError, match="values"):
+        mo.submit(torch.ones(3))
 
 
 def test_clipping_bounds_the_norm():
-    clipped, norm = check_and_clip([torch.full((3,), 4.0), torch.full((4,), 3.0)], clip_norm=1.0)
+    clipped, norm = check_and_clip(torch.cat([torch.full((3,), 4.0), torch.full((4,), 3.0)]), clip_norm=1.0)
     assert norm == pytest.approx((48 + 36) ** 0.5)
-    assert torch.linalg.vector_norm(torch.cat(clipped)).item() == pytest.approx(1.0, rel=1e-6)
+    assert torch.linalg.vector_norm(clipped).item() == pytest.approx(1.0, rel=1e-6)

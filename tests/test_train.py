@@ -1,14 +1,19 @@
 """End-to-end single-process runs on real Fashion-MNIST and on generated data."""
+import gzip
 import json
+import struct
 
+import numpy as np
 import pytest
 import torch
 
 from lkd_ray.config import build_config
-from lkd_ray.data import build_data
+from lkd_ray.data import Batch, build_data
 from lkd_ray.models import build_model
-from lkd_ray.train import Trainer, TrainingDiverged
-from lkd_ray.train.teacher import prepare_teacher
+from lkd_ray.train import TrainingDiverged, build_run
+from lkd_ray.train.outputs import default_outputs
+from lkd_ray.train.snapshots import InMemorySnapshotStore, draw_index
+from lkd_ray.train.teacher import prepare_teacher, teacher_cache_path
 
 
 @pytest.fixture(scope="module")
@@ -24,26 +29,30 @@ def fashion_setup(tmp_path_factory, fashion_available):
 @pytest.mark.slow
 def test_lkd_on_fashion_mnist_learns_the_loss_and_the_student(fashion_setup, tmp_path):
     cfg, data, teacher, info = fashion_setup
-    assert info["test_top1"] > 70.0  # 2 short epochs; chance is 10 %
+    assert info["test_top1"] > 70.0 and len(info["curve"]) == 2  # 2 short epochs; chance is 10 %
     cfg = cfg.model_copy(deep=True)
     cfg.meta.meta_every = 8
     cfg.meta.snapshot_every = 25
     cfg.meta.p_snapshot = 0.5
-    trainer = Trainer(cfg, teacher, data, out_dir=tmp_path)
-    phi0 = [p.detach().clone() for p in trainer.lossnets.parameters()]
-    res = trainer.fit()
+    run = build_run(cfg, data=data, teacher=teacher, teacher_info=info)
+    phi0 = [p.detach().clone() for p in run.trainer.lossnets.parameters()]
+    res = run.fit(tmp_path)
     assert res["test_top1"] > 50.0, res["test_top1"]  # chance is 10 %
-    moved = [not torch.equal(a, b) for a, b in zip(phi0, trainer.lossnets.parameters())]
+    moved = [not torch.equal(a, b) for a, b in zip(phi0, run.trainer.lossnets.parameters())]
     assert all(moved), "every loss-network tensor should move under meta-gradients"
     steps = res["steps"]
     assert res["meta"]["accepted"] == steps // 8 and res["meta"]["rejected_nonfinite"] == 0
     assert res["meta"]["from_snapshot"] > 0
-    assert len(trainer.snapshots) == steps // 25
+    assert len(run.trainer.snapshots) == steps // 25
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["test_top1"] == res["test_top1"] and saved["epochs"] == 2
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2 and "quiz_top1" in json.loads(lines[-1])
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    versions = sorted(p.name for p in (tmp_path / "lossnet").glob("v*.pt"))
+    assert versions == sorted(f"v{v}.pt" for v in {0, res["history"][0]["meta_version"], res["meta"]["version"]})
+    ptr = json.loads((tmp_path / "lossnet" / "latest.json").read_text())
+    assert ptr["version"] == res["meta"]["version"]
 
 
 def test_teacher_cache_is_reused(fashion_setup):
@@ -53,55 +62,111 @@ def test_teacher_cache_is_reused(fashion_setup):
     assert info2 == info and "cached" in msgs[0]
 
 
+def _write_idx(path, arr):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">BBBB", 0, 0, 8, arr.ndim) + b"".join(struct.pack(">I", d) for d in arr.shape) + arr.tobytes())
+
+
+def _small_fashion_root(root, shift: int):
+    """A Fashion-MNIST-shaped copy (600 train, 100 test images); ``shift`` changes its content."""
+    from lkd_ray.data.fashion import load_fashion_mnist
+
+    raw = load_fashion_mnist()
+    root.mkdir(parents=True)
+    (tx, ty), (vx, vy) = raw["train"], raw["test"]
+    _write_idx(root / "train-images-idx3-ubyte.gz", np.roll(tx[:600], shift, axis=2).astype(np.uint8))
+    _write_idx(root / "train-labels-idx1-ubyte.gz", ty[:600].astype(np.uint8))
+    _write_idx(root / "t10k-images-idx3-ubyte.gz", vx[:100].astype(np.uint8))
+    _write_idx(root / "t10k-labels-idx1-ubyte.gz", vy[:100].astype(np.uint8))
+    return str(root)
+
+
+@pytest.mark.parametrize("change", ["data.root", "data.train_subset", "data.augment", "data.batch_size", "optim.lr",
+                                    "optim.weight_decay", "model.teacher_epochs"])
+def test_teacher_cache_key_covers_everything_that_trains_the_teacher(tmp_path, change, fashion_available):
+    base = {"data": {"root": _small_fashion_root(tmp_path / "fm0", 0), "batch_size": 50, "train_subset": 500},
+            "model": {"teacher_epochs": 1}, "run": {"cache_dir": str(tmp_path / "cache"), "progress": False}}
+    changed = {"data.root": ("data", "root", _small_fashion_root(tmp_path / "fm1", 3)), "data.train_subset": ("data", "train_subset", 400),
+               "data.augment": ("data", "augment", False), "data.batch_size": ("data", "batch_size", 25),
+               "optim.lr": ("optim", "lr", 0.02), "optim.weight_decay": ("optim", "weight_decay", 1e-4),
+               "model.teacher_epochs": ("model", "teacher_epochs", 2)}[change]
+    cfg = build_config("fashion_mnist", **base)
+    msgs = []
+    prepare_teacher(cfg, build_data(cfg.data, 0, cache_dir=cfg.run.cache_dir), log=msgs.append)
+    prepare_teacher(cfg, build_data(cfg.data, 0, cache_dir=cfg.run.cache_dir), log=msgs.append)  # unchanged: reused
+    assert "training" in msgs[0] and "cached" in msgs[-1]
+    section, field, value = changed
+    other = build_config("fashion_mnist", **{**base, section: {**base.get(section, {}), field: value}})
+    data2 = build_data(other.data, 0, cache_dir=other.run.cache_dir)
+    assert teacher_cache_path(other, data2) != teacher_cache_path(cfg, build_data(cfg.data, 0))
+    msgs.clear()
+    prepare_teacher(other, data2, log=msgs.append)
+    assert "training" in msgs[0]  # retrained, not reused
+
+
 def _synthetic(**over):
-    cfg = build_config("fashion_mnist", data={"dataset": "synthetic", "synthetic_size": 256, "batch_size": 32, "channels": 1,
-                                              "image_size": 16}, optim={"epochs": 1}, run={"progress": False}, **over)
+    sections = {"data": {"dataset": "synthetic", "synthetic_size": 256, "batch_size": 32, "channels": 1, "image_size": 16},
+                "optim": {"epochs": 1}, "run": {"progress": False}}
+    for k, v in over.items():
+        sections[k] = {**sections.get(k, {}), **v}
+    cfg = build_config("fashion_mnist", **sections)
     return cfg, build_data(cfg.data)
 
 
 def test_teacher_student_class_mismatch_is_clear():
     cfg, data = _synthetic()
     with pytest.raises(ValueError, match=r"teacher cnn_teacher predicts 7 classes but the data set synthetic has 10"):
-        Trainer(cfg, build_model("cnn_teacher", 7, 1), data)
+        build_run(cfg, data=data, teacher=build_model("cnn_teacher", 7, 1))
 
 
 def test_nan_meta_gradient_is_rejected_and_training_goes_on():
     cfg, data = _synthetic(meta={"meta_every": 2, "p_snapshot": 0.0})
     data.quiz.images[:] = float("nan")  # every quiz loss, hence every meta-gradient, is NaN
-    trainer = Trainer(cfg, build_model("cnn_teacher", 10, 1), data)
-    phi0 = [p.detach().clone() for p in trainer.lossnets.parameters()]
-    res = trainer.fit()
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    phi0 = [p.detach().clone() for p in run.trainer.lossnets.parameters()]
+    res = run.fit(progress=False)
     assert res["meta"]["rejected_nonfinite"] == res["steps"] // 2 > 0 and res["meta"]["accepted"] == 0
-    assert all(torch.equal(a, b) for a, b in zip(phi0, trainer.lossnets.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(phi0, run.trainer.lossnets.parameters()))
 
 
 def test_diverging_student_stops_with_advice():
     cfg, data = _synthetic(loss={"method": "kd"})
     data.train.images[:] = float("inf")
     with pytest.raises(TrainingDiverged, match="lower optim.lr"):
-        Trainer(cfg, build_model("cnn_teacher", 10, 1), data).fit()
+        build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1)).fit(progress=False)
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "dkd", "dist", "lkd"])
-def test_every_method_runs_through_one_loop_with_features(method, tmp_path):
-    cfg, data = _synthetic(loss={"method": method, "w_feat": 0.5}, meta={"meta_every": 3, "scope": "head"})
+@pytest.mark.parametrize("method,extra", [
+    ("ce", {}), ("kd", {}), ("dkd", {}), ("dist", {}), ("lkd", {}), ("control", {}),
+    ("lkd", {"lossnet": {"lock": "norm"}}), ("lkd", {"lossnet": {"lock": "nontarget"}}),
+    ("lkd", {"meta": {"estimator": "implicit", "neumann_steps": 2}}),
+])
+def test_every_method_runs_through_one_loop_with_features(method, extra, tmp_path):
+    over = {"loss": {"method": method, "w_feat": 0.5}, "meta": {"meta_every": 3, "scope": "head"}}
+    for k, v in extra.items():
+        over.setdefault(k, {}).update(v)
+    cfg, data = _synthetic(**over)
     teacher = build_model("cnn_teacher", 10, 1)
-    trainer = Trainer(cfg, teacher, data, out_dir=tmp_path)
-    res = trainer.fit()
+    run = build_run(cfg, data=data, teacher=teacher)
+    res = run.fit(tmp_path, progress=False)
+    trainer = run.trainer
     assert res["epochs"] == 1 and res["test_top1"] is not None
-    assert (trainer.bundle.connector is not None)
+    assert trainer.bundle.connector is not None
+    if method in ("lkd", "control"):
+        assert res["meta"]["accepted"] == res["steps"] // 3 > 0
     # checkpoints are weights-only loadable and restore exactly
     path = tmp_path / "ckpt.pt"
     torch.save(trainer.state_dict(), path)
     sd = torch.load(path, weights_only=True)
-    other = Trainer(cfg, teacher, data, log=False)
+    other = build_run(cfg, data=data, teacher=teacher).trainer
     other.load_state_dict(sd)
     assert other.state.step == trainer.state.step
     for a, b in zip(trainer.bundle.parameters(), other.bundle.parameters()):
         assert torch.equal(a, b)
-    if method == "lkd":
+    if trainer.lossnets is not None:
         for a, b in zip(trainer.lossnets.parameters(), other.lossnets.parameters()):
             assert torch.equal(a, b)
+    json.loads((tmp_path / "result.json").read_text())  # strict JSON (no NaN)
 
 
 @pytest.mark.parametrize("schedule,expected_ratio", [("constant", 1.0), ("student", 0.5)])
@@ -111,8 +176,162 @@ def test_meta_lr_follows_the_student_schedule_when_asked(schedule, expected_rati
                        optim={"epochs": 2, "schedule": "cosine"}, run={"progress": False},
                        meta={"meta_every": 2, "p_snapshot": 0.0, "lr_schedule": schedule})
     data = build_data(cfg.data)
-    teacher = build_model(cfg.model.teacher, data.num_classes, data.in_channels)
-    tr = Trainer(cfg, teacher, data, log=False)
-    res = tr.fit()
+    run = build_run(cfg, data=data, teacher=build_model(cfg.model.teacher, data.num_classes, data.in_channels))
+    res = run.fit(progress=False)
     assert res["meta"]["accepted"] > 0
-    assert tr.meta_optimizer.adam.param_groups[0]["lr"] == pytest.approx(cfg.meta.lr * expected_ratio)
+    assert run.trainer.meta_updater.adam.param_groups[0]["lr"] == pytest.approx(cfg.meta.lr * expected_ratio)
+
+
+def test_freeze_after_epoch_stops_meta_updates_and_fresh_batches_are_other_batches():
+    cfg, data = _synthetic(optim={"epochs": 2}, meta={"meta_every": 2, "p_snapshot": 0.0, "freeze_after_epoch": 1,
+                                                       "batch_source": "fresh"})
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    seen = []
+    compute = run.trainer.meta_step.compute
+
+    def spy(bundle, opt, batches, *a, **k):  # records what the meta-step unrolls on; computes as usual
+        seen.append(batches[0].inputs.clone())
+        return compute(bundle, opt, batches, *a, **k)
+
+    run.trainer.meta_step.compute = spy
+    last = []
+    step = run.trainer.train_step
+
+    def record_step(batch):
+        last.append(batch.x.clone())
+        return step(batch)
+
+    run.trainer.train_step = record_step
+    res = run.fit(progress=False)
+    per_epoch = len(data.train)
+    v1, v2 = (h["meta_version"] for h in res["history"])
+    assert v1 == per_epoch // 2 and v2 == v1  # no meta-update after epoch 1
+    assert len(seen) == per_epoch // 2
+    trained_on = [last[2 * i + 1] for i in range(len(seen))]  # the batch the student had just stepped on
+    assert all(not torch.equal(s, t) for s, t in zip(seen, trained_on))
+
+
+@pytest.mark.parametrize("sampling", ["recent", "gaussian"])
+def test_snapshot_sampling_ablations_follow_their_distributions(sampling):
+    from scipy.stats import chisquare
+
+    rng = __import__("random").Random(0)
+    n, draws = 20, 20000
+    counts = np.bincount([draw_index(n, sampling, rng) for _ in range(draws)], minlength=n)
+    if sampling == "recent":  # uniform over the newest quarter
+        assert counts[:15].sum() == 0
+        assert chisquare(counts[15:]).pvalue > 1e-3
+    else:  # half-normal back from the newest, σ = n/4, folded at the oldest
+        from scipy.stats import halfnorm
+
+        edges = np.arange(n + 1)
+        p = np.diff(halfnorm.cdf(edges, scale=n / 4))
+        p[-1] += 1 - p.sum()
+        expected = p[::-1] * draws
+        assert chisquare(counts, expected).pvalue > 1e-3
+    store = InMemorySnapshotStore(sampling, max_snapshots=8)
+    for s in range(12):
+        store.record(s, {"w": torch.tensor(float(s))})
+    assert len(store) == 8 and min(store.sample(rng)["w"].item() for _ in range(200)) >= 4  # bounded: the oldest went
+
+
+def test_dkd_warmup_scales_the_term_linearly():
+    from lkd_ray.losses import StudentOutputs, TeacherOutputs, build_method
+
+    cfg, _ = _synthetic(loss={"method": "dkd", "dkd_warmup_epochs": 4, "w_ce": 0.0})
+    full_cfg = cfg.loss.model_copy(update={"dkd_warmup_epochs": 0})
+    zs, zt, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    m, ref = build_method(cfg.loss), build_method(full_cfg)
+    base = ref(StudentOutputs(zs), TeacherOutputs(zt), y, epoch=0)[0].item()
+    for epoch, frac in ((0, 0.25), (2, 0.75), (3, 1.0), (10, 1.0)):
+        assert m(StudentOutputs(zs), TeacherOutputs(zt), y, epoch=epoch)[0].item() == pytest.approx(frac * base, rel=1e-6)
+
+
+def test_a_step_with_cached_teacher_outputs_equals_a_step_with_the_live_teacher(tmp_path):
+    cfg, _ = _synthetic(loss={"method": "kd"}, run={"cache_dir": str(tmp_path), "progress": False})
+    teacher = build_model("cnn_teacher", 10, 1).eval()
+    cached_cfg = cfg.model_copy(deep=True)
+    cached_cfg.model.teacher_cache = True
+    live = build_run(cfg, teacher=teacher, teacher_info={"key": "t0"})
+    cached = build_run(cached_cfg, teacher=teacher, teacher_info={"key": "t0"})
+    assert cached.trainer.teacher is None and cached.info["teacher_cache"]["built"]
+    assert cached.info["teacher_cache"]["slots"] == 50  # every view of pad-2 crop + flip
+    a, b = next(iter(live.data.train)), next(iter(cached.data.train))
+    assert a.t_logits is None and torch.equal(a.x, b.x) and torch.equal(a.ids, b.ids)  # the same view ...
+    with torch.no_grad():
+        torch.testing.assert_close(b.t_logits, teacher(b.x), rtol=1e-5, atol=1e-5)  # ... and the teacher's logits for it
+    live.trainer.train_step(a)
+    cached.trainer.train_step(b)
+    for p, q in zip(live.trainer.bundle.parameters(), cached.trainer.bundle.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    again = build_run(cached_cfg, teacher=teacher, teacher_info={"key": "t0"})
+    assert not again.info["teacher_cache"]["built"]  # computed once, then read from storage
+    other = build_run(cached_cfg, teacher=teacher, teacher_info={"key": "another-teacher"})
+    assert other.info["teacher_cache"]["built"]  # keyed like the teacher
+    k = cached_cfg.model_copy(deep=True)
+    k.model.teacher_cache_views = 4
+    fkd = build_run(k, teacher=teacher, teacher_info={"key": "t0"})
+    assert fkd.info["teacher_cache"]["slots"] == 4
+    loader = fkd.data.train
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        for batch in loader:  # every view drawn is one of the image's 4 recorded views, with its logits
+            rows = {int(i): r for r, i in enumerate(loader.ids)}
+            idx = torch.tensor([rows[int(i)] for i in batch.ids])
+            with torch.no_grad():
+                torch.testing.assert_close(batch.t_logits, teacher(batch.x), rtol=1e-5, atol=1e-5)
+            assert all(int(v) in loader.cached_views[r].tolist() for r, v in zip(idx, loader.views_for(idx.numpy())[1]))
+
+
+def test_a_learned_loss_is_reused_frozen_from_a_run_folder(tmp_path):
+    cfg, data = _synthetic(meta={"meta_every": 2, "p_snapshot": 0.0})
+    teacher = build_model("cnn_teacher", 10, 1)
+    first = build_run(cfg, data=data, teacher=teacher)
+    first.fit(tmp_path / "learn", progress=False)
+    learned = {k: v.clone() for k, v in first.trainer.lossnets.state_dict().items()}
+    reuse = cfg.model_copy(deep=True)
+    reuse.lossnet.init_from, reuse.lossnet.frozen, reuse.run.seed = str(tmp_path / "learn"), True, 5
+    run = build_run(reuse, data=data, teacher=teacher)
+    assert run.trainer.meta_step is None and run.info["lossnet"]["version"] == first.trainer.meta_updater.version
+    res = run.fit(progress=False)
+    assert res["meta"] is None
+    for k, v in run.trainer.lossnets.state_dict().items():
+        assert torch.equal(v, learned[k])  # loaded, and unchanged by training
+    bad = cfg.model_copy(deep=True)
+    bad.lossnet.init_from, bad.lossnet.hidden = str(tmp_path / "learn"), [3]
+    with pytest.raises(ValueError, match="does not fit this run's loss network"):
+        build_run(bad, data=data, teacher=teacher)
+    missing = cfg.model_copy(deep=True)
+    missing.lossnet.init_from = str(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="holds no loss-network version"):
+        build_run(missing, data=data, teacher=teacher)
+
+
+def test_es_runs_particles_in_one_process_and_moves_the_centre():
+    cfg, data = _synthetic(meta={"estimator": "es", "es_particles": 4, "meta_every": 2, "es_sigma": 0.5, "lr": 0.05})
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    tr = run.trainer
+    assert len(tr.particles) == 4
+    last0 = tr.lossnets.logit.g[-1].weight.detach().clone()
+    p0 = [t.lossnets.logit.g[-1].weight.detach().clone() for t in tr.particles]
+    torch.testing.assert_close(p0[0] - last0, -(p0[1] - last0))  # antithetic pair
+    res = run.fit(progress=False)
+    assert res["meta"]["version"] == res["steps"] // 2 and len(res["particles"]) == 4
+    assert not torch.equal(tr.lossnets.logit.g[-1].weight, last0)  # the centre moved ...
+    assert torch.equal(tr.lossnets.logit.g[0].weight, build_run(cfg, data=data, teacher=build_model(
+        "cnn_teacher", 10, 1)).trainer.lossnets.logit.g[0].weight)  # ... only in the perturbed (last) layer
+    students = [t.bundle.net.fc.weight for t in tr.particles]
+    assert not torch.equal(students[0], students[1])  # each particle trained its own student
+
+
+def test_outputs_are_strict_json_and_appended_per_attempt(tmp_path):
+    cfg, data = _synthetic(loss={"method": "kd"})
+    teacher = build_model("cnn_teacher", 10, 1)
+    for _ in range(2):
+        build_run(cfg, data=data, teacher=teacher).fit(tmp_path, progress=False)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # the second attempt appended
+    from lkd_ray.train.outputs import dumps
+
+    assert json.loads(dumps({"a": float("nan"), "b": [float("inf"), 1.0]})) == {"a": None, "b": [None, 1.0]}
+    assert default_outputs(tmp_path, cfg.to_dict())
+    assert Batch(torch.zeros(1), torch.zeros(1)).t_logits is None

@@ -9,7 +9,8 @@ import torch
 
 from ..config import DataCfg
 from .fashion import DataNotFound, load_fashion_mnist
-from .loaders import InMemoryLoader, cycle
+from .loaders import Batch, InMemoryLoader, cycle
+from .transforms import CropFlip
 from .split import stratified_split
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -31,6 +32,23 @@ class DataBundle:
     test_size: int
     quiz_indices: np.ndarray | None = None  # indices into the original training set
     synthetic: bool = False
+    identity: str | None = None  # what the data is, for cache keys: a content hash, or the root and its index
+
+    def fingerprint(self) -> str:
+        """A hash of the training data's identity (content for in-memory sets), computed once."""
+        if self.identity is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            tr = self.train
+            if isinstance(tr, InMemoryLoader):
+                h.update(tr.images.numpy().tobytes())
+                h.update(tr.labels.numpy().tobytes())
+                h.update(np.asarray(tr.ids).tobytes())
+            else:
+                h.update(repr((type(tr).__name__, self.train_size, self.quiz_size, self.test_size)).encode())
+            self.identity = h.hexdigest()[:16]
+        return self.identity
 
 
 def _to_tensor(images: np.ndarray, cfg: DataCfg) -> torch.Tensor:
@@ -52,12 +70,20 @@ def _in_memory(train_x, train_y, test_x, test_y, cfg: DataCfg, seed: int, rank: 
     if cfg.train_subset is not None:
         tr_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(tr_idx, min(cfg.train_subset, len(tr_idx)), replace=False))
     qb = min(cfg.quiz_batch_size or cfg.batch_size, len(quiz_idx))
-    tr = InMemoryLoader(train_x[tr_idx], train_y[tr_idx], cfg.batch_size, True, cfg.augment, seed=seed, drop_last=True,
-                        rank=rank, world_size=world, pad_value=pad_value)
-    qz = InMemoryLoader(train_x[quiz_idx], train_y[quiz_idx], qb, True, False, seed=seed + 7, drop_last=True)
+    spec = train_augmentation(cfg, pad_value)
+    tr = InMemoryLoader(train_x[tr_idx], train_y[tr_idx], cfg.batch_size, True, spec, seed=seed, drop_last=True,
+                        rank=rank, world_size=world, ids=tr_idx)
+    # each rank draws its own quiz batches, so a sync round averages meta-gradients over different ones
+    qz = InMemoryLoader(train_x[quiz_idx], train_y[quiz_idx], qb, True, None, seed=seed + 7 + 1000 * rank, drop_last=True,
+                        ids=quiz_idx)
     te = InMemoryLoader(test_x, test_y, cfg.eval_batch_size, False)
     return DataBundle(tr, qz, te, num_classes, train_x.shape[1], train_x.shape[-1], len(tr_idx), len(quiz_idx),
                       len(test_y), quiz_idx, synthetic)
+
+
+def train_augmentation(cfg: DataCfg, pad_value: float = 0.0) -> CropFlip | None:
+    """The recipe's training augmentation for in-memory images (None when data.augment is off)."""
+    return CropFlip(pad=4 if cfg.dataset in ("cifar10", "cifar100") else 2, pad_value=pad_value) if cfg.augment else None
 
 
 def synthetic_arrays(n: int, num_classes: int, channels: int, size: int, seed: int):
@@ -75,29 +101,36 @@ def synthetic_arrays(n: int, num_classes: int, channels: int, size: int, seed: i
 def _parquet(cfg: DataCfg, seed: int, rank: int, world: int, stream_train: bool) -> DataBundle:
     """Quiz and val decoded into memory; train too unless a Ray Data stream will feed it."""
     from ..storage import open_storage
-    from .parquet import decode_batch, read_meta, read_split
+    from .parquet import augmentation, decode_batch, read_meta, read_split
 
     fs, base = open_storage(cfg.root, cfg.endpoint_url).arrow_fs()
     meta = read_meta(fs, base)
     size = cfg.image_size or meta["image_size"]
-    kw = dict(size=size, channels=cfg.channels, mean=meta["mean"][:cfg.channels], std=meta["std"][:cfg.channels])
 
-    def load(split: str, train: bool):
-        d = decode_batch(read_split(fs, base, split).to_pydict(), train=False, **kw)
-        return torch.from_numpy(d["x"]), torch.from_numpy(d["y"])
+    def load(split: str):
+        d = decode_batch(read_split(fs, base, split).to_pydict(), meta, size, cfg.channels, train=False)
+        return torch.from_numpy(d["x"]), torch.from_numpy(d["y"]), d["id"]
 
-    qx, qy = load("quiz", False)
-    tx, ty = load("val", False)
+    qx, qy, qid = load("quiz")
+    tx, ty, _ = load("val")
     qb = min(cfg.quiz_batch_size or cfg.batch_size, len(qy))
     if stream_train:
         train, n_train = None, meta["counts"]["train"]
     else:
-        x, y = load("train", True)
-        train = InMemoryLoader(x, y, cfg.batch_size, True, cfg.augment, seed=seed, drop_last=True, rank=rank, world_size=world)
+        spec = augmentation(meta, size, train=True) if cfg.augment else None
+        if spec is not None and not isinstance(spec, CropFlip):
+            raise ValueError(f"{cfg.root}: full-size images with {type(spec).__name__} are streamed through Ray Data, not held "
+                             "in memory: run the job under Ray (jobs/lkd_imagenet.py --parquet) or set data.augment=false")
+        x, y, ids = load("train")
+        train = InMemoryLoader(x, y, cfg.batch_size, True, spec, seed=seed, drop_last=True, rank=rank, world_size=world, ids=ids)
         n_train = len(y)
-    return DataBundle(train, InMemoryLoader(qx, qy, qb, True, False, seed=seed + 7, drop_last=True),
+    import hashlib
+    import json
+
+    ident = hashlib.sha256((str(cfg.root) + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:16]
+    return DataBundle(train, InMemoryLoader(qx, qy, qb, True, None, seed=seed + 7 + 1000 * rank, drop_last=True, ids=qid),
                       InMemoryLoader(tx, ty, cfg.eval_batch_size, False), meta["num_classes"], cfg.channels, size,
-                      n_train, len(qy), len(ty))
+                      n_train, len(qy), len(ty), identity=ident)
 
 
 def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, cache_dir: str = ".cache/lkd_ray",
@@ -120,4 +153,4 @@ def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, 
     return build_torchvision_data(cfg, seed, rank, world_size)
 
 
-__all__ = ["DataBundle", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]
+__all__ = ["Batch", "CropFlip", "train_augmentation", "DataBundle", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]

@@ -1,73 +1,92 @@
 """Batch iterators. Small data sets live in memory as one tensor and are augmented per batch
-(no per-image Python), which is what makes CPU runs fast; large ones use torch's DataLoader."""
+(no per-image Python), which is what makes CPU runs fast; large ones use torch's DataLoader.
+
+Sharding and shuffling are torch's ``DistributedSampler`` (seeded, ``set_epoch``); augmentation is
+the shared spec of ``transforms`` keyed by sample id, so a sample's view does not depend on which
+rank or batch it lands in. With a teacher-output cache attached, batches carry the teacher's logits
+for exactly the view they hold.
+"""
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.nn import functional as F
+from torch.utils.data import DistributedSampler
+
+from .transforms import CropFlip
+
+
+class Batch(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    t_logits: torch.Tensor | None = None   # the teacher's logits for these views (teacher-output cache)
+    ids: torch.Tensor | None = None        # sample ids (positions in the original training set)
 
 
 class InMemoryLoader:
-    """Iterate (x, y) batches over normalised float images held in one tensor.
-
-    ``rank``/``world_size`` shard every epoch's permutation so DDP ranks see disjoint samples;
-    ``set_epoch`` reseeds the shuffle (as DistributedSampler does).
-    """
+    """Iterate ``Batch``es over normalised float images held in one tensor."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
-                 augment: bool = False, pad: int = 2, seed: int = 0, drop_last: bool = False,
-                 rank: int = 0, world_size: int = 1, pad_value: float = 0.0):
+                 augment: CropFlip | None = None, seed: int = 0, drop_last: bool = False,
+                 rank: int = 0, world_size: int = 1, ids: np.ndarray | None = None):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in count")
         self.images, self.labels = images, labels
-        self.batch_size, self.shuffle, self.augment, self.pad = batch_size, shuffle, augment, pad
-        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.pad_value = pad_value  # the background's value after normalisation, so crops add no grey borders
+        self.ids = np.arange(len(labels)) if ids is None else np.asarray(ids)
+        self.batch_size, self.shuffle, self.augment, self.seed, self.drop_last = batch_size, shuffle, augment, seed, drop_last
+        self.rank, self.world_size = rank, world_size
+        # equal shards (drop_last): DDP ranks must run the same number of steps
+        self.sampler = DistributedSampler(range(len(labels)), num_replicas=world_size, rank=rank, shuffle=shuffle,
+                                          seed=seed, drop_last=True)
         self.epoch = 0
+        self.teacher_logits: torch.Tensor | None = None   # N × slots × C
+        self.cached_views: torch.Tensor | None = None     # N × slots: the view each slot holds (None: slot = view)
+
+    def attach_teacher_cache(self, logits: torch.Tensor, views: torch.Tensor | None = None) -> None:
+        if logits.shape[0] != len(self.labels):
+            raise ValueError(f"teacher-output cache holds {logits.shape[0]} images, the loader {len(self.labels)}")
+        if self.augment is None and logits.shape[1] != 1:
+            raise ValueError("a loader without augmentation takes a cache of one view per image")
+        self.teacher_logits, self.cached_views = logits, views
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def _indices(self) -> np.ndarray:
-        n = self.images.shape[0]
-        idx = np.random.default_rng((self.seed, self.epoch)).permutation(n) if self.shuffle else np.arange(n)
-        if self.world_size > 1:
-            per = n // self.world_size  # equal shards: DDP ranks must run the same number of steps
-            idx = idx[self.rank * per:(self.rank + 1) * per]
-        return idx
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = self.images.shape[0] // self.world_size
+        n = len(self.sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
+    def views_for(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cache slot, view number) of each row in this epoch."""
+        ids = self.ids[rows]
+        if self.cached_views is None:
+            views = self.augment.views(ids, self.seed, self.epoch)
+            return views, views
+        k = self.cached_views.shape[1]
+        from .transforms import hash_u64
+
+        slots = (hash_u64(self.seed, self.epoch, ids, 7) % np.uint64(k)).astype(np.int64)
+        return slots, self.cached_views[torch.as_tensor(rows), torch.as_tensor(slots)].numpy()
+
     def __iter__(self):
-        idx = self._indices()
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) & 0x7FFFFFFF)
+        idx = np.fromiter(iter(self.sampler), dtype=np.int64) if self.shuffle or self.world_size > 1 else np.arange(len(self.labels))
         for start in range(0, len(idx), self.batch_size):
-            b = idx[start:start + self.batch_size]
-            if self.drop_last and len(b) < self.batch_size:
+            rows = idx[start:start + self.batch_size]
+            if self.drop_last and len(rows) < self.batch_size:
                 break
-            bt = torch.from_numpy(b)
-            x, y = self.images[bt], self.labels[bt]
-            if self.augment:
-                x = random_crop_flip(x, self.pad, gen, self.pad_value)
-            yield x, y
-
-
-def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator, pad_value: float = 0.0) -> torch.Tensor:
-    """Per-image random crop (zero padding ``pad``) and horizontal flip, batched."""
-    n, c, h, w = x.shape
-    if pad:
-        xp = F.pad(x, (pad, pad, pad, pad), value=pad_value)
-        oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        iy = (oy[:, None] + torch.arange(h))[:, None, :, None]
-        ix = (ox[:, None] + torch.arange(w))[:, None, None, :]
-        x = xp[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], iy, ix]
-    flip = torch.rand(n, generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+            bt = torch.from_numpy(rows)
+            x, y, t = self.images[bt], self.labels[bt], None
+            if self.augment is not None:
+                slots, views = self.views_for(rows)
+                x = self.augment.apply(x, views)
+                if self.teacher_logits is not None:
+                    t = self.teacher_logits[bt, torch.from_numpy(slots)]
+            elif self.teacher_logits is not None:
+                t = self.teacher_logits[bt, 0]
+            yield Batch(x, y, t, torch.from_numpy(self.ids[rows]))
 
 
 def cycle(loader):

@@ -6,28 +6,47 @@ import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..config import DataCfg
 from .fashion import DataNotFound
 from .split import stratified_split
 
 
-def _transforms(cfg: DataCfg):
-    from torchvision import transforms as T
+def _specs(cfg: DataCfg):
+    """(train spec, eval spec, mean, std, size): the recipes' augmentation, shared with the other data paths."""
     from . import CIFAR_STATS, IMAGENET_STATS
+    from .transforms import CropFlip, ResizeCenterCrop, ResizedCropFlip
 
     if cfg.dataset in CIFAR_STATS:
         mean, std = CIFAR_STATS[cfg.dataset]
-        size = cfg.image_size or 32
-        train = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-        test = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    else:
-        mean, std = IMAGENET_STATS
-        size = cfg.image_size or 224
-        train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
-        test = T.Compose([T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
-    return (train if cfg.augment else test), test, size
+        return CropFlip(4, 0.0) if cfg.augment else None, None, mean, std, cfg.image_size or 32
+    mean, std = IMAGENET_STATS
+    size = cfg.image_size or 224
+    test = ResizeCenterCrop(size, int(round(size * 256 / 224)))
+    return (ResizedCropFlip(size) if cfg.augment else test), test, mean, std, size
+
+
+class _Augmented(Dataset):
+    """A torchvision data set (PIL images) through the shared spec, keyed by (seed, epoch, index)."""
+
+    def __init__(self, base, spec, mean, std, channels: int, seed: int):
+        self.base, self.spec, self.mean, self.std, self.channels, self.seed = base, spec, mean, std, channels, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        from .transforms import CropFlip, pil_to_tensor
+
+        img, y = self.base[i]
+        if self.spec is None or isinstance(self.spec, CropFlip):
+            x = torch.from_numpy(pil_to_tensor(img, self.channels, self.mean, self.std))
+            if self.spec is not None:
+                x = self.spec.apply(x[None], self.spec.views([i], self.seed, self.epoch))[0]
+            return x, y
+        return torch.from_numpy(pil_to_tensor(self.spec.apply_pil(img, self.seed, self.epoch, i), self.channels, self.mean, self.std)), y
 
 
 def _datasets(cfg: DataCfg, train_tf, test_tf):
@@ -51,42 +70,48 @@ def _datasets(cfg: DataCfg, train_tf, test_tf):
 
 
 class _ShardedLoader:
-    """DataLoader over a per-epoch seeded permutation shard (what DistributedSampler does), with set_epoch."""
+    """A DataLoader over a subset of indices, sharded and shuffled by torch's DistributedSampler."""
 
-    def __init__(self, ds, indices: np.ndarray, cfg: DataCfg, shuffle: bool, seed: int, rank: int, world: int, batch: int, drop_last: bool):
-        self.ds, self.indices, self.cfg, self.shuffle = ds, indices, cfg, shuffle
-        self.seed, self.rank, self.world, self.batch, self.drop_last, self.epoch = seed, rank, world, batch, drop_last, 0
+    def __init__(self, ds: _Augmented, indices: np.ndarray, cfg: DataCfg, shuffle: bool, seed: int, rank: int, world: int,
+                 batch: int, drop_last: bool):
+        self.ds, self.cfg, self.batch, self.drop_last = ds, cfg, batch, drop_last
+        self.subset = Subset(ds, np.asarray(indices).tolist())
+        self.sampler = DistributedSampler(self.subset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _shard(self):
-        idx = np.random.default_rng((self.seed, self.epoch)).permutation(self.indices) if self.shuffle else self.indices
-        per = len(idx) // self.world
-        return idx[self.rank * per:(self.rank + 1) * per] if self.world > 1 else idx
+        self.sampler.set_epoch(epoch)
+        self.ds.epoch = epoch
 
     def __len__(self):
-        n = len(self.indices) // self.world
+        n = len(self.sampler)
         return n // self.batch if self.drop_last else -(-n // self.batch)
 
     def __iter__(self):
-        return iter(DataLoader(Subset(self.ds, self._shard().tolist()), batch_size=self.batch, shuffle=False,
-                               num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
-                               drop_last=self.drop_last, persistent_workers=False))
+        from .loaders import Batch
+
+        for x, y in DataLoader(self.subset, batch_size=self.batch, sampler=self.sampler, num_workers=self.cfg.num_workers,
+                               pin_memory=torch.cuda.is_available(), drop_last=self.drop_last, persistent_workers=False):
+            yield Batch(x, y)
 
 
 def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int):
     from . import DataBundle
 
-    train_tf, test_tf, size = _transforms(cfg)
-    train_ds, quiz_ds, test_ds = _datasets(cfg, train_tf, test_tf)
-    targets = np.asarray(train_ds.targets)
+    train_spec, test_spec, mean, std, size = _specs(cfg)
+    train_raw, quiz_raw, test_raw = _datasets(cfg, None, None)
+    train_ds, quiz_ds, test_ds = (_Augmented(d, sp, mean, std, 3, seed)
+                                  for d, sp in ((train_raw, train_spec), (quiz_raw, test_spec), (test_raw, test_spec)))
+    targets = np.asarray(train_raw.targets)
     tr_idx, quiz_idx = stratified_split(targets, cfg.quiz_fraction, cfg.split_seed)
     if cfg.train_subset is not None:
         tr_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(tr_idx, min(cfg.train_subset, len(tr_idx)), replace=False))
     qb = min(cfg.quiz_batch_size or cfg.batch_size, len(quiz_idx))
     tr = _ShardedLoader(train_ds, tr_idx, cfg, True, seed, rank, world, cfg.batch_size, True)
-    qz = _ShardedLoader(quiz_ds, quiz_idx, cfg, True, seed + 7, 0, 1, qb, True)
+    qz = _ShardedLoader(quiz_ds, quiz_idx, cfg, True, seed + 7 + 1000 * rank, 0, 1, qb, True)
     te = _ShardedLoader(test_ds, np.arange(len(test_ds)), cfg, False, 0, 0, 1, cfg.eval_batch_size, False)
-    num_classes = len(train_ds.classes)
-    return DataBundle(tr, qz, te, num_classes, 3, size, len(tr_idx), len(quiz_idx), len(test_ds), quiz_idx)
+    num_classes = len(train_raw.classes)
+    import hashlib
+
+    ident = hashlib.sha256(repr((os.path.realpath(cfg.root), cfg.dataset, len(train_raw), len(test_raw))).encode()
+                           + np.asarray(targets).tobytes() + tr_idx.tobytes()).hexdigest()[:16]
+    return DataBundle(tr, qz, te, num_classes, 3, size, len(tr_idx), len(quiz_idx), len(test_ds), quiz_idx, identity=ident)

@@ -1,7 +1,7 @@
-"""Hand-crafted KD losses, the learnable loss networks and the student objective that combines them."""
+"""Hand-crafted KD losses, the learnable loss networks and the method registry that combines them."""
 from . import handcrafted
-from .learnable import Connector, FeatureLossNet, LogitLossNet, LossNetworks
-from .objective import DistillObjective, StudentOutputs, build_lossnets
+from .learnable import Connector, FeatureLossNet, KDWeight, LogitLossNet, LossNetworks
+from .methods import METHODS, Method, StudentOutputs, TeacherOutputs, build_lossnets, build_method
 
-__all__ = ["handcrafted", "Connector", "FeatureLossNet", "LogitLossNet", "LossNetworks",
-           "DistillObjective", "StudentOutputs", "build_lossnets"]
+__all__ = ["handcrafted", "Connector", "FeatureLossNet", "KDWeight", "LogitLossNet", "LossNetworks",
+           "METHODS", "Method", "StudentOutputs", "TeacherOutputs", "build_lossnets", "build_method"]

@@ -19,15 +19,26 @@ def kd(z_s: torch.Tensor, z_t: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
 
 
 def dkd(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, beta: float = 8.0, tau: float = 4.0) -> torch.Tensor:
-    """Decoupled KD: α·TCKD (binary target vs rest) + β·NCKD (among non-target classes)."""
-    gt = F.one_hot(y, z_s.shape[1]).to(z_s.dtype)
-    p_s, p_t = F.softmax(z_s / tau, 1), F.softmax(z_t / tau, 1)
-    b_s = torch.stack([(p_s * gt).sum(1), (p_s * (1 - gt)).sum(1)], 1)
-    b_t = torch.stack([(p_t * gt).sum(1), (p_t * (1 - gt)).sum(1)], 1)
-    tckd = F.kl_div(torch.log(b_s.clamp_min(1e-12)), b_t, reduction="batchmean") * tau**2
-    log_q_s = F.log_softmax(z_s / tau - 1000.0 * gt, 1)
-    q_t = F.softmax(z_t / tau - 1000.0 * gt, 1)
-    nckd = F.kl_div(log_q_s, q_t, reduction="batchmean") * tau**2
+    """Decoupled KD: α·TCKD (binary target vs rest) + β·NCKD (among non-target classes).
+
+    Everything is computed in log space (logsumexp over the target / non-target classes), so a
+    confidently wrong student at τ = 1 still gets a finite loss *and* a gradient: a clamped
+    probability would cap TCKD and zero its gradient once the logit gap passes ~35 (float32).
+    """
+    gt = F.one_hot(y, z_s.shape[1]).bool()
+    s, t = z_s / tau, z_t / tau
+    neg_inf = torch.finfo(s.dtype).min
+
+    def binary_log_probs(z):  # log [p_target, 1 − p_target]
+        lse = torch.logsumexp(z, 1)
+        log_target = z.gather(1, y[:, None]).squeeze(1) - lse
+        log_rest = torch.logsumexp(z.masked_fill(gt, neg_inf), 1) - lse
+        return torch.stack([log_target, log_rest], 1)
+
+    tckd = F.kl_div(binary_log_probs(s), binary_log_probs(t), reduction="batchmean", log_target=True) * tau**2
+    log_q_s = F.log_softmax(s.masked_fill(gt, neg_inf), 1)  # non-target distributions; the target entry is masked out
+    log_q_t = F.log_softmax(t.masked_fill(gt, neg_inf), 1)
+    nckd = torch.where(gt, torch.zeros_like(log_q_t), log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean() * tau**2
     return alpha * tckd + beta * nckd
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..losses.learnable import Connector
-from ..losses.objective import StudentOutputs
+from ..losses.methods import StudentOutputs
 from ..models.base import HeadView, TappedModel
 
 

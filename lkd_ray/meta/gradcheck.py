@@ -9,25 +9,29 @@ import torch
 from torch import nn
 
 from ..config import LossCfg, LossNetCfg
-from ..losses import Connector, DistillObjective, build_lossnets
+from ..losses import Connector, TeacherOutputs, build_lossnets, build_method
 from ..models.small import SmallCNN
 from .bundle import StudentBundle
 from .gradient import BACKENDS, MetaBatch, SGDHyper, meta_gradient, momentum_buffers
 
 
-def _problem(seed: int = 0, scope: str = "full", unroll: int = 2):
+def _problem(seed: int = 0, scope: str = "full", unroll: int = 2, lock: str = "none", method: str = "lkd"):
     torch.manual_seed(seed)
     dt = torch.float64
     k, n = 5, 12
     teacher = SmallCNN((4, 6, 8), k, 1).to(dt).eval()
     net = SmallCNN((3, 4, 5), k, 1).to(dt)
     bundle = StudentBundle(net, Connector(5, 8), (2, 2)).to(dt).train()
-    loss_cfg = LossCfg(method="lkd", w_feat=0.5, tau=2.0)
-    lossnets = build_lossnets(loss_cfg, LossNetCfg(hidden=[6], feature_hidden=[4], state_inputs=True)).to(dt)
+    loss_cfg = LossCfg(method=method, w_feat=0.5, tau=2.0)
+    lossnets = build_lossnets(loss_cfg, LossNetCfg(hidden=[6], feature_hidden=[4], state_inputs=True, lock=lock,
+                                                   trust=0.5)).to(dt)
     with torch.no_grad():  # leave the zero-initialised start so every φ entry carries gradient
         for p in lossnets.parameters():
             p.normal_(0, 0.3)
-    objective = DistillObjective(loss_cfg, lossnets)
+    method_ = build_method(loss_cfg, lossnets)
+
+    def objective(out, t_logits, t_feat, y, st):
+        return method_(out, TeacherOutputs(t_logits, t_feat), y, st)
     opt = torch.optim.SGD(bundle.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3, nesterov=False)
     xs = [torch.randn(n, 1, 8, 8, dtype=dt) for _ in range(unroll + 1)]
     ys = [torch.randint(0, k, (n,)) for _ in range(unroll + 1)]
@@ -77,9 +81,15 @@ def _reference_quiz_loss(module: nn.Module, opt: torch.optim.Optimizer, objectiv
         return torch.nn.functional.cross_entropy(m(xq).logits, yq).item()
 
 
-def run_gradcheck(eps: float = 1e-6, max_entries: int = 60, scope: str = "full", unroll: int = 2, seed: int = 0) -> dict[str, float]:
-    """Max relative error per backend: max_i |analytic_i − fd_i| / max_i |fd_i|."""
-    module, opt, objective, lossnets, batches, xq, yq, state = _problem(seed, scope, unroll)
+def run_gradcheck(eps: float = 1e-6, max_entries: int = 60, scope: str = "full", unroll: int = 2, seed: int = 0,
+                  lock: str = "none", method: str = "lkd") -> dict[str, float]:
+    """Max relative error per backend: max_i |analytic_i − fd_i| / max_i |fd_i|.
+
+    A scale-locked loss is exact for a one-step unroll only (its field is not a gradient, so longer
+    unrolls see the base loss's curvature): ``lock`` other than none needs ``unroll=1``."""
+    if lock != "none" and unroll != 1:
+        raise ValueError("a scale-locked loss differentiates exactly through a one-step unroll only: use unroll=1")
+    module, opt, objective, lossnets, batches, xq, yq, state = _problem(seed, scope, unroll, lock, method)
     phi = list(lossnets.parameters())
     params = [p for p in module.parameters() if p.requires_grad]
     hyper, bufs = SGDHyper.from_optimizer(opt), momentum_buffers(opt, params)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..losses.objective import StudentOutputs
+from ..losses.methods import StudentOutputs
 
 Objective = Callable[[StudentOutputs, "MetaBatch"], torch.Tensor]
 

@@ -1,9 +1,9 @@
-"""The meta-step: pick the unroll's starting point (current student or an earlier snapshot) and
-scope, compute the meta-gradient, and — locally — apply it with Adam, clipped, finite-checked."""
+"""The meta-step: pick the unroll's starting point (the current student or an earlier snapshot) and
+the scope, and compute the meta-gradient with the configured estimator (``unroll`` or ``implicit``;
+``es`` runs particles instead of a per-step gradient, see ``lkd_ray.train.es``)."""
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -11,78 +11,20 @@ import torch
 from torch import nn
 
 from ..config import MetaCfg
-from ..losses.objective import DistillObjective
+from ..losses.methods import Method, TeacherOutputs
 from .bundle import StudentBundle
 from .gradient import MetaBatch, SGDHyper, meta_gradient, momentum_buffers, preserved_buffers
+from .implicit import implicit_gradient
 
-
-class NonFiniteMetaGradient(ValueError):
-    pass
-
-
-def check_and_clip(grads: Sequence[torch.Tensor], clip_norm: float) -> tuple[list[torch.Tensor], float]:
-    """Reject a non-finite meta-gradient (never applied); otherwise clip its global norm."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])).item()
-    if not math.isfinite(norm):
-        raise NonFiniteMetaGradient(f"meta-gradient has non-finite values (norm={norm}); rejected, not applied")
-    scale = min(1.0, clip_norm / (norm + 1e-12))
-    return [g * scale for g in grads], norm
-
-
-@dataclass
-class MetaCounters:
-    version: int = 0
-    accepted: int = 0
-    rejected_nonfinite: int = 0
-    from_snapshot: int = 0
-    last_norm: float = 0.0
-    last_quiz_loss: float = float("nan")
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def set_meta_lr(adam: torch.optim.Optimizer, lr: float) -> None:
-    if not (math.isfinite(lr) and lr >= 0):
-        raise ValueError(f"meta learning rate must be finite and ≥ 0, got {lr}")
-    for g in adam.param_groups:
-        g["lr"] = lr
-
-
-class MetaOptimizer:
-    """Adam on φ, ψ owned in-process (the single-process trainer; Ray swaps in its LossNetServer)."""
-
-    def __init__(self, lossnets: nn.Module, lr: float, clip_norm: float):
-        self.lossnets = lossnets
-        self.params = [p for p in lossnets.parameters()]
-        self.adam = torch.optim.Adam(self.params, lr=lr)
-        self.lr = lr
-        self.clip_norm = clip_norm
-        self.counters = MetaCounters()
-
-    def apply(self, grads: Sequence[torch.Tensor], lr_scale: float = 1.0) -> bool:
-        try:
-            clipped, norm = check_and_clip(grads, self.clip_norm)
-        except NonFiniteMetaGradient:
-            self.counters.rejected_nonfinite += 1
-            return False
-        for p, g in zip(self.params, clipped):
-            p.grad = g.to(p.dtype)
-        set_meta_lr(self.adam, self.lr * lr_scale)
-        self.adam.step()
-        self.adam.zero_grad(set_to_none=True)
-        self.counters.version += 1
-        self.counters.accepted += 1
-        self.counters.last_norm = norm
-        return True
-
-    def state_dict(self) -> dict:
-        return {"lossnets": self.lossnets.state_dict(), "adam": self.adam.state_dict(), "counters": self.counters.as_dict()}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.lossnets.load_state_dict(sd["lossnets"])
-        self.adam.load_state_dict(sd["adam"])
-        self.counters = MetaCounters(**sd["counters"])
+# Student forward+backward passes per meta-step (the cost unit of BENCHMARKS.md), by estimator.
+def cost_units(cfg: MetaCfg) -> float:
+    """≈ passes of the student per meta-step: an unroll of k steps costs k double-differentiable steps
+    (≈ 2 passes each) plus the quiz pass and the backward through it; implicit ≈ 2K + 4."""
+    if cfg.estimator == "implicit":
+        return 2 * cfg.neumann_steps + 4
+    if cfg.estimator == "es":
+        return 0.0  # no meta-step: the cost is the particles' own training (es_particles × a KD run)
+    return 3 * cfg.unroll_steps + 2
 
 
 @dataclass
@@ -90,7 +32,7 @@ class MetaStep:
     """Computes meta-gradients for one student; holds a scratch copy for snapshot starts."""
 
     cfg: MetaCfg
-    objective: DistillObjective
+    method: Method
     lossnets: nn.Module
     _scratch: StudentBundle | None = field(default=None, repr=False)
 
@@ -118,9 +60,14 @@ class MetaStep:
         else:
             module = src
         params = [p for p in module.parameters() if p.requires_grad]
-        bufs = [None] * len(params) if start_state is not None else momentum_buffers(optimizer, params)
 
         def obj(out, b: MetaBatch) -> torch.Tensor:
-            return self.objective(out, b.t_logits, b.t_feat, b.y, state, epoch)[0]
+            return self.method(out, TeacherOutputs(b.t_logits, b.t_feat), b.y, state, epoch)[0]
 
+        if self.cfg.estimator == "implicit":
+            return implicit_gradient(module, hyper, obj, batches, quiz_x, quiz_y, self.phi, self.cfg.neumann_steps,
+                                     self.cfg.neumann_alpha)
+        if self.cfg.estimator != "unroll":
+            raise ValueError(f"meta.estimator={self.cfg.estimator!r} has no per-step meta-gradient (es trains particles)")
+        bufs = [None] * len(params) if start_state is not None else momentum_buffers(optimizer, params)
         return meta_gradient(module, hyper, bufs, obj, batches, quiz_x, quiz_y, self.phi, self.cfg.backend)

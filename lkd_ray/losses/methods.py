@@ -1,0 +1,168 @@
+"""Distillation methods by name. Each one turns the student's outputs, the frozen teacher's and the
+labels into a dict of named loss terms (mdistiller's ``Distiller`` shape); the student minimises
+their sum. One registry, so a new method is one class here, not an if/elif in every module.
+
+    L_s = w_ce·CE(z_s, y) + w_logit·ℓ_logit(z_s, z_t, y) + w_feat·ℓ_feat(F_s, F_t)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..config import LossCfg, LossNetCfg
+from . import handcrafted
+from .learnable import FeatureLossNet, KDWeight, LogitLossNet, LossNetworks
+
+
+def _full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Losses run in fp32 (or fp64 in gradchecks), never in bf16/fp16 autocast precision."""
+    return t.float() if t is not None and t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+@dataclass
+class StudentOutputs:
+    logits: torch.Tensor
+    features: torch.Tensor | None = None  # connector output (teacher's shape), when w_feat > 0
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    logits: torch.Tensor | None
+    features: torch.Tensor | None = None
+
+
+class Method:
+    """A distillation method: ``method(student_out, teacher_out, y, state, epoch) -> (total, {name: term})``."""
+
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = True
+    learnable: ClassVar[bool] = False  # owns loss networks that the meta-step trains
+
+    def __init__(self, cfg: LossCfg, lossnets: LossNetworks | None = None):
+        self.cfg = cfg
+        self.lossnets = lossnets
+
+    @property
+    def uses_features(self) -> bool:
+        return self.cfg.w_feat > 0
+
+    def logit_term(self, z_s, z_t, y, state, epoch) -> torch.Tensor | None:
+        return None
+
+    def feature_term(self, f_s, f_t, state) -> torch.Tensor:
+        return handcrafted.feature_mse(f_s, f_t)
+
+    def __call__(self, out: StudentOutputs, teacher: TeacherOutputs | None, y: torch.Tensor,
+                 state: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.cfg
+        z_s = _full(out.logits)
+        parts: dict[str, torch.Tensor] = {}
+        if c.w_ce:
+            parts["ce"] = c.w_ce * handcrafted.ce(z_s, y)
+        if self.needs_teacher and c.w_logit:
+            if teacher is None or teacher.logits is None:
+                raise ValueError(f"method {self.name!r} distils from the teacher's logits; none were given")
+            term = self.logit_term(z_s, _full(teacher.logits), y, state, epoch)
+            if term is not None:
+                parts[self.name] = c.w_logit * term
+        if self.uses_features:
+            if out.features is None or teacher is None or teacher.features is None:
+                raise ValueError("w_feat > 0 needs student connector features and teacher features")
+            parts["feat"] = c.w_feat * self.feature_term(_full(out.features), _full(teacher.features), state)
+        total = sum(parts.values()) if parts else z_s.sum() * 0
+        return total, parts
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+@register
+class CE(Method):
+    name = "ce"
+    needs_teacher = False
+
+
+@register
+class KD(Method):
+    name = "kd"
+
+    def logit_term(self, z_s, z_t, y, state, epoch):
+        return handcrafted.kd(z_s, z_t, self.cfg.tau)
+
+
+@register
+class DKD(Method):
+    name = "dkd"
+
+    def logit_term(self, z_s, z_t, y, state, epoch):
+        c = self.cfg
+        warm = min(1.0, (epoch + 1) / c.dkd_warmup_epochs) if c.dkd_warmup_epochs else 1.0
+        return warm * handcrafted.dkd(z_s, z_t, y, c.dkd_alpha, c.dkd_beta, c.tau)
+
+
+@register
+class DIST(Method):
+    name = "dist"
+
+    def logit_term(self, z_s, z_t, y, state, epoch):
+        return handcrafted.dist(z_s, z_t, self.cfg.dist_beta, self.cfg.dist_gamma, self.cfg.tau)
+
+
+@register
+class LKD(Method):
+    """The learned logit loss ℓ_φ (and, with w_feat > 0, the learned feature loss ℓ_ψ)."""
+
+    name = "lkd"
+    learnable = True
+
+    def __init__(self, cfg: LossCfg, lossnets: LossNetworks | None = None):
+        super().__init__(cfg, lossnets)
+        if lossnets is None or lossnets.logit is None:
+            raise ValueError(f"method {self.name!r} needs its loss networks (build_lossnets)")
+
+    def logit_term(self, z_s, z_t, y, state, epoch):
+        return self.lossnets.logit(z_s, z_t, y, state)
+
+    def feature_term(self, f_s, f_t, state):
+        if self.lossnets.feature is not None:
+            return self.lossnets.feature(f_s, f_t, state)
+        return super().feature_term(f_s, f_t, state)
+
+
+@register
+class Control(LKD):
+    """KD with one meta-learned weight: the control that tells a learned loss from a learned step size."""
+
+    name = "control"
+
+
+def build_method(cfg: LossCfg, lossnets: LossNetworks | None = None) -> Method:
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; valid: {', '.join(METHODS)}")
+    return METHODS[cfg.method](cfg, lossnets)
+
+
+def build_lossnets(loss: LossCfg, net: LossNetCfg, seed: int = 0) -> LossNetworks | None:
+    """The learnable networks of a learnable method (None for hand-crafted ones).
+
+    Initialised from their own seeded RNG, so every process that builds them (the single-process
+    trainer, each Ray worker, the LossNetServer) starts from the same φ without sharing state.
+    """
+    cls = METHODS.get(loss.method)
+    if cls is None or not cls.learnable:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if loss.method == "control":
+            return LossNetworks(KDWeight(loss.tau), None)
+        logit = LogitLossNet(net.inputs, net.hidden, net.activation, net.base, loss.tau, net.state_inputs,
+                             loss.dist_beta, loss.dist_gamma, net.lock, net.trust)
+        feature = FeatureLossNet(net.feature_hidden, net.activation, net.state_inputs) if loss.w_feat > 0 else None
+    return LossNetworks(logit, feature)

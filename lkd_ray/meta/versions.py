@@ -1,0 +1,76 @@
+"""Loss-network versions in storage: ``<prefix>/v<N>.pt`` objects and a ``latest.json`` pointer
+(``{"key", "size", "sha256", "version"}``) written after the object it names.
+
+Reading takes the newest *intact* version: the pointer's target if its sha256 matches, else — with a
+warning that says what happened — the newest object that loads, so a truncated or overwritten
+pointer target never stops a restart or a reuse, and a version written just before a crash (object
+stored, pointer not yet) is not lost.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from ..storage import ChecksumMismatch, Storage, StorageError
+
+log = logging.getLogger(__name__)
+_VERSION = re.compile(r"v(\d+)\.pt$")
+
+
+class VersionStore:
+    def __init__(self, storage: Storage, prefix: str = "lossnet"):
+        self.storage = storage
+        self.prefix = prefix.strip("/") if prefix not in (".", "") else ""
+
+    def key(self, version: int) -> str:
+        return f"{self.prefix}/v{version}.pt" if self.prefix else f"v{version}.pt"
+
+    @property
+    def pointer(self) -> str:
+        return f"{self.prefix}/latest.json" if self.prefix else "latest.json"
+
+    def save(self, version: int, payload: dict[str, Any]) -> dict[str, Any]:
+        entry = self.storage.put_torch(self.key(version), payload)
+        self.storage.put_json(self.pointer, {**entry, "version": int(version)})
+        return {**entry, "version": int(version)}
+
+    def versions(self) -> list[tuple[int, str]]:
+        """Stored versions, newest first."""
+        keys = self.storage.list(self.prefix)
+        out = []
+        for k in keys:
+            name = k.rsplit("/", 1)[-1]
+            m = _VERSION.fullmatch(name)
+            if m and (not self.prefix or k == self.key(int(m.group(1)))):
+                out.append((int(m.group(1)), k))
+        return sorted(out, reverse=True)
+
+    def load_latest(self, warn=None) -> dict[str, Any] | None:
+        """The newest intact version's payload (with ``version`` set), or None when there is none."""
+        warn = warn or log.warning
+        pointer = None
+        if self.storage.exists(self.pointer):
+            try:
+                pointer = self.storage.get_json(self.pointer)
+            except (StorageError, ValueError) as e:
+                warn(f"{self.storage.uri}/{self.pointer} is unreadable ({e}); using the newest intact version instead")
+        for version, key in self.versions():
+            expect = pointer["sha256"] if pointer and pointer.get("key") == key else None
+            try:
+                sd = self.storage.get_torch(key, expect_sha256=expect)
+            except ChecksumMismatch as e:
+                warn(f"loss-network version {version} is corrupt ({e}); falling back to an earlier intact version")
+                continue
+            except StorageError as e:
+                if "not a weights-only torch file" in str(e):
+                    warn(f"loss-network version {version} does not load ({e}); falling back to an earlier intact version")
+                    continue
+                raise
+            if pointer and int(pointer.get("version", -1)) > version:
+                warn(f"{self.storage.uri}/{self.pointer} names version {pointer['version']}, which is missing or corrupt; "
+                     f"restored version {version}, the newest intact one")
+            sd = dict(sd)
+            sd["version"] = version
+            return sd
+        return None
