@@ -18,7 +18,9 @@ from lkd_ray.storage import StorageError  # noqa: E402
 
 def parser(description: str, recipe: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--storage", default=os.environ.get("LKD_STORAGE", "runs"), help="local folder or s3://bucket/prefix (default: ./runs)")
+    p.add_argument("--storage", default=os.environ.get("LKD_STORAGE"),
+                   help="local folder or s3://bucket/prefix (default: $LKD_STORAGE, else ./runs; required under `ray job submit`, "
+                        "whose working directory Ray deletes)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
@@ -28,6 +30,7 @@ def parser(description: str, recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=recipe, help=f"base recipe (default {recipe})")
     p.add_argument("--mode", choices=["sync", "async"], default="sync", help="LossNetServer update mode")
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts from the last checkpoint")
+    p.add_argument("--json", action="store_true", help="print the full result record(s) as JSON")
     p.add_argument("--smoke", action="store_true",
                    help="tiny generated data set with the job's real shapes and an untrained teacher: checks the pipeline anywhere")
     return p
@@ -54,34 +57,80 @@ def build(args, extra: dict | None = None, smoke: dict | None = None):
         raise SystemExit(2)
 
 
+def resolve_storage(args) -> str:
+    """--storage, else $LKD_STORAGE, else ./runs — except under `ray job submit`, whose working directory is a
+    temporary copy that Ray deletes when the job ends: there a run must name persistent storage."""
+    if args.storage:
+        return args.storage
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        print("error: under `ray job submit` the job's working directory is a temporary copy that Ray deletes, so results "
+              "written to ./runs would be lost: pass --storage s3://bucket/prefix (or an absolute path on storage every node "
+              "shares), or set LKD_STORAGE in the job's runtime_env", file=sys.stderr)
+        raise SystemExit(2)
+    return "runs"
+
+
+def storage_cause(e: BaseException) -> str | None:
+    """The storage error behind a failure, however deep Ray wrapped it (None when it is something else)."""
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or x is None:
+            continue
+        seen.add(id(x))
+        if isinstance(x, StorageError):
+            return str(x)
+        stack += [x.__cause__, x.__context__, *(getattr(x, "args", ()) if isinstance(getattr(x, "args", None), tuple) else ())]
+        stack = [y for y in stack if isinstance(y, BaseException)]
+    text = str(e)
+    for marker in ("StorageError: ", "ChecksumMismatch: "):
+        if marker in text:
+            return text.split(marker, 1)[1].splitlines()[0]
+    return None
+
+
 def launch(cfg, args, **extra_opts) -> dict:
-    from lkd_ray.distributed.launch import LaunchOptions, run_distributed
+    from lkd_ray.distributed.launch import LaunchOptions, RunConflict, run_distributed
 
     threads = max(1, int(args.cpus_per_worker), (os.cpu_count() or 1) // max(1, args.num_workers)) if not args.use_gpu else 4
-    opts = LaunchOptions(storage=args.storage, num_workers=args.num_workers, use_gpu=args.use_gpu, endpoint_url=args.endpoint_url,
-                         mode=args.mode, max_failures=args.max_failures, cpus_per_worker=args.cpus_per_worker,
-                         threads_per_worker=threads, **extra_opts)
+    opts = LaunchOptions(storage=resolve_storage(args), num_workers=args.num_workers, use_gpu=args.use_gpu,
+                         endpoint_url=args.endpoint_url, mode=args.mode, max_failures=args.max_failures,
+                         cpus_per_worker=args.cpus_per_worker, threads_per_worker=threads, **extra_opts)
     if args.smoke:
         print(f"[smoke] {cfg.run.name}: generated data with the job's real shapes and an untrained teacher — "
               "checks the pipeline, says nothing about accuracy", flush=True)
+    print(f"== {cfg.run.name}: {cfg.loss.method}, {cfg.model.student} from {cfg.model.teacher}, {cfg.optim.epochs} epochs on "
+          f"{cfg.data.dataset}, {args.num_workers} worker(s)", flush=True)
     try:
         return run_distributed(cfg, opts)
+    except RunConflict as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(3)
+    except Exception as e:  # a worker's storage error arrives wrapped by Ray Train
+        cause = storage_cause(e)
+        if cause is None:
+            raise
+        print(f"error: storage failed during the run: {cause} (the run can be resumed: rerun the same command)", file=sys.stderr)
         raise SystemExit(3)
 
 
 def run_and_report(cfg, args) -> int:
     res = launch(cfg, args)
     print(summarize(res))
-    dump(res)
+    if args.json:
+        dump(res)
     return 0
 
 
 def summarize(res: dict) -> str:
     m = res.get("metrics", {})
     tag = " [SMOKE: generated data, untrained teacher]" if res.get("synthetic_data") else ""
-    return (f"{res['method']}: test top-1 {m.get('test_top1', float('nan')):.2f}%  top-5 {m.get('test_top5', float('nan')):.2f}%  "
+    nan = float("nan")
+    return (f"{res['method']}: test top-1 {m.get('test_top1') or nan:.2f}%  top-5 {m.get('test_top5') or nan:.2f}%  "
             f"epochs {m.get('epoch')}  ({res['wall_s']:.0f}s, results in {res['storage']}/{res['run']}){tag}")
 
 

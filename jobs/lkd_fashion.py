@@ -9,8 +9,7 @@ from _common import build, dump, launch, parser, smoke_overrides, summarize
 
 def main(argv=None) -> int:
     p = parser(__doc__, "fashion_mnist")
-    p.add_argument("--methods", nargs="+", default=["kd", "lkd"], choices=["ce", "kd", "dkd", "dist", "lkd"])
-    p.add_argument("--json", action="store_true", help="print the full result records")
+    p.add_argument("--methods", nargs="+", default=["kd", "lkd"], choices=["ce", "kd", "dkd", "dist", "lkd", "control"])
     args = p.parse_args(argv)
     cfgs = []
     for method in args.methods:  # validate every config before any cluster work
@@ -19,8 +18,8 @@ def main(argv=None) -> int:
         cfgs.append(cfg)
     results = [launch(cfg, args) for cfg in cfgs]
     print()
-    t = results[0].get("teacher", {})
-    if "test_top1" in t:
+    t = results[0].get("teacher") or {}
+    if t.get("test_top1") is not None:
         print(f"teacher {cfgs[0].model.teacher}: test top-1 {t['test_top1']:.2f}%")
     for res in results:
         print(summarize(res))

@@ -117,7 +117,10 @@ class LocalStorage(Storage):
         return p
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        atomic_write_bytes(self._path(key), data)
+        try:
+            atomic_write_bytes(self._path(key), data)
+        except OSError as e:
+            raise StorageError(f"cannot write {self.root}/{key} ({e.strerror or e}): check the disk and permissions") from e
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)

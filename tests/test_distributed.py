@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,11 +16,12 @@ ray = pytest.importorskip("ray")
 
 from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.data import build_data  # noqa: E402
-from lkd_ray.distributed.launch import LaunchOptions, run_distributed  # noqa: E402
-from lkd_ray.distributed.snapshot_pool import RaySnapshotStore, SnapshotIndex, start_snapshot_pool  # noqa: E402
+from lkd_ray.distributed.launch import LaunchOptions, RunConflict, run_distributed  # noqa: E402
+from lkd_ray.distributed.snapshot_pool import MANIFEST_SHARD, RaySnapshotStore, SnapshotIndex, start_snapshot_pool  # noqa: E402
 from lkd_ray.models import build_model, load_weights  # noqa: E402
 from lkd_ray.storage import LocalStorage, S3Settings, S3Storage, StorageError  # noqa: E402
-from lkd_ray.train import Trainer  # noqa: E402
+from lkd_ray.train import build_run  # noqa: E402
+from tests.faults import CrashOnce, KillServerOnce  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +61,29 @@ def test_uniform_sampling_passes_chi_square_and_index_persists(tmp_path):
     assert steps <= {9, 10, 11}
 
 
+def test_manifest_is_sharded_so_writes_stay_constant_and_max_snapshots_bounds_the_index(tmp_path):
+    st = LocalStorage(tmp_path)
+    idx = SnapshotIndex.remote(str(tmp_path), "m", "uniform", 0)
+    n = 2 * MANIFEST_SHARD + 10
+    for step in range(n):
+        ray.get(idx.record.remote({"key": f"m/snapshots/{step}.pt", "size": 1, "sha256": "x", "step": step}))
+    shards = sorted((tmp_path / "m" / "snapshots" / "manifest").glob("*.json"))
+    assert len(shards) == 3
+    sizes = [len(json.loads(p.read_text())["snapshots"]) for p in shards]
+    assert sizes == [MANIFEST_SHARD, MANIFEST_SHARD, 10]  # the last record rewrote 10 entries, not 522
+    assert ray.get(SnapshotIndex.remote(str(tmp_path), "m", "uniform", 1).stats.remote())["snapshots"] == n
+    # bounded: the oldest leave the index *and* storage
+    for step in range(6):
+        st.put_torch(f"b/snapshots/{step}.pt", {"w": torch.tensor(float(step))})
+    b = SnapshotIndex.remote(str(tmp_path), "b", "uniform", 0, None, 4)
+    for step in range(6):
+        ray.get(b.record.remote({"key": f"b/snapshots/{step}.pt", "size": 1, "sha256": "x", "step": step}))
+    assert ray.get(b.stats.remote())["snapshots"] == 4 and ray.get(b.stats.remote())["evicted"] == 2
+    assert sorted(p.name for p in (tmp_path / "b" / "snapshots").glob("*.pt")) == ["2.pt", "3.pt", "4.pt", "5.pt"]
+    assert {d["step"] for d in ray.get([b.sample.remote() for _ in range(100)])} == {2, 3, 4, 5}
+    assert ray.get(SnapshotIndex.remote(str(tmp_path), "b", "uniform", 0, None, 4).stats.remote())["snapshots"] == 4
+
+
 def test_corrupted_snapshot_is_skipped_with_a_warning(tmp_path, caplog):
     index, loaders = start_snapshot_pool(str(tmp_path), "c", "uniform", 0, num_loaders=2, namespace_name="c-test")
     store = RaySnapshotStore(str(tmp_path), "c", index, loaders, record=True)
@@ -80,34 +105,62 @@ def test_corrupted_snapshot_is_skipped_with_a_warning(tmp_path, caplog):
 
 def test_two_worker_lkd_run_on_s3(tmp_path, s3_bucket, moto_endpoint):
     cfg = small_cfg("e2e", tmp_path)
-    res = run_distributed(cfg, LaunchOptions(storage=f"s3://{s3_bucket}/lkd", endpoint_url=moto_endpoint, num_workers=2,
-                                             persist_every=2))
+    res = run_distributed(cfg, LaunchOptions(storage=f"s3://{s3_bucket}/lkd", endpoint_url=moto_endpoint, num_workers=2))
     st = S3Storage(s3_bucket, "lkd", S3Settings(endpoint_url=moto_endpoint))
     keys = st.list("e2e")
     steps_per_rank = (460 // 2) // 32  # 10 % quiz held out of 512, sharded over 2 ranks, drop_last
     rounds = 2 * steps_per_rank // 2
     assert res["metrics"]["epoch"] == 2
-    assert res["server"]["accepted"] == rounds * 2 and res["server"]["rounds"] == rounds and res["server"]["rejected"] == 0
-    assert res["server"]["version"] == rounds
+    # the ranks all-reduce their meta-gradients: one submission and one update per round
+    assert res["server"]["rounds"] == rounds and res["server"]["submitted"] == rounds and res["server"]["rejected"] == 0
+    assert res["server"]["version"] == rounds == res["server_version"] and res["server_accepted"] == rounds
     snaps = [k for k in keys if k.startswith("e2e/snapshots/") and k.endswith(".pt")]
-    assert len(snaps) == (2 * steps_per_rank) // 3 and "e2e/snapshots/manifest.json" in keys
-    manifest = st.get_json("e2e/snapshots/manifest.json")["snapshots"]
+    assert len(snaps) == (2 * steps_per_rank) // 3 and "e2e/snapshots/manifest/00000.json" in keys
+    manifest = st.get_json("e2e/snapshots/manifest/00000.json")["snapshots"]
     assert all(st.get_torch(e["key"], expect_sha256=e["sha256"]) for e in manifest)
-    assert {f"e2e/lossnet/v{v}.pt" for v in range(2, rounds + 1, 2)} <= set(keys) and "e2e/lossnet/latest.json" in keys
+    assert {f"e2e/lossnet/v{v}.pt" for v in range(0, rounds + 1)} <= set(keys) and "e2e/lossnet/latest.json" in keys
+    assert st.get_json("e2e/lossnet/latest.json")["version"] == rounds  # every version persisted
     assert any(k.startswith("e2e/ray/checkpoint_") and k.endswith("trainer.pt") for k in keys)
     assert any(k.endswith("student.pt") for k in keys)
     assert any(k.startswith("e2e/logs/tb/events.out.tfevents") for k in keys)  # TensorBoard-readable, in the bucket
     lines = st.get_bytes("e2e/logs/metrics.jsonl").decode().splitlines()
     assert len(lines) == 2 and json.loads(lines[-1])["epoch"] == 2
-    result = st.get_json("e2e/result.json")
-    assert result["server"]["accepted"] == rounds * 2 and result["run"] == "e2e"
+    result = json.loads(st.get_bytes("e2e/result.json"))  # strict JSON
+    assert result["server_accepted"] == rounds and result["run"] == "e2e" and result["server_rejected"] == 0
+    assert result["server"]["meta_from_snapshot"] > 0  # counted where the update is applied, from every rank's starts
+
+
+def test_every_rank_starts_meta_steps_from_uniformly_drawn_snapshots(tmp_path):
+    """Bug: only the recording rank ever drew. Now each rank draws, and each draw is uniform over the
+    snapshots recorded by then (chi-square against the expected counts given each draw's live count)."""
+    from scipy.stats import chisquare
+
+    cfg = small_cfg("draws", tmp_path, data={"synthetic_size": 2048, "batch_size": 16},
+                    meta={"meta_every": 1, "p_snapshot": 1.0, "snapshot_every": 4}, optim={"epochs": 1})
+    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=2))
+    draws = json.loads((tmp_path / "store" / "draws" / "snapshots" / "draws.json").read_text())
+    assert set(draws) == {"0", "1"}
+    for rank, pairs in draws.items():
+        assert len(pairs) > 40, (rank, len(pairs))
+        n_max = max(n for _, n in pairs)
+        observed = np.bincount([i for i, _ in pairs], minlength=n_max)
+        expected = np.zeros(n_max)
+        for _, n in pairs:
+            expected[:n] += 1.0 / n
+        keep = expected >= 1.0  # pool the sparse tail so chi-square's expectations stay ≥ 1
+        obs = np.append(observed[keep], observed[~keep].sum())
+        exp = np.append(expected[keep], expected[~keep].sum())
+        obs, exp = (obs, exp) if exp[-1] > 0 else (obs[:-1], exp[:-1])
+        assert chisquare(obs, exp).pvalue > 1e-3, (rank, obs, exp)
+    # both ranks start every meta-step from a snapshot once the first one exists (recorded after step 4)
+    assert res["server"]["meta_from_snapshot"] == 2 * (res["server"]["rounds"] - 4)
 
 
 def test_one_ray_worker_reproduces_the_single_process_trainer(tmp_path, monkeypatch):
     cfg = small_cfg("equiv", tmp_path, meta={"p_snapshot": 0.0})
     monkeypatch.chdir(tmp_path)  # a relative --storage must reach workers, whose working directory differs
     store = tmp_path / "store"
-    run_distributed(cfg, LaunchOptions(storage="store", num_workers=1, persist_every=1000))
+    run_distributed(cfg, LaunchOptions(storage="store", num_workers=1))
     st = LocalStorage(store)
     ptr = st.get_json("equiv/lossnet/latest.json")
     ray_phi = st.get_torch(ptr["key"], expect_sha256=ptr["sha256"])["lossnets"]
@@ -116,37 +169,90 @@ def test_one_ray_worker_reproduces_the_single_process_trainer(tmp_path, monkeypa
     load_weights(teacher, st.get_torch("equiv/teacher.pt"), cfg.model.teacher)
     torch.set_num_threads(1)
     try:
-        local = Trainer(cfg, teacher, data, log=False)
-        local.fit()
+        run = build_run(cfg, data=data, teacher=teacher)
+        run.fit(progress=False)
     finally:
         torch.set_num_threads(2)
-    assert ptr["version"] == local.meta_optimizer.counters.version > 0
-    for k, v in local.lossnets.state_dict().items():
+    assert ptr["version"] == run.trainer.meta_updater.version > 0
+    for k, v in run.trainer.lossnets.state_dict().items():
         torch.testing.assert_close(ray_phi[k], v, rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ray_phi.items() if k.endswith("g.4.weight") or "g." in k)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in ray_phi.values())
 
 
 def test_lossnet_server_killed_mid_run_restores_and_the_run_finishes(tmp_path):
     cfg = small_cfg("srvkill", tmp_path, optim={"epochs": 3})
     marker = tmp_path / "killed"
-    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=1, persist_every=1,
-                                             extra_worker_config={"kill_server_after_epoch": {"epoch": 1, "marker": str(marker)}}))
+    ns = None
+    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=1,
+                                             worker_callbacks=[KillServerOnce("lkd-lossnet-srvkill", 1, str(marker), ns)]))
     assert marker.exists()
     assert res["metrics"]["epoch"] == 3
-    assert res["server"]["restored_from"] is not None and res["server"]["restored_from"] > 0
-    assert res["server"]["version"] > res["server"]["restored_from"]  # it carried on after the restart
+    srv = res["server"]
+    assert srv["restored_from"] is not None and srv["restored_from"] > 0
+    steps = res["metrics"]["steps_per_epoch"] * 3
+    assert srv["version"] == steps // 2 == srv["meta_accepted"]  # every round applied exactly once across the restart
 
 
-def test_train_worker_killed_mid_run_resumes_from_checkpoint(tmp_path):
-    cfg = small_cfg("wkill", tmp_path, optim={"epochs": 3})
+def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """Same seeds, CPU, gloo: the resumed run is equal to the uninterrupted one. (p_snapshot = 0: a snapshot
+    draw already prefetched when a worker dies is drawn again after the restart, which changes later draws.)"""
+    base = small_cfg("whole", tmp_path, optim={"epochs": 3}, meta={"p_snapshot": 0.0})
+    whole = run_distributed(base, LaunchOptions(storage=str(tmp_path / "a"), num_workers=2))
+    cut = base.model_copy(deep=True)
+    cut.run.name = "cut"
     marker = tmp_path / "crashed"
-    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=2, max_failures=1,
-                                             extra_worker_config={"crash_after_epoch": {"rank": 1, "epoch": 1, "marker": str(marker)}}))
-    assert marker.exists()
-    assert res["metrics"]["epoch"] == 3
-    ckpt = torch.load(Path(res["checkpoint"]) / "trainer.pt", weights_only=True)
-    assert ckpt["epoch"] == 3 and len(ckpt["history"]) == 3  # resumed: epochs 2-3 after the restored epoch 1
-    assert ckpt["lossnet_version"] == res["server"]["version"]
+    resumed = run_distributed(cut, LaunchOptions(storage=str(tmp_path / "b"), num_workers=2, max_failures=1,
+                                                 worker_callbacks=[CrashOnce(1, 1, str(marker))]))
+    assert marker.exists() and resumed["metrics"]["epoch"] == 3
+    a = torch.load(Path(whole["checkpoint"]) / "trainer.pt", weights_only=True)
+    b = torch.load(Path(resumed["checkpoint"]) / "trainer.pt", weights_only=True)
+    assert b["epoch"] == 3 and len(b["history"]) == 3 and b["lossnet_version"] == resumed["server"]["version"]
+    for k, v in a["student"].items():
+        assert torch.equal(v, b["student"][k]), k
+    for k, v in a["lossnets"].items():
+        assert torch.equal(v, b["lossnets"][k]), k
+    assert whole["metrics"]["test_top1"] == resumed["metrics"]["test_top1"]
+    lines = (tmp_path / "b" / "cut" / "logs" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]  # the second attempt appended to the first
+
+
+def test_async_mode_end_to_end_on_two_workers(tmp_path):
+    cfg = small_cfg("async", tmp_path)
+    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=2, mode="async", max_staleness=8))
+    srv = res["server"]
+    steps_per_rank = (460 // 2) // 32
+    submitted = 2 * (2 * steps_per_rank // 2)  # every rank submits each of its meta-steps
+    assert res["metrics"]["epoch"] == 2 and srv["submitted"] == submitted
+    assert srv["meta_accepted"] + srv["rejected"] == submitted and srv["meta_accepted"] > 0
+    assert 0 < srv["version"] <= srv["meta_accepted"] and srv["batches"] == srv["version"]  # arrivals batched into steps
+    assert srv["max_staleness_seen"] <= 8 or srv["rejected_reasons"].get("stale", 0) > 0
+
+
+def test_es_particles_are_workers_and_the_server_turns_losses_into_updates(tmp_path):
+    cfg = small_cfg("es", tmp_path, meta={"estimator": "es", "es_particles": 2, "meta_every": 3, "es_sigma": 0.5, "lr": 0.05},
+                    optim={"epochs": 1})
+    with pytest.raises(RunConflict, match="one particle per worker"):
+        run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=1))
+    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store2"), num_workers=2))
+    steps = (460 // 32)  # each particle trains on the whole training split
+    srv = res["server"]
+    assert srv["rounds"] == steps // 3 == srv["version"] and srv["submitted"] == 2 * (steps // 3)
+    st = LocalStorage(tmp_path / "store2")
+    v0 = st.get_torch("es/lossnet/v0.pt")["lossnets"]
+    vn = st.get_torch(f"es/lossnet/v{srv['version']}.pt")["lossnets"]
+    moved = [k for k in v0 if not torch.equal(v0[k], vn[k])]
+    assert moved == ["logit.g.4.weight"]  # only the perturbed last layer moves
+
+
+def test_a_changed_config_under_an_existing_run_name_stops_and_an_unchanged_one_reuses(tmp_path, capsys):
+    cfg = small_cfg("named", tmp_path, loss={"method": "kd"}, optim={"epochs": 1})
+    first = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=1))
+    again = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=1))
+    assert again["metrics"] == first["metrics"] and "already finished with this config" in capsys.readouterr().err
+    other = cfg.model_copy(deep=True)
+    other.optim.epochs = 2
+    with pytest.raises(RunConflict, match=r"optim.epochs: 1 → 2.*--set run.name=NEW"):
+        run_distributed(other, LaunchOptions(storage=str(tmp_path / "store"), num_workers=1))
 
 
 def test_missing_bucket_and_unreachable_endpoint_fail_before_any_worker(tmp_path, moto_endpoint):
@@ -164,4 +270,7 @@ def test_missing_bucket_and_unreachable_endpoint_fail_before_any_worker(tmp_path
     bad = subprocess.run([sys.executable, "jobs/lkd_fashion.py", "--set", "meta.scope=everything"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "meta.scope" in bad.stderr
+    submitted = subprocess.run([sys.executable, "jobs/lkd_fashion.py", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=120, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", "LKD_STORAGE": ""})
+    assert submitted.returncode == 2 and "pass --storage" in submitted.stderr  # under `ray job submit`, no silent temp dir
     assert time.time() - t0 < 200

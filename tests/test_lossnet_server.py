@@ -1,106 +1,145 @@
-"""LossNetServer logic (sync averaging, validation, async staleness, persistence) without Ray."""
+"""LossNetServer logic (rounds, validation, async batching, ES, persistence, restores) without Ray."""
+import json
+
 import pytest
 import torch
 
 from lkd_ray.config import build_config
 from lkd_ray.distributed.lossnet_server import LossNetServerCore
 from lkd_ray.losses import build_lossnets
+from lkd_ray.meta import ESEstimator, LossNetOptimizer, es_index, flatten
 
 
-def _core(tmp_path, world=2, mode="sync", persist_every=0, staleness=1):
-    cfg = build_config("fashion_mnist", lossnet={"hidden": [4]}, meta={"lr": 0.01, "clip_norm": 100.0})
-    return cfg, LossNetServerCore(cfg.to_dict(), str(tmp_path), "run", world, mode, staleness, persist_every)
+def _core(tmp_path, mode="sync", staleness=1, particles=0, **meta):
+    cfg = build_config("fashion_mnist", lossnet={"hidden": [4]}, meta={"lr": 0.01, "clip_norm": 100.0, **meta})
+    return cfg, LossNetServerCore(cfg, str(tmp_path), "run", mode, staleness, particles=particles)
 
 
-def _grads(core, fill):
-    return [torch.full_like(p, fill) for p in core.params]
+def _grad(core, fill=None):
+    return torch.full((core.opt.numel,), fill) if fill is not None else torch.randn(core.opt.numel)
 
 
-def test_sync_round_averages_all_ranks_then_steps(tmp_path):
+def test_a_leader_round_applies_at_once_like_local_adam(tmp_path):
     cfg, core = _core(tmp_path)
     ref = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
-    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), core.params))  # same φ0 as every worker
-    g0 = [torch.randn_like(p) for p in core.params]
-    g1 = [torch.randn_like(p) for p in core.params]
-    r = core.submit(0, 0, g0, 0)
-    assert r["accepted"] and not r["closed"] and core.counters.version == 0
-    r = core.submit(1, 0, g1, 0)
-    assert r["closed"] and core.counters.version == 1 and core.round == 1
-    adam = torch.optim.Adam(ref.parameters(), lr=0.01)
-    for p, a, b in zip(ref.parameters(), g0, g1):
-        p.grad = (a + b) / 2
-    adam.step()
-    for a, b in zip(ref.parameters(), core.params):
-        torch.testing.assert_close(a, b)
+    assert torch.equal(flatten(list(ref.parameters())), core.get()[1])  # same φ0 as every worker
+    g = _grad(core)
+    r = core.submit("trainer", 0, g, 0)
+    assert r["accepted"] and core.version == 1 and core.stats["rounds"] == 1
+    local = LossNetOptimizer(ref, 0.01, 100.0)
+    local.submit(g)
+    torch.testing.assert_close(flatten(list(ref.parameters())), core.get()[1])
 
 
-@pytest.mark.parametrize("case,reason", [
-    (lambda c: c.submit(5, 0, _grads(c, 1.0), 0), "unknown rank"),
-    (lambda c: c.submit(0, 3, _grads(c, 1.0), 0), "wrong round"),
-    (lambda c: c.submit(0, 0, _grads(c, 1.0)[:-1], 0), "wrong tensor count"),
-    (lambda c: c.submit(0, 0, [torch.zeros(3)] + _grads(c, 1.0)[1:], 0), "wrong shape"),
-    (lambda c: c.submit(0, 0, [g.long() for g in _grads(c, 1.0)], 0), "wrong dtype"),
+@pytest.mark.parametrize("make,reason", [
+    (lambda c: [g.tolist() for g in [_grad(c, 1.0)]][0], "wrong type"),
+    (lambda c: _grad(c, 1.0)[:-1], "wrong size"),
+    (lambda c: _grad(c, 1.0).long(), "wrong dtype"),
+    (lambda c: _grad(c, 1.0).view(1, -1), "wrong size"),
 ])
-def test_bad_submissions_are_rejected_and_counted(tmp_path, case, reason):
+def test_bad_submissions_are_rejected_and_counted(tmp_path, make, reason):
     _, core = _core(tmp_path)
-    core.submit(1, 0, _grads(core, 0.5), 0)  # round 0 open
-    before = [p.clone() for p in core.params]
-    r = case(core)
+    before = core.get()[1]
+    r = core.submit("trainer", 0, make(core), 0)
     assert not r["accepted"] and reason in r["reason"]
-    assert core.stats["rejected"] == 1 and core.counters.version == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, core.params))
+    assert core.stats["rejected"] == 1 and core.version == 0 and torch.equal(before, core.get()[1])
+    for bad in (float("nan"), -1.0, 1e9, "x", True):
+        assert "bad lr_scale" in core.submit("trainer", 1, _grad(core, 1.0), 0, bad)["reason"]
+    assert "wrong version" in core.submit("trainer", 2, _grad(core, 1.0), 7)["reason"]
 
 
-def test_duplicate_and_non_finite_do_not_apply(tmp_path):
+def test_non_finite_rounds_are_counted_and_never_applied(tmp_path):
     _, core = _core(tmp_path)
-    core.submit(0, 0, _grads(core, 1.0), 0)
-    assert "duplicate" in core.submit(0, 0, _grads(core, 1.0), 0)["reason"]
-    before = [p.clone() for p in core.params]
-    r = core.submit(1, 0, _grads(core, float("nan")), 0)  # closes the round with rank 0's gradient only
-    assert not r["accepted"] and r["closed"] and core.counters.rejected_nonfinite == 1 and core.counters.version == 1
-    assert all(torch.isfinite(p).all() for p in core.params)
-    assert not all(torch.equal(a, b) for a, b in zip(before, core.params))  # rank 0's finite gradient was applied
-    _, core2 = _core(tmp_path / "b", world=1)
-    r = core2.submit(0, 0, _grads(core2, float("inf")), 0)
-    assert r["closed"] and core2.counters.version == 0 and core2.counters.rejected_nonfinite == 1
+    before = core.get()[1]
+    r = core.submit("trainer", 0, None, 0, nonfinite=2)  # every rank of the round was non-finite
+    assert not r["accepted"] and core.version == 0 and core.opt.stats.rejected_nonfinite == 2
+    r = core.submit("trainer", 1, _grad(core, float("nan")), 0)
+    assert not r["accepted"] and core.version == 0 and core.opt.stats.rejected_nonfinite == 3
+    assert torch.equal(before, core.get()[1])
+    assert core.submit("trainer", 2, _grad(core, 0.5), 0, nonfinite=1)["accepted"]  # one rank bad, the others' mean applied
+    assert core.version == 1 and core.opt.stats.rejected_nonfinite == 4
 
 
-def test_async_applies_each_arrival_within_the_staleness_bound(tmp_path):
-    _, core = _core(tmp_path, mode="async", staleness=1)
-    assert core.submit(0, 0, _grads(core, 1.0), 0)["accepted"]
-    assert core.submit(1, 0, _grads(core, 1.0), 0)["accepted"]  # staleness 1: allowed
-    r = core.submit(0, 1, _grads(core, 1.0), 0)                # staleness 2: rejected
-    assert not r["accepted"] and "stale" in r["reason"] and core.counters.version == 2
-    assert core.stats["max_staleness_seen"] == 2
+def test_replayed_rounds_are_recognised_not_applied_twice(tmp_path):
+    _, core = _core(tmp_path)
+    core.submit("trainer", 0, _grad(core), 0)
+    r = core.submit("trainer", 0, _grad(core), 1)
+    assert r.get("duplicate") and core.version == 1 and core.stats["duplicates"] == 1
 
 
-def test_persists_every_n_versions_and_restores(tmp_path):
-    cfg, core = _core(tmp_path, world=1, persist_every=2)
-    for r in range(5):
-        core.submit(0, r, [torch.randn_like(p) for p in core.params], core.counters.version)
-        if core.counters.version == 4:
-            at_v4 = [p.clone() for p in core.params]
-    assert sorted(p.name for p in (tmp_path / "run" / "lossnet").iterdir()) == ["latest.json", "v2.pt", "v4.pt"]
-    restored = LossNetServerCore(cfg.to_dict(), str(tmp_path), "run", 1, "sync", 1, 2)  # what a Ray restart does
-    assert restored.counters.version == 4 and restored.stats["restored_from"] == 4 and restored.round is None
-    assert all(torch.equal(a, b) for a, b in zip(at_v4, restored.params))
-    assert restored.adam.state_dict()["state"][0]["step"] == 4  # Adam moments come back too
-    r = restored.submit(0, 7, _grads(restored, 0.1), 4)  # follows the workers' round after a restart
-    assert r["accepted"] and r["closed"] and restored.round == 8 and restored.counters.version == 5
-
-
-def test_meta_lr_scale_is_the_mean_of_the_round_and_bad_scales_are_rejected(tmp_path):
-    cfg, core = _core(tmp_path)
+def test_async_arrivals_are_batched_into_one_step_within_the_staleness_bound(tmp_path):
+    cfg, core = _core(tmp_path, mode="async", staleness=1)
+    g1, g2, g3 = _grad(core), _grad(core), _grad(core)
+    out = core.apply_batch([{"sender": "a", "round": 0, "grad": g1, "base_version": 0},
+                            {"sender": "b", "round": 0, "grad": g2, "base_version": 0},
+                            {"sender": "c", "round": 0, "grad": g3.long(), "base_version": 0}])
+    assert [o["accepted"] for o in out] == [True, True, False] and core.version == 1 and out[0]["batched"] == 2
     ref = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
-    g = [torch.randn_like(p) for p in core.params]
-    assert core.submit(0, 0, g, 0, 0.2)["accepted"]
-    assert core.submit(1, 0, g, 0, 0.6)["closed"]
-    adam = torch.optim.Adam(ref.parameters(), lr=0.01 * 0.4)  # Adam's step scales with its lr: mean of 0.2 and 0.6
-    for p, a in zip(ref.parameters(), g):
-        p.grad = a.clone()
-    adam.step()
-    for a, b in zip(ref.parameters(), core.params):
-        torch.testing.assert_close(a, b)
-    for bad in (float("nan"), -1.0, 1e9, "x"):
-        r = core.submit(0, 1, g, 1, bad)
-        assert not r["accepted"] and "bad lr_scale" in r["reason"]
+    LossNetOptimizer(ref, 0.01, 100.0).submit((g1 + g2) / 2)  # one Adam step on the batch mean
+    torch.testing.assert_close(flatten(list(ref.parameters())), core.get()[1])
+    core.apply_batch([{"sender": "a", "round": 1, "grad": g1, "base_version": 1}])
+    out = core.apply_batch([{"sender": "b", "round": 1, "grad": g2, "base_version": 0}])  # staleness 2 > 1
+    assert not out[0]["accepted"] and "stale" in out[0]["reason"] and core.stats["max_staleness_seen"] == 2
+
+
+def test_es_round_closes_when_every_particle_reported_and_applies_the_estimate(tmp_path):
+    cfg, core = _core(tmp_path, mode="es", particles=4, es_sigma=0.1)
+    ref = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
+    losses = {0: 1.0, 1: 1.5, 2: 0.7, 3: 0.9}
+    for p in (0, 1, 2):
+        assert not core.es_report(p, 0, losses[p])["closed"]
+    assert "wrong round" in core.es_report(3, 5, 1.0)["reason"] and "unknown particle" in core.es_report(9, 0, 1.0)["reason"]
+    assert core.es_report(3, 0, losses[3])["closed"] and core.version == 1
+    est = ESEstimator(len(es_index(ref, "last")), 4, 0.1, True, seed=cfg.run.seed)
+    g, used = est.gradient(0, losses)
+    full = torch.zeros(core.opt.numel)
+    full[es_index(ref, "last")] = g
+    LossNetOptimizer(ref, 0.01, 100.0).submit(full)
+    torch.testing.assert_close(flatten(list(ref.parameters())), core.get()[1])
+    assert core.es_report(0, 0, 2.0).get("duplicate")  # a late replay of a closed round
+
+
+def test_every_version_is_persisted_and_a_restart_resumes_with_its_counters(tmp_path):
+    cfg, core = _core(tmp_path)
+    for r in range(5):
+        core.submit("trainer", r, _grad(core), core.version)
+    assert core.persist_pending() == 6 and core.drain_once() and core.persisted_version == 5
+    names = sorted(p.name for p in (tmp_path / "run" / "lossnet").iterdir())
+    assert names == ["latest.json"] + [f"v{v}.pt" for v in range(6)]
+    phi = core.get()[1]
+    again = LossNetServerCore(cfg, str(tmp_path), "run", "sync", 1)  # what a Ray restart does
+    assert again.version == 5 and again.stats["restored_from"] == 5 and torch.equal(again.get()[1], phi)
+    assert again.stats["rounds"] == 5 and again.opt.stats.accepted == 5  # counters survive the restart
+    assert again.opt.adam.state_dict()["state"][0]["step"] == 5  # Adam moments come back too
+    assert again.submit("trainer", 4, _grad(again), 5).get("duplicate")  # the replayed round is recognised
+    assert again.submit("trainer", 5, _grad(again), 5)["accepted"] and again.version == 6
+
+
+def test_a_failed_save_never_blocks_rounds_and_loses_nothing(tmp_path):
+    cfg, core = _core(tmp_path)
+    core.drain_once()
+    blocker = tmp_path / "run" / "lossnet" / "v1.pt"
+    blocker.mkdir()  # an object path that cannot be written: the save of v1 fails
+    for r in range(3):
+        assert core.submit("trainer", r, _grad(core), core.version)["accepted"]
+    assert not core.drain_once() and core.persist_failures == 1 and core.persist_pending() == 3
+    assert core.version == 3  # rounds went on
+    blocker.rmdir()  # storage back
+    assert core.drain_once() and core.persisted_version == 3
+    ptr = json.loads((tmp_path / "run" / "lossnet" / "latest.json").read_text())
+    assert ptr["version"] == 3
+
+
+def test_restore_falls_back_to_the_newest_intact_version_and_adopts_a_newer_worker_phi(tmp_path, caplog):
+    cfg, core = _core(tmp_path)
+    for r in range(3):
+        core.submit("trainer", r, _grad(core), core.version)
+    core.drain_once()
+    target = tmp_path / "run" / "lossnet" / "v3.pt"
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # truncated latest target
+    again = LossNetServerCore(cfg, str(tmp_path), "run", "sync", 1)
+    assert again.version == 2 and any("corrupt" in r.getMessage() or "missing or corrupt" in r.getMessage()
+                                      for r in caplog.records)
+    worker_phi = core.get()[1]
+    assert again.adopt(3, worker_phi, "test")["adopted"] and again.version == 3 and torch.equal(again.get()[1], worker_phi)
+    assert not again.adopt(2, worker_phi, "older")["adopted"]  # never backwards

@@ -14,7 +14,7 @@ from lkd_ray.losses.learnable import LogitLossNet
 from lkd_ray.models import build_model
 from lkd_ray.plot import _family_logits, loss_and_target_grad
 from lkd_ray.storage import open_storage
-from lkd_ray.train import Trainer
+from lkd_ray.train import build_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -72,7 +72,7 @@ def _run(method: str, out: Path, seed: int = 0) -> dict:
                        run={"progress": False, "seed": seed})
     data = build_data(cfg.data, seed)
     teacher = build_model(cfg.model.teacher, data.num_classes, data.in_channels)
-    return Trainer(cfg, teacher, data, out_dir=out).fit()
+    return build_run(cfg, data=data, teacher=teacher).fit(out, progress=False)
 
 
 def test_plot_command_end_to_end_from_local_and_s3_storage(tmp_path, s3_bucket, moto_endpoint, capsys):

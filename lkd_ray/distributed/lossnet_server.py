@@ -1,205 +1,380 @@
 """The LossNetServer: one named Ray actor per run that owns φ, ψ, their Adam state and a version.
 
-Workers submit meta-gradients tagged with (rank, round). **sync** (default): a round is averaged
-once every rank has reported, then Adam steps and the version bumps; a worker's ``submit`` returns
-when its round is applied, so all ranks train on the same φ. **async**: each arrival is applied at
-once if its base version is within ``max_staleness``; workers fetch the newest φ when they like.
-Every submission is validated (rank, round, shapes, dtype, finiteness); bad ones are rejected and
-counted, never applied. State persists to ``<run>/lossnet/v<version>.pt`` + ``latest.json``; a
-restarted actor (``max_restarts``) restores it and the workers carry on.
+It wraps the same ``LossNetOptimizer`` the single-process trainer uses (clipping, non-finite
+rejection, counters) and adds what only a shared service needs:
+
+* **sync**: the ranks of one trainer average their meta-gradients over the Train process group and
+  the leader submits the round: one message and one Adam step per round, whatever the rank count.
+* **async** (independent trials, several trainers): arrivals are batched — every submission queued
+  while a step runs is applied in the next step, averaged, within the staleness bound.
+* **es**: particles send (particle, round, quiz loss); a round closes when every particle reported,
+  and the (persistent) ES estimate becomes one update. Messages are a few bytes.
+* **durability**: every version is queued for persisting (``<run>/lossnet/v<N>.pt`` + ``latest.json``)
+  and written in the background with retries, so a storage outage never blocks rounds nor loses an
+  applied update; the state carries the counters and the last round per sender, so a restart
+  resumes from the newest intact version, counts nothing twice and recognises replayed submissions.
+
+Validation (sender, sizes, dtype, finiteness, lr scale) rejects bad messages and counts them.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import threading
 import time
+from collections import deque
 from typing import Any
 
-import ray
 import torch
 
 from ..config import Config
 from ..losses import build_lossnets
-from ..meta.step import MetaCounters, NonFiniteMetaGradient, check_and_clip, set_meta_lr
-from ..storage import open_storage, safe_key
+from ..meta import ESEstimator, LossNetOptimizer, es_index, flatten
+from ..meta.versions import VersionStore
+from ..storage import StorageError, open_storage, safe_key
+
+log = logging.getLogger(__name__)
 
 
 class LossNetServerCore:
-    """The server's logic without Ray (unit-testable, and what the actor wraps)."""
+    """The server's logic without Ray (unit-testable; the actor wraps it)."""
 
-    def __init__(self, cfg: dict, storage_uri: str, run: str, world_size: int, mode: str = "sync",
-                 max_staleness: int = 4, persist_every: int = 10, endpoint_url: str | None = None):
-        self.cfg = Config.model_validate(cfg)
+    def __init__(self, cfg: Config | dict, storage_uri: str, run: str, mode: str = "sync", max_staleness: int = 4,
+                 endpoint_url: str | None = None, particles: int = 0, persist: bool = True, retry_s: float = 60.0):
+        self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
+        if mode not in ("sync", "async", "es"):
+            raise ValueError(f"unknown LossNetServer mode {mode!r}; valid: sync, async, es")
         self.lossnets = build_lossnets(self.cfg.loss, self.cfg.lossnet, self.cfg.run.seed)  # same φ0 as every worker
         if self.lossnets is None:
-            raise ValueError("the LossNetServer serves method 'lkd' only")
-        self.params = list(self.lossnets.parameters())
-        self.adam = torch.optim.Adam(self.params, lr=self.cfg.meta.lr)
-        self.world_size, self.mode, self.max_staleness, self.persist_every = world_size, mode, max_staleness, persist_every
-        self.storage = open_storage(storage_uri, endpoint_url)
-        self.prefix = safe_key(run, "lossnet")
-        self.counters = MetaCounters()
-        self.stats = {"submitted": 0, "accepted": 0, "rejected": 0, "rejected_reasons": {}, "max_staleness_seen": 0,
-                      "wait_s": 0.0, "restored_from": None, "rounds": 0}
-        self.round: int | None = 0
-        self.pending: dict[int, torch.Tensor | None] = {}  # rank → flattened grad (None: rejected as non-finite)
-        self.pending_scale: dict[int, float] = {}  # rank → its meta-lr scale for this round
+            raise ValueError(f"the LossNetServer serves learnable methods (lkd, control), not {self.cfg.loss.method!r}")
+        if self.cfg.lossnet.init_from:
+            from ..train.run import load_lossnets_from
+
+            load_lossnets_from(self.lossnets, self.cfg)
+        self.opt = LossNetOptimizer(self.lossnets, self.cfg.meta.lr, self.cfg.meta.clip_norm)
+        self.mode, self.max_staleness = mode, max_staleness
+        self.versions = VersionStore(open_storage(storage_uri, endpoint_url), safe_key(run, "lossnet"))
+        self.stats: dict[str, Any] = {"submitted": 0, "accepted": 0, "rejected": 0, "rejected_reasons": {},
+                                      "max_staleness_seen": 0, "rounds": 0, "batches": 0, "restored_from": None,
+                                      "adopted_from": None, "duplicates": 0}
+        self.last_round: dict[str, int] = {}  # sender → last round applied (replays after a restart are recognised)
+        self.es: ESEstimator | None = None
+        self.es_index = None
+        if mode == "es":
+            self.es_index = es_index(self.lossnets, self.cfg.meta.es_params)
+            self.es = ESEstimator(len(self.es_index), particles, self.cfg.meta.es_sigma, self.cfg.meta.es_persistent,
+                                  seed=self.cfg.run.seed)
+            self.es_losses: dict[int, float] = {}
+        self.persist_enabled, self.retry_s = persist, retry_s
+        self.queue: deque[tuple[int, dict]] = deque()
+        self.persisted_version: int | None = None
+        self.persist_failures = 0
+        self.persist_error: str | None = None
+        self._qlock = threading.Condition()
         self.restore()
+        if persist and self.persisted_version is None:
+            self._enqueue()  # v0 (or the loaded init_from φ): a restart before the first update finds it
 
-    # --------------------------------------------------------------- persistence
+    # --------------------------------------------------------------- state and persistence
+    @property
+    def version(self) -> int:
+        return self.opt.version
+
     def state(self) -> dict[str, Any]:
-        return {"lossnets": self.lossnets.state_dict(), "adam": self.adam.state_dict(), "version": self.counters.version,
-                "round": self.round if self.round is not None else -1, "counters": self.counters.as_dict(),
-                "config": self.cfg.to_dict()}  # lets `python -m lkd_ray plot` rebuild φ from the version alone
+        return {**self.opt.state_dict(), "version": self.version, "stats": dict(self.stats), "last_round": dict(self.last_round),
+                "es": self.es.state_dict() if self.es is not None else None, "config": self.cfg.to_dict()}
 
-    def persist(self) -> dict:
-        v = self.counters.version
-        entry = self.storage.put_torch(f"{self.prefix}/v{v}.pt", self.state())
-        self.storage.put_json(f"{self.prefix}/latest.json", {**entry, "version": v})  # pointer written after the object
-        return entry
+    def _enqueue(self) -> None:
+        if not self.persist_enabled:
+            return
+        with self._qlock:
+            self.queue.append((self.version, self.state()))
+            self._qlock.notify_all()
+
+    def persist_pending(self) -> int:
+        return len(self.queue)
+
+    def drain_once(self, deadline_s: float | None = None) -> bool:
+        """Write queued versions oldest first; on a storage error keep them queued. True if the queue emptied."""
+        while True:
+            with self._qlock:
+                if not self.queue:
+                    return True
+                version, payload = self.queue[0]
+            try:
+                self.versions.save(version, payload)
+            except StorageError as e:
+                self.persist_failures += 1
+                self.persist_error = str(e)
+                return False
+            with self._qlock:
+                if self.queue and self.queue[0][0] == version:
+                    self.queue.popleft()
+                self.persisted_version = version
+                self.persist_error = None
+                self._qlock.notify_all()
 
     def restore(self) -> bool:
-        if not self.storage.exists(f"{self.prefix}/latest.json"):
+        sd = self.versions.load_latest(warn=log.warning)
+        if sd is None:
             return False
-        ptr = self.storage.get_json(f"{self.prefix}/latest.json")
-        sd = self.storage.get_torch(ptr["key"], expect_sha256=ptr["sha256"])
-        self.lossnets.load_state_dict(sd["lossnets"])
-        self.adam.load_state_dict(sd["adam"])
-        self.counters = MetaCounters(**sd["counters"])
-        self.round = None  # resynchronise with the workers' next round
-        self.stats["restored_from"] = ptr["version"]
+        self.opt.load_state_dict(sd)
+        self.opt.stats.version = int(sd["version"])
+        self.stats.update({k: v for k, v in sd.get("stats", {}).items() if k in self.stats and k not in ("restored_from",)})
+        self.last_round = {str(k): int(v) for k, v in sd.get("last_round", {}).items()}
+        if self.es is not None and sd.get("es"):
+            self.es.load_state_dict(sd["es"])
+        self.stats["restored_from"] = int(sd["version"])
+        self.persisted_version = int(sd["version"])
+        log.warning("LossNetServer restored version %s from %s", sd["version"], self.versions.storage.uri)
         return True
+
+    def adopt(self, version: int, flat_phi: torch.Tensor, reason: str) -> dict:
+        """A worker holds a newer φ than this server restored (its save was lost): take it, so versions never
+        go backwards; Adam moments stay those of the restored version. Logged."""
+        if version <= self.version:
+            return {"adopted": False, "version": self.version}
+        old = self.version
+        self.opt.load_flat(flat_phi)
+        self.opt.stats.version = int(version)
+        self.stats["adopted_from"] = {"server_version": old, "worker_version": int(version), "reason": reason}
+        log.warning("LossNetServer at version %s adopted version %s from a worker (%s)", old, version, reason)
+        self._enqueue()
+        return {"adopted": True, "version": self.version}
 
     # --------------------------------------------------------------- validation
     def _reject(self, reason: str) -> dict:
         self.stats["rejected"] += 1
-        self.stats["rejected_reasons"][reason.split(":")[0]] = self.stats["rejected_reasons"].get(reason.split(":")[0], 0) + 1
-        return {"accepted": False, "reason": reason, "version": self.counters.version}
+        key = reason.split(":")[0]
+        self.stats["rejected_reasons"][key] = self.stats["rejected_reasons"].get(key, 0) + 1
+        return {"accepted": False, "reason": reason, "version": self.version}
 
-    def _validate(self, rank: int, grads: list) -> tuple[list[torch.Tensor] | None, str | None]:
-        if not isinstance(rank, int) or not 0 <= rank < self.world_size:
-            return None, f"unknown rank: {rank!r} (world size {self.world_size})"
-        if len(grads) != len(self.params):
-            return None, f"wrong tensor count: {len(grads)} vs {len(self.params)}"
-        out = []
-        for g, p in zip(grads, self.params):
-            g = torch.as_tensor(g)
-            if tuple(g.shape) != tuple(p.shape):
-                return None, f"wrong shape: {tuple(g.shape)} vs {tuple(p.shape)}"
-            if not g.is_floating_point():
-                return None, f"wrong dtype: {g.dtype}"
-            out.append(g.to(p.dtype))
-        return out, None
+    def _check(self, grad, lr_scale) -> tuple[torch.Tensor | None, str | None]:
+        if not isinstance(grad, torch.Tensor):
+            return None, f"wrong type: expected one flat tensor, got {type(grad).__name__}"
+        if not grad.is_floating_point():
+            return None, f"wrong dtype: {grad.dtype}"
+        if grad.dim() != 1 or grad.numel() != self.opt.numel:
+            return None, f"wrong size: {tuple(grad.shape)} vs ({self.opt.numel},)"
+        if not isinstance(lr_scale, (int, float)) or isinstance(lr_scale, bool) or not math.isfinite(lr_scale) \
+                or not 0 <= lr_scale <= 100:
+            return None, f"bad lr_scale: {lr_scale!r} (expected a finite number in [0, 100])"
+        return grad.float(), None
 
-    def _apply(self, grads: list[torch.Tensor], lr_scale: float = 1.0) -> bool:
-        try:
-            clipped, norm = check_and_clip(grads, self.cfg.meta.clip_norm)
-        except NonFiniteMetaGradient:
-            self.counters.rejected_nonfinite += 1
-            return False
-        for p, g in zip(self.params, clipped):
-            p.grad = g
-        set_meta_lr(self.adam, self.cfg.meta.lr * lr_scale)
-        self.adam.step()
-        self.adam.zero_grad(set_to_none=True)
-        self.counters.version += 1
-        self.counters.accepted += 1
-        self.counters.last_norm = norm
-        if self.persist_every and self.counters.version % self.persist_every == 0:
-            self.persist()
-        return True
+    def _replay(self, sender: str, round_: int | None) -> dict | None:
+        if round_ is not None and self.last_round.get(sender, -1) >= round_:
+            self.stats["duplicates"] += 1
+            return {"accepted": True, "duplicate": True, "version": self.version}
+        return None
+
+    def _apply(self, grads: list[torch.Tensor], lr_scale: float, from_snapshot: int, quiz_loss: float | None) -> bool:
+        grad = grads[0] if len(grads) == 1 else torch.stack(grads).mean(0)
+        ok = self.opt.submit(grad, lr_scale=lr_scale, from_snapshot=False, quiz_loss=quiz_loss)
+        if ok:
+            self.opt.stats.from_snapshot += int(from_snapshot)
+            self.stats["batches"] += 1
+        return ok
 
     # --------------------------------------------------------------- protocol
-    def submit(self, rank: int, round_: int, grads: list, base_version: int, lr_scale: float = 1.0) -> dict:
-        """Record one worker's meta-gradient; returns whether it was accepted (and, sync, if its round closed).
-
-        ``lr_scale`` multiplies the meta lr for this update (``meta.lr_schedule=student``); a sync round
-        uses the mean of its ranks' scales (they agree unless a rank lags a step)."""
+    def submit(self, sender: str, round_: int | None, grad: torch.Tensor | None, base_version: int, lr_scale: float = 1.0,
+               from_snapshot: int = 0, quiz_loss: float | None = None, nonfinite: int = 0) -> dict:
+        """One round's meta-gradient from a trainer's leader (sync) — applied now. ``grad`` None means every
+        rank's gradient was non-finite (``nonfinite`` counts them); they are counted, nothing is applied."""
         self.stats["submitted"] += 1
-        checked, why = self._validate(rank, grads)
+        replay = self._replay(sender, round_)
+        if replay is not None:
+            return replay
+        self.opt.stats.rejected_nonfinite += int(nonfinite)
+        if nonfinite:
+            self.stats["rejected_reasons"]["non-finite"] = self.stats["rejected_reasons"].get("non-finite", 0) + int(nonfinite)
+        if grad is None:
+            if round_ is not None:
+                self.last_round[sender] = round_
+            self.stats["rounds"] += 1
+            return {"accepted": False, "reason": "non-finite: every rank", "version": self.version}
+        checked, why = self._check(grad, lr_scale)
         if checked is None:
             return self._reject(why)
-        if not isinstance(lr_scale, (int, float)) or not math.isfinite(lr_scale) or not 0 <= lr_scale <= 100:
-            return self._reject(f"bad lr_scale: {lr_scale!r} (expected a finite number in [0, 100])")
-        finite = all(torch.isfinite(g).all() for g in checked)
-        if self.mode == "async":
-            stale = self.counters.version - base_version
+        if self.mode == "sync" and base_version != self.version:
+            return self._reject(f"wrong version: round computed at v{base_version}, server at v{self.version}")
+        ok = self._apply([checked], float(lr_scale), from_snapshot, quiz_loss)
+        if round_ is not None:
+            self.last_round[sender] = round_
+        self.stats["rounds"] += 1
+        if not ok:
+            return self._reject("non-finite: meta-gradient has NaN/Inf")
+        self.stats["accepted"] += 1
+        self._enqueue()  # after the bookkeeping: the saved state counts this round exactly once
+        return {"accepted": True, "version": self.version}
+
+    def apply_batch(self, items: list[dict]) -> list[dict]:
+        """Async: every queued submission that is within the staleness bound and finite, averaged, one step."""
+        out: list[dict] = []
+        good: list[tuple[int, torch.Tensor, dict]] = []
+        for i, it in enumerate(items):
+            self.stats["submitted"] += 1
+            replay = self._replay(it["sender"], it.get("round"))
+            if replay is not None:
+                out.append(replay)
+                continue
+            checked, why = self._check(it["grad"], it.get("lr_scale", 1.0))
+            if checked is None:
+                out.append(self._reject(why))
+                continue
+            stale = self.version - int(it["base_version"])
             self.stats["max_staleness_seen"] = max(self.stats["max_staleness_seen"], stale)
             if stale > self.max_staleness:
-                return self._reject(f"stale: base version {base_version}, server at {self.counters.version}")
-            if not finite:
-                self.counters.rejected_nonfinite += 1
-                return self._reject("non-finite: meta-gradient has NaN/Inf")
-            self._apply(checked, float(lr_scale))
-            self.stats["accepted"] += 1
-            return {"accepted": True, "version": self.counters.version, "closed": True}
-        if self.round is None or (round_ > self.round and not self.pending):
-            self.round = round_  # after a restart, or a round every rank skipped: follow the workers
-        if round_ != self.round:
-            return self._reject(f"wrong round: {round_} (server round {self.round})")
-        if rank in self.pending:
-            return self._reject(f"duplicate: rank {rank} already submitted round {round_}")
-        self.pending[rank] = torch.cat([g.flatten() for g in checked]) if finite else None
-        self.pending_scale[rank] = float(lr_scale)
-        if not finite:
-            self.counters.rejected_nonfinite += 1
-            self.stats["rejected"] += 1
-            self.stats["rejected_reasons"]["non-finite"] = self.stats["rejected_reasons"].get("non-finite", 0) + 1
-        else:
-            self.stats["accepted"] += 1
-        closed = False
-        if len(self.pending) == self.world_size:
-            good = [g for g in self.pending.values() if g is not None]
-            if good:
-                mean = torch.stack(good).mean(0)
-                sizes = [p.numel() for p in self.params]
-                scale = sum(self.pending_scale.values()) / len(self.pending_scale)
-                self._apply([c.view_as(p) for c, p in zip(mean.split(sizes), self.params)], scale)
-            self.pending.clear()
-            self.pending_scale.clear()
-            self.round += 1
-            self.stats["rounds"] += 1
-            closed = True
-        return {"accepted": finite, "version": self.counters.version, "closed": closed, "round": round_}
+                out.append(self._reject(f"stale: base version {it['base_version']}, server at {self.version}"))
+                continue
+            if not torch.isfinite(checked).all():
+                self.opt.stats.rejected_nonfinite += 1
+                out.append(self._reject("non-finite: meta-gradient has NaN/Inf"))
+                continue
+            good.append((i, checked, it))
+            out.append({})
+        if good:
+            scale = sum(float(it.get("lr_scale", 1.0)) for _, _, it in good) / len(good)
+            ok = self._apply([g for _, g, _ in good], scale, sum(int(it.get("from_snapshot", 0)) for _, _, it in good),
+                             good[-1][2].get("quiz_loss"))
+            for i, _, it in good:
+                if it.get("round") is not None:
+                    self.last_round[it["sender"]] = it["round"]
+                self.stats["accepted"] += int(ok)
+                out[i] = {"accepted": ok, "version": self.version, "batched": len(good)}
+            if ok:
+                self._enqueue()
+        return out
 
-    def get(self, newer_than: int = -1) -> tuple[int, dict | None]:
-        v = self.counters.version
-        return v, (self.lossnets.state_dict() if v > newer_than else None)
+    def es_report(self, particle: int, round_: int, loss: float) -> dict:
+        """ES: one particle's quiz loss for round ``round_`` (= the centre's version it perturbed)."""
+        self.stats["submitted"] += 1
+        if self.es is None:
+            return self._reject("wrong mode: this server is not running ES")
+        if not isinstance(particle, int) or not 0 <= particle < self.es.particles:
+            return self._reject(f"unknown particle: {particle!r} ({self.es.particles} particles)")
+        if round_ != self.version:
+            if round_ < self.version:
+                self.stats["duplicates"] += 1
+                return {"accepted": True, "duplicate": True, "version": self.version}
+            return self._reject(f"wrong round: {round_} (server at {self.version})")
+        self.es_losses[particle] = float(loss)
+        closed = False
+        if len(self.es_losses) == self.es.particles:
+            g, used = self.es.gradient(self.version, self.es_losses)
+            full = torch.zeros(self.opt.numel)
+            full[self.es_index] = g
+            losses = list(self.es_losses.values())
+            self.es_losses = {}
+            finite = [v for v in losses if math.isfinite(v)]
+            if used and self._apply([full], 1.0, 0, sum(finite) / len(finite) if finite else None):
+                self.stats["accepted"] += 1
+            else:
+                self.opt.stats.version += 1  # the round closes even without a usable pair: particles move on
+            self.stats["rounds"] += 1
+            self._enqueue()
+            closed = True
+        return {"accepted": True, "version": self.version, "closed": closed}
+
+    def get(self, newer_than: int = -1) -> tuple[int, torch.Tensor | None]:
+        return self.version, (flatten(list(self.lossnets.parameters())) if self.version > newer_than else None)
 
     def report(self) -> dict:
-        return {**self.stats, **{f"meta_{k}": v for k, v in self.counters.as_dict().items()}, "version": self.counters.version,
-                "round": self.round}
+        return {**self.stats, **{f"meta_{k}": v for k, v in self.opt.counters().items()}, "version": self.version,
+                "persisted_version": self.persisted_version, "persist_pending": self.persist_pending(),
+                "persist_failures": self.persist_failures, "persist_error": self.persist_error}
 
 
-@ray.remote(num_cpus=0)
-class LossNetServer:
-    """Async Ray actor around ``LossNetServerCore``; sync-mode submits wait for their round to close."""
+try:
+    import ray
+except ImportError:  # pragma: no cover - the core above is usable without Ray
+    ray = None
 
-    def __init__(self, *args, **kwargs):
-        self.core = LossNetServerCore(*args, **kwargs)
-        self.cond = asyncio.Condition()
 
-    async def submit(self, rank: int, round_: int, grads: list, base_version: int, wait: bool = True,
-                     lr_scale: float = 1.0) -> dict:
-        async with self.cond:
-            res = self.core.submit(rank, round_, grads, base_version, lr_scale)
-            if res.get("closed"):
-                self.cond.notify_all()
-            if self.core.mode == "sync" and wait and res.get("round") is not None and not res.get("closed"):
-                t0 = time.perf_counter()
-                await self.cond.wait_for(lambda: self.core.round is None or self.core.round > round_)
-                self.core.stats["wait_s"] += time.perf_counter() - t0
-            res["version"] = self.core.counters.version
-            return res
+if ray is not None:
+    @ray.remote(num_cpus=0)
+    class LossNetServer:
+        """Async Ray actor around ``LossNetServerCore``: sync submits apply at once; async submits are
+        batched; ES reports wait for their round to close; a background task persists every version."""
 
-    async def get(self, newer_than: int = -1):
-        return self.core.get(newer_than)
+        def __init__(self, *args, **kwargs):
+            self.core = LossNetServerCore(*args, **kwargs)
+            self.lock = asyncio.Lock()
+            self.cond = asyncio.Condition(self.lock)
+            self.pending: list[tuple[dict, asyncio.Future]] = []
+            self._batcher: asyncio.Task | None = None
+            self._persister = threading.Thread(target=self._persist_loop, daemon=True, name="lossnet-persist")
+            self._persister.start()
 
-    async def report(self) -> dict:
-        return self.core.report()
+        def _persist_loop(self) -> None:
+            delay = 0.5
+            while True:
+                with self.core._qlock:
+                    while not self.core.queue:
+                        self.core._qlock.wait()
+                if self.core.drain_once():
+                    delay = 0.5
+                    continue
+                log.warning("LossNetServer: saving version %s failed (%s); retrying in %.1fs",
+                            self.core.queue[0][0] if self.core.queue else "?", self.core.persist_error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
-    async def persist(self) -> dict:
-        return self.core.persist()
+        async def submit(self, sender: str, round_: int | None, grad, base_version: int, lr_scale: float = 1.0,
+                         from_snapshot: int = 0, quiz_loss: float | None = None, nonfinite: int = 0,
+                         want_phi: bool = True) -> dict:
+            async with self.lock:
+                res = self.core.submit(sender, round_, grad, base_version, lr_scale, from_snapshot, quiz_loss, nonfinite)
+                if want_phi:
+                    res["phi"] = self.core.get(-1)[1]
+                return res
 
-    async def ping(self) -> bool:
-        return True
+        async def submit_async(self, sender: str, round_: int | None, grad, base_version: int, lr_scale: float = 1.0,
+                               from_snapshot: int = 0, quiz_loss: float | None = None) -> dict:
+            fut = asyncio.get_running_loop().create_future()
+            self.pending.append(({"sender": sender, "round": round_, "grad": grad, "base_version": base_version,
+                                  "lr_scale": lr_scale, "from_snapshot": from_snapshot, "quiz_loss": quiz_loss}, fut))
+            if self._batcher is None or self._batcher.done():
+                self._batcher = asyncio.get_running_loop().create_task(self._drain())
+            return await fut
+
+        async def _drain(self) -> None:
+            while self.pending:
+                await asyncio.sleep(0)  # let every arrival of this tick join the batch
+                batch, self.pending = self.pending, []
+                async with self.lock:
+                    results = self.core.apply_batch([b for b, _ in batch])
+                for (_, fut), res in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(res)
+
+        async def es_report(self, particle: int, round_: int, loss: float, timeout_s: float = 600.0) -> dict:
+            async with self.cond:
+                res = self.core.es_report(particle, round_, loss)
+                if res.get("closed"):
+                    self.cond.notify_all()
+                elif res.get("accepted") and not res.get("duplicate"):
+                    await asyncio.wait_for(self.cond.wait_for(lambda: self.core.version > round_), timeout_s)
+                res["version"] = self.core.version
+                res["phi"] = self.core.get(-1)[1]
+                return res
+
+        async def adopt(self, version: int, flat_phi, reason: str) -> dict:
+            async with self.lock:
+                return self.core.adopt(version, flat_phi, reason)
+
+        async def get(self, newer_than: int = -1):
+            return self.core.get(newer_than)
+
+        async def report(self) -> dict:
+            return self.core.report()
+
+        async def flush(self, timeout_s: float = 120.0) -> dict:
+            """Wait until every applied version is persisted (or ``timeout_s`` passes); report the outcome."""
+            t0 = time.monotonic()
+            while self.core.persist_pending() and time.monotonic() - t0 < timeout_s:
+                await asyncio.sleep(0.05)
+            return self.core.report()
+
+        async def ping(self) -> bool:
+            return True

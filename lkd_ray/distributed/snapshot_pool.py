@@ -23,36 +23,94 @@ from ..train.snapshots import draw_index
 log = logging.getLogger(__name__)
 
 
+MANIFEST_SHARD = 256  # entries per manifest shard: a record rewrites one small shard, not the whole history
+
+
 @ray.remote(num_cpus=0)
 class SnapshotIndex:
-    def __init__(self, storage_uri: str, run: str, sampling: str = "uniform", seed: int = 0, endpoint_url: str | None = None):
+    """Every recorded snapshot (or the newest ``max_snapshots``), drawn from by every rank.
+
+    The manifest is sharded (``snapshots/manifest/<NNNNN>.json``, 256 entries each): recording
+    rewrites only the newest shard, so writes stay O(1) per snapshot over a long run. With
+    ``max_snapshots`` the oldest entries leave the index and their objects are deleted.
+    """
+
+    def __init__(self, storage_uri: str, run: str, sampling: str = "uniform", seed: int = 0, endpoint_url: str | None = None,
+                 max_snapshots: int | None = None):
         self.storage = open_storage(storage_uri, endpoint_url)
-        self.key = safe_key(run, "snapshots", "manifest.json")
-        self.sampling = sampling
+        self.run = run
+        self.sampling, self.max_snapshots = sampling, max_snapshots
         self.rng = random.Random(seed)
-        self.entries: list[dict] = self.storage.get_json(self.key)["snapshots"] if self.storage.exists(self.key) else []
+        self.entries: list[dict] = []
+        self.evicted = 0  # entries dropped by max_snapshots (positions in the full history before ``entries``)
         self.skipped: list[str] = []
         self.draws = 0
+        self.draw_log: dict[int, list[tuple[int, int]]] = {}  # rank → [(drawn position, live count)]
+        self.manifest_writes = 0
+        self._load()
+
+    def _shard_key(self, i: int) -> str:
+        return safe_key(self.run, "snapshots", "manifest", f"{i:05d}.json")
+
+    def _load(self) -> None:
+        i = 0
+        while self.storage.exists(self._shard_key(i)):
+            shard = self.storage.get_json(self._shard_key(i))
+            self.entries += shard["snapshots"]
+            self.evicted = max(self.evicted, int(shard.get("evicted", 0)))
+            i += 1
+        self.entries = [e for e in self.entries if not e.get("evicted")]
+        self._bound()
+
+    def _bound(self) -> list[dict]:
+        gone: list[dict] = []
+        if self.max_snapshots is not None and len(self.entries) > self.max_snapshots:
+            gone = self.entries[:len(self.entries) - self.max_snapshots]
+            self.entries = self.entries[len(gone):]
+            self.evicted += len(gone)
+        return gone
 
     def record(self, entry: dict) -> int:
-        """Add one stored snapshot (``{"key", "size", "sha256", "step"}``) and persist the manifest."""
-        self.entries = [e for e in self.entries if e["step"] != entry["step"]] + [entry]  # a resumed run re-records
-        self.storage.put_json(self.key, {"snapshots": self.entries})
+        """Add one stored snapshot (``{"key", "size", "sha256", "step"}``); persist its manifest shard."""
+        if any(e["step"] == entry["step"] for e in self.entries):  # a resumed run re-records a step
+            self.entries = [e for e in self.entries if e["step"] != entry["step"]]
+        self.entries.append(entry)
+        gone = self._bound()
+        position = self.evicted + len(self.entries) - 1  # in the whole history
+        shard = position // MANIFEST_SHARD
+        first = shard * MANIFEST_SHARD
+        live = [e for k, e in enumerate(self.entries) if self.evicted + k >= first]
+        self.storage.put_json(self._shard_key(shard), {"snapshots": live, "evicted": self.evicted, "first": first})
+        self.manifest_writes += 1
+        for e in gone:  # bounded: the objects leave storage too
+            try:
+                self.storage.delete(e["key"])
+            except Exception as exc:  # storage hiccup: an orphaned object is harmless, the index no longer names it
+                log.warning("could not delete evicted snapshot %s: %s", e["key"], exc)
         return len(self.entries)
 
-    def sample(self) -> dict | None:
+    def sample(self, rank: int = 0) -> dict | None:
         live = [e for e in self.entries if e["key"] not in self.skipped]
         if not live:
             return None
         self.draws += 1
-        return live[draw_index(len(live), self.sampling, self.rng)]
+        i = draw_index(len(live), self.sampling, self.rng)
+        log_ = self.draw_log.setdefault(int(rank), [])
+        if len(log_) < 100_000:
+            log_.append((i, len(live)))
+        return live[i]
 
     def mark_corrupt(self, key: str) -> None:
         if key not in self.skipped:
             self.skipped.append(key)
 
     def stats(self) -> dict:
-        return {"snapshots": len(self.entries), "corrupt_skipped": len(self.skipped), "draws": self.draws}
+        return {"snapshots": len(self.entries), "evicted": self.evicted, "corrupt_skipped": len(self.skipped),
+                "draws": self.draws, "draws_per_rank": {r: len(v) for r, v in self.draw_log.items()},
+                "manifest_writes": self.manifest_writes}
+
+    def draw_history(self) -> dict[int, list[tuple[int, int]]]:
+        return {r: list(v) for r, v in self.draw_log.items()}
 
     def entries_list(self) -> list[dict]:
         return list(self.entries)
@@ -95,9 +153,10 @@ class RaySnapshotStore:
     """``SnapshotStore`` over the pool. Rank 0 records; every rank samples (prefetching the next draw)."""
 
     def __init__(self, storage_uri: str, run: str, index, loaders: list, record: bool, endpoint_url: str | None = None,
-                 prefetch: bool = True):
+                 prefetch: bool = True, rank: int = 0):
         self.storage = open_storage(storage_uri, endpoint_url)
         self.run, self.index, self.loaders, self.record_enabled, self.prefetch = run, index, loaders, record, prefetch
+        self.rank = rank
         self.pool = ActorPool(loaders)
         self._pending = 0
         self.corrupt_seen = 0
@@ -110,7 +169,7 @@ class RaySnapshotStore:
         self._n = ray.get(self.index.record.remote({**entry, "step": step}))
 
     def _submit_draw(self) -> bool:
-        entry = ray.get(self.index.sample.remote())
+        entry = ray.get(self.index.sample.remote(self.rank))
         if entry is None:
             return False
         self.pool.submit(lambda a, e: a.load.remote(e), entry)
@@ -134,14 +193,18 @@ class RaySnapshotStore:
         return None
 
     def __len__(self) -> int:
+        """Snapshots in the shared index (every rank sees the recording rank's count)."""
+        self._n = ray.get(self.index.stats.remote())["snapshots"]
         return int(self._n)
 
 
 def start_snapshot_pool(storage_uri: str, run: str, sampling: str, seed: int, num_loaders: int = 2,
-                        cache_bytes: int = 256 << 20, endpoint_url: str | None = None, namespace_name: str | None = None):
+                        cache_bytes: int = 256 << 20, endpoint_url: str | None = None, namespace_name: str | None = None,
+                        max_snapshots: int | None = None):
     """Create (or reuse, by name) the index actor and the loader actors for a run."""
     name = namespace_name or f"lkd-snapshots-{run}"
-    index = SnapshotIndex.options(name=name, get_if_exists=True).remote(storage_uri, run, sampling, seed, endpoint_url)
+    index = SnapshotIndex.options(name=name, get_if_exists=True).remote(storage_uri, run, sampling, seed, endpoint_url,
+                                                                        max_snapshots)
     loaders = [SnapshotLoader.options(name=f"{name}-loader{i}", get_if_exists=True).remote(storage_uri, cache_bytes, endpoint_url)
                for i in range(num_loaders)]
     return index, loaders

@@ -92,6 +92,7 @@ def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: 
     fs, base_path = storage.arrow_fs()
     opts = {k: v for k, v in launch.__dict__.items() if k != "callbacks"}
     opts["storage"] = storage.uri
+    opts["progress"] = False  # trials run side by side: no progress bars in the driver
     cfg = cfg.model_copy(deep=True)
     cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
     cfg.loss.method = "lkd"

@@ -1,10 +1,15 @@
-"""The Ray Train worker: the single-process Trainer with Ray plugged into its seams — DDP over the
-student only (teacher frozen beside it), meta-gradients to the LossNetServer, snapshots through the
-SnapshotPool, and a per-epoch ``ray.train.report`` with a rank-0 checkpoint."""
+"""The Ray Train worker: ``build_run`` with Ray plugged into its seams — the student prepared for DDP
+by Ray (teacher frozen beside it), meta-gradients to the LossNetServer, snapshots through the
+SnapshotPool — then a straight epoch loop with ``ray.train.report`` inline, as in Ray's examples.
+
+Under ``meta.estimator=es`` each worker is one ES particle with its own student (no DDP).
+"""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -13,157 +18,167 @@ import torch
 
 from ..config import Config
 from ..data import build_data
-from ..models import load_teacher
+from ..models import build_model, load_teacher, load_weights
 from ..storage import open_storage
-from ..train import Trainer
+from ..train import build_run
+from ..train.outputs import MetricsLog
+from .meta_client import ESParticle, RemoteMetaUpdater
 from .snapshot_pool import RaySnapshotStore
 
 CHECKPOINT_FILE = "trainer.pt"   # full resumable state (weights-only loadable)
 STUDENT_FILE = "student.pt"      # the student in the KD community's layout: {"model": state_dict, "epoch": …}
+log = logging.getLogger(__name__)
 
 
-class RemoteMetaUpdater:
-    """Send meta-gradients to the LossNetServer and keep the local loss networks at its newest version."""
-
-    def __init__(self, server, rank: int, mode: str, lossnets: torch.nn.Module):
-        self.server, self.rank, self.mode, self.lossnets = server, rank, mode, lossnets
-        self.round = 0
-        self.version = -1
-        self._pending_get = None
-        self.pull(blocking=True)
-
-    def pull(self, blocking: bool = False) -> None:
-        if blocking:
-            v, sd = ray.get(self.server.get.remote(self.version))
-            self._load(v, sd)
-            return
-        if self._pending_get is not None:
-            ready, _ = ray.wait([self._pending_get], timeout=0)
-            if ready:
-                self._load(*ray.get(self._pending_get))
-                self._pending_get = None
-        if self._pending_get is None:
-            self._pending_get = self.server.get.remote(self.version)
-
-    def _load(self, v: int, sd) -> None:
-        if sd is not None and v > self.version:
-            self.lossnets.load_state_dict(sd)
-            self.version = v
-
-    def apply(self, grads: list[torch.Tensor], lr_scale: float = 1.0) -> bool:
-        payload = [g.detach().cpu() for g in grads]
-        if self.mode == "sync":
-            res = ray.get(self.server.submit.remote(self.rank, self.round, payload, self.version, True, lr_scale))
-            self.round += 1
-            self.pull(blocking=True)  # the round is closed: everyone trains on the same φ
-            return bool(res["accepted"])
-        self.server.submit.remote(self.rank, self.round, payload, self.version, False, lr_scale)  # fire and forget
-        self.round += 1
-        self.pull(blocking=False)
-        return True
+def _teacher(cfg: Config, config: dict, storage, data):
+    if config.get("teacher_key"):
+        teacher = build_model(cfg.model.teacher, data.num_classes, data.in_channels)
+        load_weights(teacher, storage.get_torch(config["teacher_key"]), cfg.model.teacher, "teacher in run storage")
+        return teacher.eval().requires_grad_(False)
+    if cfg.model.teacher_weights:
+        return load_teacher(cfg.model.teacher, cfg.model.teacher_weights, data.num_classes, data.in_channels)
+    return None
 
 
-def _maybe_kill_server(config: dict, rank: int, epoch: int, server) -> None:
-    """Fault injection for tests: kill the LossNetServer once (Ray restarts it from storage)."""
-    fault = config.get("kill_server_after_epoch")
-    if not fault or rank != 0 or fault["epoch"] != epoch or Path(fault["marker"]).exists():
+def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> dict | None:
+    """The resumable state with the most epochs: Ray Train's registered checkpoint, or one uploaded to
+    ``<run>/ray/checkpoint_*/`` whose registration a crash cut short (the controller registers a report
+    only once every rank's report arrived). A file that does not load is skipped."""
+    best = None
+    if registered is not None:
+        with registered.as_directory() as d:
+            best = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
+    try:
+        keys = [k for k in storage.list(f"{run_key}/ray") if k.endswith(f"/{CHECKPOINT_FILE}") and "/checkpoint_" in k]
+    except Exception as e:  # listing is an optimisation: the registered checkpoint still works
+        log.warning("could not list %s/ray for unregistered checkpoints: %s", run_key, e)
+        keys = []
+    for key in sorted(keys, reverse=True):
+        try:
+            sd = storage.get_torch(key, map_location=str(device))
+        except Exception as e:
+            log.warning("skipping checkpoint %s: %s", key, e)
+            continue
+        if best is None or int(sd.get("epoch", 0)) > int(best.get("epoch", 0)):
+            if registered is not None:
+                log.warning("resuming from %s (epoch %s): newer than the registered checkpoint, whose registration "
+                            "a failure cut short", key, sd.get("epoch"))
+            best = sd
+    return best
+
+
+def _resume(trainer, sd: dict, server, updater, rank: int) -> None:
+    """Load the state and reconcile its loss-network version with the server's (never going backwards)."""
+    trainer.load_state_dict(sd)
+    if updater is None or server is None:
         return
-    Path(fault["marker"]).write_text("killed once")
-    ray.kill(server, no_restart=False)
+    ck_v = int(sd.get("lossnet_version") or 0)
+    srv_v = ray.get(server.report.remote())["version"]
+    if srv_v < ck_v and rank == 0 and sd.get("lossnets"):
+        from ..meta import flatten
 
-
-def _maybe_crash(config: dict, rank: int, epoch: int) -> None:
-    """Fault injection for tests: kill this worker process once, after a given epoch."""
-    fault = config.get("crash_after_epoch")
-    if not fault or fault["rank"] != rank or fault["epoch"] != epoch:
-        return
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text("crashed once")
-    os._exit(1)
+        flat = flatten([sd["lossnets"][k] for k in trainer.lossnets.state_dict()])
+        ray.get(server.adopt.remote(ck_v, flat, f"resumed checkpoint holds v{ck_v}, server restored v{srv_v}"))
+        log.warning("resume: checkpoint at loss-network v%s, server at v%s: the server took the checkpoint's φ", ck_v, srv_v)
+    elif srv_v > ck_v and rank == 0:
+        log.warning("resume: checkpoint at loss-network v%s, server at v%s (updates after the checkpoint): "
+                    "workers continue with the server's φ", ck_v, srv_v)
+    updater.round = int(sd.get("meta_round", updater.round))
+    updater.pull(blocking=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cfg = Config.model_validate(config["cfg"])
+    cfg: Config = config["cfg"]
     torch.set_num_threads(config.get("threads_per_worker", 1))
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
     storage = open_storage(config["storage"], config.get("endpoint_url"))
-    run = config["run"]
+    run_key = config["run"]
+    es = cfg.meta.estimator == "es" and cfg.loss.method in ("lkd", "control") and not cfg.lossnet.frozen
+    data_rank, data_world = (0, 1) if es else (rank, world)  # a particle trains its own student on the whole set
     streaming = cfg.data.dataset == "parquet"
-    data = build_data(cfg.data, cfg.run.seed, rank, world, cfg.run.cache_dir, stream_train=streaming)
+    data = build_data(cfg.data, cfg.run.seed, data_rank, data_world, cfg.run.cache_dir, stream_train=streaming)
     if streaming:
         from .streaming import StreamingLoader
 
+        clock = ray.get_actor(config["clock_name"], namespace=config.get("namespace")) if config.get("clock_name") else None
         data.train = StreamingLoader(ray.train.get_dataset_shard("train"), cfg.data.batch_size, data.train_size, world,
-                                     record_ids=bool(config.get("record_sample_ids")))
-    if config.get("teacher_key"):
-        net_state = storage.get_torch(config["teacher_key"])
-        from ..models import build_model, load_weights
-
-        teacher = build_model(cfg.model.teacher, data.num_classes, data.in_channels)
-        load_weights(teacher, net_state, cfg.model.teacher, "teacher in run storage")
-        teacher.eval().requires_grad_(False)
-    else:
-        teacher = load_teacher(cfg.model.teacher, cfg.model.teacher_weights, data.num_classes, data.in_channels)
-
-    def wrap(bundle):
-        if world <= 1:
-            return bundle
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(bundle, device_ids=[device.index] if device.type == "cuda" else None)
-
-    is_lkd = cfg.loss.method == "lkd"
+                                     record_ids=bool(config.get("record_sample_ids")), clock=clock, seed=cfg.run.seed)
+    learnable = cfg.loss.method in ("lkd", "control")
+    ns = config.get("namespace")
+    server = ray.get_actor(config["server_name"], namespace=ns) if learnable and not cfg.lossnet.frozen else None
     store = None
-    if is_lkd:
-        index = ray.get_actor(config["index_name"], namespace=config.get("namespace"))
-        loaders = [ray.get_actor(n, namespace=config.get("namespace")) for n in config["loader_names"]]
-        store = RaySnapshotStore(config["storage"], run, index, loaders, record=rank == 0, endpoint_url=config.get("endpoint_url"))
-    server = ray.get_actor(config["server_name"], namespace=config.get("namespace")) if is_lkd else None
+    if server is not None and not es:
+        index = ray.get_actor(config["index_name"], namespace=ns)
+        loaders = [ray.get_actor(n, namespace=ns) for n in config["loader_names"]]
+        store = RaySnapshotStore(config["storage"], run_key, index, loaders, record=rank == 0,
+                                 endpoint_url=config.get("endpoint_url"), rank=rank)
+    updaters = []
 
-    log_dir = Path(tempfile.mkdtemp(prefix=f"lkd-{run}-logs-")) if rank == 0 else None
+    def remote_updater(lossnets):
+        u = RemoteMetaUpdater(server, rank, world, config.get("mode", "sync"), lossnets,
+                              sender=f"{run_key}/rank{rank}" if config.get("mode") == "async" else run_key, device=device)
+        updaters.append(u)
+        return u
 
-    def upload_logs() -> None:
-        """metrics.jsonl and TensorBoard events, mirrored to <run>/logs/ (readable wherever the storage is)."""
-        for f in log_dir.rglob("*"):
-            if f.is_file():
-                storage.put_bytes(f"{run}/logs/{f.relative_to(log_dir).as_posix()}", f.read_bytes())
+    def prepare(bundle):
+        if world <= 1 or es:
+            return bundle
+        return ray.train.torch.prepare_model(bundle, move_to_device=False, parallel_strategy="ddp")
 
-    def on_epoch_end(trainer: Trainer, metrics: dict) -> None:
-        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        metrics["rank"] = rank
+    run = build_run(cfg, rank=data_rank, world_size=data_world, device=device, data=data,
+                    teacher=_teacher(cfg, config, storage, data), teacher_info=config.get("teacher_info"),
+                    meta_updater=remote_updater if server is not None and not es else None, snapshots=store,
+                    wrap_student=prepare, cache_storage=storage, es_particle=es, log=lambda *_: None)
+    trainer = run.trainer
+    trainer.rank, trainer.world_size = rank, world
+    updater = updaters[0] if updaters else None
+    if es and server is not None:
+        trainer.particle = ESParticle(server, rank, cfg, trainer.lossnets)
+    state = newest_checkpoint(storage, run_key, ray.train.get_checkpoint(), device)
+    if state is not None:
+        _resume(trainer, state, server, updater, rank)
+    metrics_log = MetricsLog(Path(tempfile.mkdtemp(prefix=f"lkd-{run_key}-logs-"))) if rank == 0 else None
+    if metrics_log is not None and storage.exists(f"{run_key}/logs/metrics.jsonl"):  # earlier attempts' lines are kept
+        (metrics_log.out_dir / "metrics.jsonl").write_bytes(storage.get_bytes(f"{run_key}/logs/metrics.jsonl"))
+    progress = ray.get_actor(config["progress_name"], namespace=ns) if config.get("progress_name") and rank == 0 else None
+    callbacks = list(config.get("callbacks") or [])  # extra per-epoch callbacks (the tests' fault injection lives there)
+    steps_per_epoch = len(trainer.data.train)
+
+    def on_step(stats: dict) -> None:
+        if progress is not None and trainer.state.step % 10 == 0:
+            progress.update.remote(trainer.state.step, stats.get("loss"))
+
+    while trainer.state.epoch < cfg.optim.epochs:
+        t0 = time.perf_counter()
+        train_metrics = trainer.train_epoch(on_step=on_step)
+        if updater is not None:
+            updater.flush()
+            updater.refresh_counters()
+        rec = trainer.end_epoch(train_metrics, time.perf_counter() - t0)
+        metrics = {k: v for k, v in rec.metrics.items() if isinstance(v, (int, float))}
+        metrics.update({"rank": rank, "steps_per_epoch": steps_per_epoch})
         if server is not None:
-            metrics.update({f"server_{k}": v for k, v in ray.get(server.report.remote()).items() if isinstance(v, (int, float))})
+            srv = ray.get(server.report.remote())
+            metrics.update({f"server_{k}": v for k, v in srv.items() if isinstance(v, (int, float)) and v is not None})
         if streaming and config.get("record_sample_ids"):
-            storage.put_json(f"{run}/seen_ids/epoch{trainer.state.epoch}-rank{rank}.json", trainer.data.train.seen)
+            storage.put_json(f"{run_key}/seen_ids/epoch{rec.epoch}-rank{rank}.json", trainer.data.train.seen)
         if rank == 0:
-            upload_logs()
+            metrics_log.on_epoch_end(rec)
+            for f in metrics_log.out_dir.rglob("*"):  # metrics.jsonl and TensorBoard events, next to the run
+                if f.is_file():
+                    storage.put_bytes(f"{run_key}/logs/{f.relative_to(metrics_log.out_dir).as_posix()}", f.read_bytes())
+            if progress is not None:
+                ray.get(progress.epoch.remote(metrics))
             with tempfile.TemporaryDirectory() as d:
                 state = trainer.state_dict()
-                if is_lkd:  # φ lives on the server; the checkpoint records which version this epoch trained with
-                    state["lossnet_version"] = trainer.meta_updater.version
+                if updater is not None:
+                    state["meta_round"] = updater.round
                 torch.save(state, os.path.join(d, CHECKPOINT_FILE))
-                torch.save({"model": trainer.bundle.net.state_dict(), "epoch": trainer.state.epoch}, os.path.join(d, STUDENT_FILE))
+                torch.save({"model": trainer.bundle.net.state_dict(), "epoch": rec.epoch}, os.path.join(d, STUDENT_FILE))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-        _maybe_crash(config, rank, trainer.state.epoch)
-        if server is not None:
-            _maybe_kill_server(config, rank, trainer.state.epoch, server)
-
-    trainer = Trainer(cfg, teacher, data, device=device, snapshot_store=store, wrap_student=wrap,
-                      on_epoch_end=on_epoch_end, rank=rank, world_size=world, out_dir=log_dir, log=rank == 0)
-    if is_lkd:
-        trainer.meta_updater = RemoteMetaUpdater(server, rank, config.get("mode", "sync"), trainer.lossnets)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            trainer.load_state_dict(torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True))
-        if is_lkd:
-            server_round = ray.get(server.report.remote())["round"]  # continue the server's numbering
-            trainer.meta_updater.round = server_round if server_round is not None else trainer.state.step // cfg.meta.meta_every
-            trainer.meta_updater.pull(blocking=True)  # φ lives on the server, newer than the checkpoint
-    trainer.fit()
+        for cb in callbacks:
+            cb.on_epoch_end(rec)

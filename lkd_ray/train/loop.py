@@ -159,10 +159,12 @@ class Trainer:
             self.meta_updater = meta_updater or LossNetOptimizer(self.lossnets, cfg.meta.lr, cfg.meta.clip_norm)
         self.snapshots = snapshots if snapshots is not None else InMemorySnapshotStore(cfg.meta.sampling, cfg.meta.max_snapshots)
         self.snap_rng = random.Random(cfg.run.seed * 7919 + 1 + 104729 * rank)
+        self.particle = None  # an ES particle (under Ray): reports its quiz loss every meta_every steps
         self.state = TrainState()
         self.meta_time = 0.0
         self._quiz_iter = None
         self._fresh_iter = None
+        self._consumed = {"quiz": 0, "fresh": 0}  # batches drawn from each endless iterator (replayed on resume)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -214,7 +216,11 @@ class Trainer:
         return self.meta_step is not None and (f is None or self.state.epoch < f)
 
     def lossnet_version(self) -> int | None:
-        return self.meta_updater.version if self.meta_updater is not None else (0 if self.lossnets is not None else None)
+        if self.meta_updater is not None:
+            return self.meta_updater.version
+        if self.particle is not None:
+            return self.particle.version
+        return 0 if self.lossnets is not None else None
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: Batch | tuple) -> dict[str, float]:
@@ -236,20 +242,31 @@ class Trainer:
         if self.meta_active() and self.state.step % self.cfg.meta.meta_every == 0:
             t = teacher or TeacherOutputs(None)
             stats.update(self.meta_update(MetaBatch(x, y, t.logits, t.features), state))
+        if self.particle is not None and self.state.step % self.cfg.meta.meta_every == 0:
+            f = self.cfg.meta.freeze_after_epoch
+            if f is None or self.state.epoch < f:
+                stats.update(self.particle.step(self))
         if self.meta_step is not None and self.rank == 0 and self.state.step % self.cfg.meta.snapshot_every == 0:
             self.snapshots.record(self.state.step, cpu_state(self.bundle))
         return stats
 
+    def _endless(self, name: str):
+        """The quiz / fresh-batch iterator, fast-forwarded to where a resumed run left it."""
+        it = getattr(self, f"_{name}_iter")
+        if it is None:
+            it = cycle(self.data.quiz if name == "quiz" else self.data.train)
+            for _ in range(self._consumed[name]):
+                next(it)
+            setattr(self, f"_{name}_iter", it)
+        self._consumed[name] += 1
+        return next(it)
+
     def _quiz_batch(self):
-        if self._quiz_iter is None:
-            self._quiz_iter = cycle(self.data.quiz)
-        b = next(self._quiz_iter)
+        b = self._endless("quiz")
         return self._to(b[0], b[1])
 
     def _fresh_batch(self) -> MetaBatch:
-        if self._fresh_iter is None:
-            self._fresh_iter = cycle(self.data.train)
-        b = next(self._fresh_iter)
+        b = self._endless("fresh")
         b = b if isinstance(b, Batch) else Batch(*b)
         x, y = self._to(b.x, b.y)
         t = self.teacher_outputs(x, b.t_logits) or TeacherOutputs(None)
@@ -351,7 +368,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(), "snap_rng": list(self.snap_rng.getstate()[1]),
             "meta": self.meta_updater.state_dict() if isinstance(self.meta_updater, LossNetOptimizer) else {},
             "lossnets": self.lossnets.state_dict() if self.lossnets is not None else {},
-            "lossnet_version": self.lossnet_version(),
+            "lossnet_version": self.lossnet_version(), "consumed": dict(self._consumed),
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -370,6 +387,7 @@ class Trainer:
         elif self.lossnets is not None and sd.get("lossnets"):
             self.lossnets.load_state_dict(sd["lossnets"])
         self._quiz_iter = self._fresh_iter = None
+        self._consumed = {"quiz": 0, "fresh": 0, **sd.get("consumed", {})}
 
 
 def fit(trainer, callbacks=(), progress=None) -> dict[str, Any]:
