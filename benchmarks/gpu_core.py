@@ -25,7 +25,8 @@ from _util import write  # noqa: E402
 from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.data import build_data  # noqa: E402
 from lkd_ray.models import build_model  # noqa: E402
-from lkd_ray.train import Trainer  # noqa: E402
+from lkd_ray.data import Batch  # noqa: E402
+from lkd_ray.train import build_run  # noqa: E402
 
 PAIRS = {  # name → (recipe, teacher, student, classes, image size, batch, bf16 + channels_last)
     "resnet32x4->resnet8x4": ("cifar100", "resnet32x4", "resnet8x4", 100, 32, 64, False),
@@ -50,14 +51,14 @@ def make_cfg(recipe: str, teacher: str, student: str, classes: int, size: int, b
 
 
 def time_steps(cfg, teacher, data, x, y, steps: int, warmup: int) -> float:
-    tr = Trainer(cfg, teacher, data, log=False)
+    tr = build_run(cfg, data=data, teacher=teacher, teacher_info={"source": "random"}, log=lambda *_: None).trainer
     for _ in range(warmup):
-        tr.train_step(x, y)
+        tr.train_step(Batch(x, y))
     if tr.device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
-        tr.train_step(x, y)  # .item() on the loss synchronises every step
+        tr.train_step(Batch(x, y))  # .item() on the loss synchronises every step
     if tr.device.type == "cuda":
         torch.cuda.synchronize()
     return (time.perf_counter() - t) / steps

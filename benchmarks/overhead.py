@@ -26,17 +26,17 @@ from _util import RESULTS, write  # noqa: E402
 from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.data import build_data, cycle  # noqa: E402
 from lkd_ray.models import build_model  # noqa: E402
-from lkd_ray.train import Trainer  # noqa: E402
+from lkd_ray.train import build_run  # noqa: E402
 
 
 def time_steps(cfg, teacher, data, steps: int) -> float:
-    tr = Trainer(cfg, teacher, data, log=False)
+    tr = build_run(cfg, data=data, teacher=teacher, teacher_info={"key": "overhead"}, log=lambda *_: None).trainer
     it = cycle(data.train)
     for _ in range(3):  # warm-up (allocations, first meta-step imports)
-        tr.train_step(*next(it))
+        tr.train_step(next(it))
     t = time.perf_counter()
     for _ in range(steps):
-        tr.train_step(*next(it))
+        tr.train_step(next(it))
     return time.perf_counter() - t
 
 

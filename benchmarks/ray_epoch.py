@@ -22,7 +22,7 @@ from _util import write  # noqa: E402
 from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.data import build_data  # noqa: E402
 from lkd_ray.distributed.launch import LaunchOptions, init_ray, run_distributed  # noqa: E402
-from lkd_ray.train import Trainer  # noqa: E402
+from lkd_ray.train import build_run  # noqa: E402
 from lkd_ray.train.teacher import prepare_teacher  # noqa: E402
 
 
@@ -42,11 +42,11 @@ def main() -> None:
             teacher, _ = prepare_teacher(cfg, data, log=lambda *_: None)
             torch.set_num_threads(os.cpu_count() or 1)
             t = time.perf_counter()
-            Trainer(cfg, teacher, data, log=False).fit()
-            single.append(time.perf_counter() - t)
+            res1 = build_run(cfg, data=data, teacher=teacher, log=lambda *_: None).fit(progress=False)
+            single.append(res1["history"][-1]["epoch_s"])  # the epoch alone, as on the Ray side
             c = cfg.model_copy(deep=True)
             c.run.name = f"bench-{rep}"
-            res = run_distributed(c, LaunchOptions(storage=store, num_workers=2, threads_per_worker=1))
+            res = run_distributed(c, LaunchOptions(storage=store, num_workers=2, threads_per_worker=1, progress=False))
             ray2.append(res["metrics"]["epoch_s"])
             print(f"rep {rep}: single-process {single[-1]:.1f}s  ray 2 workers (epoch) {ray2[-1]:.1f}s  job wall {res['wall_s']:.1f}s", flush=True)
     ratio = statistics.median(ray2) / statistics.median(single)

@@ -11,7 +11,7 @@ def test_unknown_field_lists_valid_fields():
 
 
 def test_unknown_value_lists_valid_values():
-    with pytest.raises(ConfigError, match=r"loss.method: Input should be 'ce', 'kd', 'dkd', 'dist' or 'lkd'"):
+    with pytest.raises(ConfigError, match=r"loss.method: Input should be 'ce', 'kd', 'dkd', 'dist', 'lkd' or 'control'"):
         build_config("fashion_mnist", overrides=["loss.method=fitnet"])
     with pytest.raises(ConfigError, match=r"valid models: .*resnet8x4"):
         build_config("fashion_mnist", overrides=["model.student=resnet9"])
@@ -52,3 +52,18 @@ def test_cli_config_error_exits_2_before_work(capsys):
 
     assert main(["train", "--set", "meta.backend=jax"]) == 2
     assert "meta.backend" in capsys.readouterr().err
+
+
+def test_new_fields_are_checked_together_before_any_work():
+    with pytest.raises(ConfigError, match="teacher_cache caches the teacher's logits only"):
+        build_config("fashion_mnist", model={"teacher_cache": True}, loss={"w_feat": 0.5})
+    with pytest.raises(ConfigError, match="implemented for the in-memory data sets"):
+        build_config("cifar100", data={"root": "/x"}, model={"teacher_cache": True})
+    with pytest.raises(ConfigError, match="lossnet.frozen=true without lossnet.init_from"):
+        build_config("fashion_mnist", lossnet={"frozen": True})
+    with pytest.raises(ConfigError, match="es_particles must be even"):
+        build_config("fashion_mnist", meta={"estimator": "es", "es_particles": 3})
+    with pytest.raises(ConfigError, match="meta.estimator"):
+        build_config("fashion_mnist", meta={"estimator": "hyper"})
+    with pytest.raises(ConfigError, match="lossnet.lock"):
+        build_config("fashion_mnist", lossnet={"lock": "size"})
