@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with --threads torch threads)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="folder for the per-run outputs (default runs/accuracy_<horizon>)")
-    ap.add_argument("--variant", help="name of an extra LKD setting given by --set (records: method lkd-NAME)")
+    ap.add_argument("--variant", help="name of an extra setting given by --set (records: method <base>-NAME)")
+    ap.add_argument("--base", default="lkd", choices=["lkd", "control"], help="the learnable method a --variant changes")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--reuse", metavar="METHOD", help="start the variant from METHOD's learned loss network (frozen)")
     ap.add_argument("--learn-seed", type=int, default=100, help="seed of the --reuse METHOD run to take the loss from")
@@ -184,7 +185,7 @@ def main() -> None:
 
     jobs: list[tuple[str, dict, list[str]]] = []
     if args.variant:
-        sections: dict = {"loss": {"method": "lkd"}}
+        sections: dict = {"loss": {"method": args.base}}
         if args.reuse:
             src = Path(out_root) / f"{args.reuse}-s{args.learn_seed}"
             if not (src / "result.json").is_file():
@@ -195,7 +196,7 @@ def main() -> None:
                                                                             "trust", "state_inputs")})
         if not args.overrides and not args.reuse:
             ap.error("--variant needs the setting it names, given with --set (or --reuse)")
-        jobs.append((f"lkd-{args.variant}", sections, args.overrides))
+        jobs.append((f"{args.base}-{args.variant}", sections, args.overrides))
     else:
         jobs += [(m, BASE_METHODS[m], []) for m in args.methods]
     for name, sections, overrides in jobs:  # validate every config before any work

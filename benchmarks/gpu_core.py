@@ -4,7 +4,10 @@ resnet32x4 → resnet8x4 (CIFAR-100 shapes: 32×32, 100 classes, batch 64, fp32)
 resnet18 (ImageNet shapes: 224×224, 1000 classes, batch 128, bf16 + channels_last as the recipe).
 Student batches live on the GPU already, so this times the method, not a data loader. KD and every
 LKD setting are timed in interleaved repetitions; the ratio is taken per repetition and reported as
-median and min–max. Run it whenever a GPU is lent (about 5 minutes on an H100):
+median and min–max. Each is timed eager and with the student step compiled (``torch.compile`` of the
+student bundle: forward, loss and backward graphs); the meta-step stays eager — `higher` patches
+modules at run time and differentiates through a differentiable optimizer step, which torch.compile
+does not trace. Run it whenever a GPU is lent (about 8 minutes on an H100):
 
     python benchmarks/gpu_core.py                # writes benchmarks/results/gpu_core.json
     python benchmarks/gpu_core.py --smoke        # tiny shapes on any device: checks the script itself
@@ -50,8 +53,10 @@ def make_cfg(recipe: str, teacher: str, student: str, classes: int, size: int, b
                         run={"bf16": fast, "channels_last": fast, "progress": False, "device": "auto"})
 
 
-def time_steps(cfg, teacher, data, x, y, steps: int, warmup: int) -> float:
+def time_steps(cfg, teacher, data, x, y, steps: int, warmup: int, compile_backend: str | None = None) -> float:
     tr = build_run(cfg, data=data, teacher=teacher, teacher_info={"source": "random"}, log=lambda *_: None).trainer
+    if compile_backend:
+        tr.student = torch.compile(tr.student, backend=compile_backend)
     for _ in range(warmup):
         tr.train_step(Batch(x, y))
     if tr.device.type == "cuda":
@@ -71,6 +76,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and step counts (CPU is fine); does not write results")
+    ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for the compiled mode")
     args = ap.parse_args()
     torch.backends.cudnn.benchmark = True
     records, per_pair = [], {}
@@ -84,27 +91,34 @@ def main() -> None:
         teacher = build_model(t_name, classes, 3).eval()
         x = torch.randn(batch, 3, size, size, device=dev)
         y = torch.randint(0, classes, (batch,), device=dev)
-        kd_s: list[float] = []
-        lkd_s: dict[str, list[float]] = {s: [] for s, _ in SETTINGS}
-        for rep in range(args.reps):
-            kd_s.append(time_steps(base, teacher, data, x, y, args.steps, args.warmup))
-            for sname, meta in SETTINGS:
-                cfg = make_cfg(recipe, t_name, s_name, classes, size, batch, fast, "lkd", meta)
-                lkd_s[sname].append(time_steps(cfg, teacher, data, x, y, args.steps, args.warmup))
-            print(f"{name} rep {rep}: kd {1e3 * kd_s[-1]:.1f} ms/step", flush=True)
-        for sname, _ in SETTINGS:
-            ratios = [a / b for a, b in zip(lkd_s[sname], kd_s)]
-            records.append({"pair": name, "config": sname, "lkd_over_kd": statistics.median(ratios),
-                            "spread": [min(ratios), max(ratios)], "lkd_ms_per_step": [1e3 * t for t in lkd_s[sname]]})
-            print(f"{name:24} {sname:45} {records[-1]['lkd_over_kd']:.2f}x  (per-rep {min(ratios):.2f}–{max(ratios):.2f})")
+        for mode in args.modes:
+            backend = args.compile_backend if mode == "compiled" else None
+            kd_s: list[float] = []
+            lkd_s: dict[str, list[float]] = {s: [] for s, _ in SETTINGS}
+            for rep in range(args.reps):
+                kd_s.append(time_steps(base, teacher, data, x, y, args.steps, args.warmup, backend))
+                for sname, meta in SETTINGS:
+                    cfg = make_cfg(recipe, t_name, s_name, classes, size, batch, fast, "lkd", meta)
+                    lkd_s[sname].append(time_steps(cfg, teacher, data, x, y, args.steps, args.warmup, backend))
+                print(f"{name} {mode} rep {rep}: kd {1e3 * kd_s[-1]:.1f} ms/step", flush=True)
+            for sname, _ in SETTINGS:
+                ratios = [a / b for a, b in zip(lkd_s[sname], kd_s)]
+                records.append({"pair": name, "mode": mode, "config": sname, "lkd_over_kd": statistics.median(ratios),
+                                "spread": [min(ratios), max(ratios)], "lkd_ms_per_step": [1e3 * t for t in lkd_s[sname]],
+                                "kd_ms_per_step": [1e3 * t for t in kd_s]})
+                print(f"{name:24} {mode:8} {sname:45} {records[-1]['lkd_over_kd']:.2f}x  "
+                      f"(per-rep {min(ratios):.2f}–{max(ratios):.2f})")
+            per_pair.setdefault(name, {})[f"kd_ms_per_step_{mode}"] = [1e3 * t for t in kd_s]
         d = base.meta
-        per_pair[name] = {"kd_ms_per_step": [1e3 * t for t in kd_s], "batch": batch, "image_size": size, "bf16_channels_last": fast,
-                          "recipe": recipe, "default_meta": {"meta_every": d.meta_every, "scope": d.scope, "backend": d.backend}}
+        per_pair[name].update({"batch": batch, "image_size": size, "bf16_channels_last": fast, "recipe": recipe,
+                               "default_meta": {"meta_every": d.meta_every, "scope": d.scope, "backend": d.backend,
+                                                "estimator": d.estimator}})
         if torch.cuda.is_available():
             per_pair[name]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             torch.cuda.reset_peak_memory_stats()
     if not args.smoke:
-        write("gpu_core.json", {"steps": args.steps, "reps": args.reps, "pairs": per_pair, "records": records})
+        write("gpu_core.json", {"steps": args.steps, "reps": args.reps, "compile_backend": args.compile_backend,
+                                "pairs": per_pair, "records": records})
 
 
 if __name__ == "__main__":

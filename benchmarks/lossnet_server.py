@@ -1,10 +1,13 @@
-"""LossNetServer throughput and submit latency (p50/p99) with 2–64 simulated clients.
+"""LossNetServer throughput and latency, next to a naive actor that only receives the same message.
 
-Clients are driver threads, each a rank submitting meta-gradients of the default loss network
-through Ray; sync mode closes a round when every rank has reported (a submit returns when its
-round is applied), async mode applies each arrival.
+* **sync**: real Ray Train ranks (2, 4, 8 workers on gloo) run the worker's own ``RemoteMetaUpdater``:
+  all-reduce of the meta-gradient over the Train process group, one submission by the leader, the
+  new φ broadcast back. Measured on rank 0 per round; one row per rank count (``clients`` = ranks).
+* **async**: 2 … 64 client threads in the driver submit one flat buffer each (``submit_async``); the
+  server applies every batch of arrivals with one Adam step. Throughput and per-submit latency.
+* **naive**: the same clients calling an actor whose method only receives the message.
 
-    .venv/bin/python benchmarks/lossnet_server.py [--rounds 30]
+    .venv/bin/python benchmarks/lossnet_server.py [--rounds 40] [--ranks 2 4 8] [--clients 2 8 32 64]
 """
 from __future__ import annotations
 
@@ -22,52 +25,126 @@ import torch  # noqa: E402
 from _util import summary, write  # noqa: E402
 from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.distributed.lossnet_server import LossNetServer  # noqa: E402
+from lkd_ray.losses import build_lossnets  # noqa: E402
 
 
-def run(clients: int, mode: str, rounds: int, cfg, store: str) -> dict:
-    server = LossNetServer.remote(cfg.to_dict(), store, f"bench-{mode}-{clients}", clients, mode, 10**9, 0)
+@ray.remote(num_cpus=0)
+class NaiveReceiver:
+    """The floor: an actor method that takes the message and returns."""
+
+    def submit(self, sender, round_, grad, base_version, lr_scale=1.0, from_snapshot=0, quiz_loss=None):
+        return {"accepted": True}
+
+
+def _row(mode: str, clients: int, lats: list[float], wall: float, n: int, extra: dict | None = None) -> dict:
+    return {"mode": mode, "clients": clients, "submissions": n, "wall_s": wall, "throughput_per_s": n / wall,
+            "latency_ms": {k: (v * 1e3 if k != "n" else v) for k, v in summary(lats).items()}, **(extra or {})}
+
+
+def sync_rounds(ranks: int, rounds: int, cfg, store: str) -> dict:
+    """Rounds of the real sync protocol inside a TorchTrainer with ``ranks`` workers."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    name = f"bench-sync-{ranks}"
+    server = LossNetServer.options(name=name).remote(cfg, store, name, "sync", 4)
     ray.get(server.ping.remote())
-    shapes = [p.shape for p in ray.get(server.get.remote())[1].values()]
-    grads = [torch.randn(s) * 1e-3 for s in shapes]
-    grads_ref = ray.put(grads)
 
-    def client(rank: int) -> list[float]:
+    def loop(config):
+        import ray.train
+        import torch.distributed as dist
+
+        from lkd_ray.distributed.meta_client import RemoteMetaUpdater
+        from lkd_ray.losses import build_lossnets
+
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        nets = build_lossnets(config["cfg"].loss, config["cfg"].lossnet)
+        up = RemoteMetaUpdater(ray.get_actor(config["name"]), rank, world, "sync", nets, sender="bench")
+        n = sum(p.numel() for p in nets.parameters())
+        g = torch.randn(n) * 1e-3
+        lat, ar = [], []
+        for r in range(config["rounds"] + 5):
+            dist.barrier()
+            t = time.perf_counter()
+            up.submit(g)
+            dt = time.perf_counter() - t
+            t2 = time.perf_counter()
+            buf = g.clone()
+            dist.all_reduce(buf)  # what a round costs without the server: the all-reduce alone
+            ar_dt = time.perf_counter() - t2
+            if r >= 5:  # warm-up rounds out
+                lat.append(dt)
+                ar.append(ar_dt)
+        ray.train.report({"lat": lat, "allreduce": ar} if rank == 0 else {})
+
+    trainer = TorchTrainer(loop, train_loop_config={"cfg": cfg, "name": name, "rounds": rounds},
+                           scaling_config=ScalingConfig(num_workers=ranks, resources_per_worker={"CPU": min(1.0, 1.8 / ranks)}),
+                           run_config=RunConfig(name=name, storage_path=store))
+    t0 = time.perf_counter()
+    res = trainer.fit()
+    wall = time.perf_counter() - t0
+    rep = ray.get(server.report.remote())
+    ray.kill(server)
+    lat, ar = res.metrics["lat"], res.metrics["allreduce"]
+    row = _row("sync", ranks, lat, sum(lat), len(lat), {
+        "rounds_per_s": len(lat) / sum(lat), "versions": rep["version"], "server_submissions": rep["submitted"],
+        "allreduce_ms": {k: (v * 1e3 if k != "n" else v) for k, v in summary(ar).items()}, "job_wall_s": wall})
+    row["added_latency_ms_p50"] = row["latency_ms"]["p50"] - row["allreduce_ms"]["p50"]
+    return row
+
+
+def async_clients(clients: int, rounds: int, cfg, store: str, naive: bool) -> dict:
+    name = f"bench-{'naive' if naive else 'async'}-{clients}"
+    actor = NaiveReceiver.remote() if naive else LossNetServer.options(name=name).remote(cfg, store, name, "async", 10**9)
+    n = sum(p.numel() for p in build_lossnets(cfg.loss, cfg.lossnet).parameters())
+    grad = torch.randn(n) * 1e-3
+    call = actor.submit if naive else actor.submit_async
+
+    def client(i: int) -> list[float]:
         lat = []
         for r in range(rounds):
             t = time.perf_counter()
-            ray.get(server.submit.remote(rank, r, grads_ref, 0))
+            ray.get(call.remote(f"c{i}", r, grad, 0))
             lat.append(time.perf_counter() - t)
         return lat
 
+    ray.get(call.remote("warm", 0, grad, 0))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as ex:
         lats = [x for lst in ex.map(client, range(clients)) for x in lst]
     wall = time.perf_counter() - t0
-    rep = ray.get(server.report.remote())
-    ray.kill(server)
-    return {"clients": clients, "mode": mode, "submissions": clients * rounds, "wall_s": wall,
-            "throughput_per_s": clients * rounds / wall, "latency_ms": {k: (v * 1e3 if k not in ("n",) else v) for k, v in summary(lats).items()},
-            "versions": rep["version"], "accepted": rep["accepted"], "rejected": rep["rejected"]}
+    extra = {}
+    if not naive:
+        rep = ray.get(actor.report.remote())
+        extra = {"versions": rep["version"], "batches": rep["batches"], "accepted": rep["accepted"], "rejected": rep["rejected"],
+                 "mean_batch": rep["accepted"] / max(rep["batches"], 1)}
+    ray.kill(actor)
+    return _row("naive" if naive else "async", clients, lats, wall, clients * rounds, extra)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64])
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--clients", type=int, nargs="+", default=[2, 8, 32, 64])
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False)
     cfg = build_config("fashion_mnist")
-    n_params = sum(p.numel() for p in __import__("lkd_ray.losses", fromlist=["x"]).build_lossnets(cfg.loss, cfg.lossnet).parameters())
+    n_params = sum(p.numel() for p in build_lossnets(cfg.loss, cfg.lossnet).parameters())
     rows = []
     with tempfile.TemporaryDirectory() as store:
-        for mode in ("sync", "async"):
-            for c in args.clients:
-                row = run(c, mode, args.rounds, cfg, store)
-                rows.append(row)
-                lat = row["latency_ms"]
-                print(f"{mode:5} clients={c:3d}  {row['throughput_per_s']:8.1f} submits/s  p50 {lat['p50']:7.2f} ms  p99 {lat['p99']:7.2f} ms  "
-                      f"versions {row['versions']}", flush=True)
+        for ranks in args.ranks:
+            rows.append(sync_rounds(ranks, args.rounds, cfg, store))
+        for c in args.clients:
+            for naive in (True, False):  # side by side, naive first
+                rows.append(async_clients(c, args.rounds, cfg, store, naive))
+    for r in rows:
+        lat = r["latency_ms"]
+        extra = f"  all-reduce p50 {r['allreduce_ms']['p50']:.2f} ms, added {r['added_latency_ms_p50']:.2f} ms" if r["mode"] == "sync" else ""
+        print(f"{r['mode']:5} clients={r['clients']:3d}  {r['throughput_per_s']:8.1f}/s  p50 {lat['p50']:7.2f} ms  "
+              f"p99 {lat['p99']:7.2f} ms{extra}", flush=True)
     path = write("lossnet_server.json", {"lossnet_params": n_params, "rounds": args.rounds, "rows": rows})
     print(f"wrote {path}")
 

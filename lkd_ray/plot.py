@@ -81,8 +81,8 @@ def loss_and_target_grad(net: LogitLossNet | None, p_s: torch.Tensor, p_t: torch
                          tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample distillation loss and its gradient w.r.t. the student's target logit, float64.
 
-    ``net=None`` gives KD (τ²·KL) for reference. Samples are independent and the losses average
-    over the batch, so n × the batch loss differentiates into exact per-sample gradients.
+    ``net=None`` gives KD (τ²·KL) for reference. Each sample is its own batch of one, so a scale-locked
+    loss shows its per-example direction at the base loss's per-example gradient norm.
     """
     p_s, p_t = p_s.double(), p_t.double().expand_as(p_s)
     n = p_s.numel()
@@ -97,7 +97,9 @@ def loss_and_target_grad(net: LogitLossNet | None, p_s: torch.Tensor, p_t: torch
 
         def fn(a, b, c):
             return net64(a, b, c, _state(net64))
-    grad = torch.autograd.grad(n * fn(z_s, z_t, y), z_s)[0][:, 0]
+    # one sample at a time: a scale-locked loss normalises over its batch, and a figure of "what the loss
+    # does to one example" should not depend on which other points were drawn beside it
+    grad = torch.stack([torch.autograd.grad(fn(z_s[i:i + 1], z_t[i:i + 1], y[i:i + 1]), z_s)[0][i, 0] for i in range(n)])
     with torch.no_grad():
         loss = torch.stack([fn(z_s[i:i + 1], z_t[i:i + 1], y[i:i + 1]) for i in range(n)])
     return loss.detach(), grad.detach()

@@ -91,8 +91,10 @@ class LogitLossNet(nn.Module):
         return self.tau**2 * self.g(v).squeeze(-1).sum(1).mean()
 
     def forward(self, z_s, z_t, y, state: torch.Tensor | None = None) -> torch.Tensor:
-        if self.lock == "none" or not torch.is_grad_enabled():
+        if self.lock == "none":
             return self.base_loss(z_s, z_t, y) + self.residual(z_s, z_t, y, state)
+        if not torch.is_grad_enabled():  # the locked loss's value is the base loss's; only its gradient differs
+            return self.base_loss(z_s, z_t, y)
         return self.base_loss(z_s, z_t, y) + (self.locked_gradient_offset(z_s, z_t, y, state) * (z_s - z_s.detach())).sum()
 
     def locked_gradient_offset(self, z_s, z_t, y, state=None) -> torch.Tensor:
