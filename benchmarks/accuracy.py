@@ -158,7 +158,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="folder for the per-run outputs (default runs/accuracy_<horizon>)")
     ap.add_argument("--variant", help="name of an extra setting given by --set (records: method <base>-NAME)")
-    ap.add_argument("--base", default="lkd", choices=["lkd", "control"], help="the learnable method a --variant changes")
+    ap.add_argument("--base", default="lkd", choices=["lkd", "control", "kd"], help="the method a --variant changes")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--reuse", metavar="METHOD", help="start the variant from METHOD's learned loss network (frozen)")
     ap.add_argument("--learn-seed", type=int, default=100, help="seed of the --reuse METHOD run to take the loss from")

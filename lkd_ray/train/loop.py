@@ -200,8 +200,9 @@ class Trainer:
         return torch.tensor([progress, self.state.quiz_acc / 100.0], device=self.device)
 
     def teacher_outputs(self, x, cached: torch.Tensor | None = None) -> TeacherOutputs | None:
-        """The frozen teacher's logits (and features, for a feature loss); from the cache when the batch has them."""
-        if cached is not None:
+        """The frozen teacher's logits (and features, for a feature loss); from the cache when the batch has them
+        and the run asked for it (``model.teacher_cache``)."""
+        if cached is not None and self.cfg.model.teacher_cache:
             return TeacherOutputs(cached.to(self.device, non_blocking=True))
         if self.teacher is None:
             return None
