@@ -13,7 +13,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
@@ -41,7 +40,6 @@ def main() -> None:
         for rep in range(args.reps):
             teacher, _ = prepare_teacher(cfg, data, log=lambda *_: None)
             torch.set_num_threads(os.cpu_count() or 1)
-            t = time.perf_counter()
             res1 = build_run(cfg, data=data, teacher=teacher, log=lambda *_: None).fit(progress=False)
             single.append(res1["history"][-1]["epoch_s"])  # the epoch alone, as on the Ray side
             c = cfg.model_copy(deep=True)

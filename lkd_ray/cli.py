@@ -88,7 +88,7 @@ def cmd_plot(args) -> int:
 
     try:
         paths = make_figures(args.lossnet, None if args.accuracy == "none" else args.accuracy, args.out,
-                             args.endpoint_url, args.max_versions, None if args.methods == ["all"] else args.methods)
+                             args.endpoint_url, args.max_versions, None if args.methods == ["all"] else args.methods, args.tag)
     except (PlotError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--max-versions", type=int, default=5, help="loss-network versions drawn per run (evenly spaced)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations")
-    p.add_argument("--methods", nargs="+", default=["ce", "kd", "dkd", "dist", "lkd-full", "lkd-head", "lkd-me40"],
+    p.add_argument("--methods", nargs="+", default=["ce", "kd", "dkd", "dist", "control", "lkd"],
                    help="methods drawn in the training curves ('all': every method in the records, ablations included)")
+    p.add_argument("--tag", default="", help="suffix for the figure files (e.g. _long for the long-horizon benchmark)")
     p.set_defaults(func=cmd_plot)
     args = parser.parse_args(argv)
     try:

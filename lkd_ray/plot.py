@@ -184,10 +184,11 @@ def _mean_std(rows: list[list[float]]) -> tuple[list[float], list[float]]:
     return [statistics.mean(c) for c in cols], [statistics.stdev(c) if len(c) > 1 else 0.0 for c in cols]
 
 
-MAIN_METHODS = ("ce", "kd", "dkd", "dist", "lkd-full", "lkd-head", "lkd-me40")  # me40: the shipped LKD default
+MAIN_METHODS = ("ce", "kd", "dkd", "dist", "control", "lkd", "lkd-full", "lkd-head", "lkd-me40")  # lkd: the shipped default
 
 
-def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] | None = MAIN_METHODS) -> list[Path]:
+def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] | None = MAIN_METHODS,
+                         tag: str = "") -> list[Path]:
     """Quiz and test top-1 per epoch, mean ± std over seeds, one line per method; and the paired
     difference of every method to KD per seed. ``methods=None`` draws every method in the records
     (the accuracy benchmark's ablation variants included)."""
@@ -219,7 +220,7 @@ def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] 
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%), mean ± std over seeds")
     axes[1].legend(fontsize=8)
-    paths = [_savefig(fig, out / "training_curves.png")]
+    paths = [_savefig(fig, out / f"training_curves{tag}.png")]
     plt.close(fig)
 
     kd = {r["seed"]: r["test_top1"] for r in records if r["method"] == "kd"}
@@ -237,19 +238,19 @@ def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] 
         ax.set_xticks(range(len(others)), others, rotation=20)
         ax.set_ylabel("test top-1 − KD's, same seed (pp)")
         ax.set_title("paired difference to KD (dots: seeds; ◆: mean ± SE)")
-        paths.append(_savefig(fig, out / "paired_vs_kd.png"))
+        paths.append(_savefig(fig, out / f"paired_vs_kd{tag}.png"))
         plt.close(fig)
     return paths
 
 
 def make_figures(lossnet_uris: Sequence[str], accuracy: str | Path | None, out: str | Path,
                  endpoint_url: str | None = None, max_versions: int = 5,
-                 methods: Sequence[str] | None = MAIN_METHODS) -> list[Path]:
+                 methods: Sequence[str] | None = MAIN_METHODS, tag: str = "") -> list[Path]:
     out = Path(out)
     paths: list[Path] = []
     for uri in lossnet_uris:
-        title = Path(uri.rstrip("/")).name or "run"
+        title = (Path(uri.rstrip("/")).name or "run") + tag
         paths += plot_learned_loss(load_versions(uri, endpoint_url, max_versions), out, title)
     if accuracy is not None:
-        paths += plot_training_curves(load_accuracy(accuracy), out, methods)
+        paths += plot_training_curves(load_accuracy(accuracy), out, methods, tag)
     return paths

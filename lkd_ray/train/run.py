@@ -7,7 +7,6 @@ CLI, the Ray driver and workers, and the benchmarks, so they cannot drift apart.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
