@@ -49,7 +49,7 @@ def view_table(loader: InMemoryLoader, k: int) -> np.ndarray | None:
     return np.argsort(keys, axis=1)[:, :k].astype(np.int64)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def compute_logits(loader: InMemoryLoader, teacher: torch.nn.Module, device: torch.device, k: int = 0,
                    chunk: int = 1024, progress: bool = True) -> tuple[torch.Tensor, np.ndarray | None]:
     """(N × slots × C logits, N × slots views or None): the teacher on every cached view, in eval mode."""
@@ -57,7 +57,7 @@ def compute_logits(loader: InMemoryLoader, teacher: torch.nn.Module, device: tor
     table = view_table(loader, k)
     slots = 1 if spec is None else (table.shape[1] if table is not None else spec.num_views)
     n = len(loader.labels)
-    teacher = teacher.to(device).eval()
+    teacher = teacher.to(device).eval().to(memory_format=torch.channels_last)  # ~1.3× faster convolutions on CPU
     out = None
     from tqdm.auto import tqdm
 
@@ -71,7 +71,7 @@ def compute_logits(loader: InMemoryLoader, teacher: torch.nn.Module, device: tor
             else:
                 v = table[start:start + chunk, s] if table is not None else np.full(len(x), s)
                 xv = spec.apply(x, v)
-            z = teacher(xv.to(device)).float().cpu()
+            z = teacher(xv.to(device).contiguous(memory_format=torch.channels_last)).float().cpu()
             if out is None:
                 out = torch.empty(n, slots, z.shape[1])
             out[start:start + len(x), s] = z
