@@ -335,3 +335,23 @@ def test_outputs_are_strict_json_and_appended_per_attempt(tmp_path):
     assert json.loads(dumps({"a": float("nan"), "b": [float("inf"), 1.0]})) == {"a": None, "b": [None, 1.0]}
     assert default_outputs(tmp_path, cfg.to_dict())
     assert Batch(torch.zeros(1), torch.zeros(1)).t_logits is None
+
+
+def test_a_learned_loss_is_reused_from_s3(tmp_path, s3_bucket, moto_endpoint, monkeypatch):
+    from lkd_ray.meta.versions import VersionStore
+    from lkd_ray.storage import S3Settings, S3Storage
+
+    cfg, data = _synthetic(meta={"meta_every": 2, "p_snapshot": 0.0})
+    teacher = build_model("cnn_teacher", 10, 1)
+    first = build_run(cfg, data=data, teacher=teacher)
+    first.fit(progress=False)
+    st = S3Storage(s3_bucket, "learned", S3Settings(endpoint_url=moto_endpoint))
+    VersionStore(st, "lossnet").save(7, {"lossnets": first.trainer.lossnets.state_dict(), "config": cfg.to_dict()})
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    for uri in (f"s3://{s3_bucket}/learned", f"s3://{s3_bucket}/learned/lossnet/v7.pt"):
+        reuse = cfg.model_copy(deep=True)
+        reuse.lossnet.init_from, reuse.lossnet.frozen = uri, True
+        run = build_run(reuse, data=data, teacher=teacher)
+        assert run.info["lossnet"]["version"] == 7
+        for k, v in run.trainer.lossnets.state_dict().items():
+            assert torch.equal(v, first.trainer.lossnets.state_dict()[k])

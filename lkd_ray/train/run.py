@@ -6,6 +6,7 @@ CLI, the Ray driver and workers, and the benchmarks, so they cannot drift apart.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -44,6 +45,9 @@ def read_lossnet_artifact(uri: str, endpoint_url: str | None = None) -> dict[str
         if not st.exists(key):
             raise LossNetArtifactError(f"lossnet.init_from={uri!r}: no such file")
         sd = st.get_torch(key)
+        m = re.fullmatch(r"v(\d+)\.pt", key)
+        if isinstance(sd, dict) and m:
+            sd.setdefault("version", int(m.group(1)))
     else:
         st = open_storage(uri, endpoint_url)
         sd = VersionStore(st, "lossnet").load_latest()
