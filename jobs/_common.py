@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/x.py` from a checkout / ray working_dir
 
 from lkd_ray.config import ConfigError, build_config  # noqa: E402
-from lkd_ray.storage import StorageError  # noqa: E402
+from lkd_ray.storage import OUTAGE_ENV, StorageError  # noqa: E402
 
 
 def parser(description: str, recipe: str) -> argparse.ArgumentParser:
@@ -22,6 +22,9 @@ def parser(description: str, recipe: str) -> argparse.ArgumentParser:
                    help="local folder or s3://bucket/prefix (default: $LKD_STORAGE, else ./runs; required under `ray job submit`, "
                         "whose working directory Ray deletes)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    p.add_argument("--storage-outage-s", type=float, default=None, metavar="SECONDS",
+                   help=f"how long every storage call (ours and Ray Train's checkpoints) keeps retrying an unreachable "
+                        f"S3 endpoint before the job exits with code 3 (default: ${OUTAGE_ENV}, else 60)")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
@@ -70,24 +73,51 @@ def resolve_storage(args) -> str:
     return "runs"
 
 
+_ARROW_MARKERS = ("AWS Error", "curlCode")  # pyarrow's S3 errors: Ray Train's checkpoint uploads and registrations
+
+
 def storage_cause(e: BaseException) -> str | None:
-    """The storage error behind a failure, however deep Ray wrapped it (None when it is something else)."""
+    """The storage error behind a failure, however deep Ray wrapped it (None when it is something else):
+    our ``StorageError``, or a pyarrow S3 ``OSError`` from Ray Train's own checkpoint storage."""
     seen = set()
     stack = [e]
+    arrow = None
     while stack:
         x = stack.pop()
         if id(x) in seen or x is None:
             continue
         seen.add(id(x))
         if isinstance(x, StorageError):
-            return str(x)
-        stack += [x.__cause__, x.__context__, *(getattr(x, "args", ()) if isinstance(getattr(x, "args", None), tuple) else ())]
-        stack = [y for y in stack if isinstance(y, BaseException)]
+            return str(x).splitlines()[0]
+        if arrow is None and isinstance(x, OSError) and any(m in str(x) for m in _ARROW_MARKERS):
+            arrow = str(x).splitlines()[0]
+        nested = [x.__cause__, x.__context__, getattr(x, "cause", None), getattr(x, "controller_failure", None),
+                  *(getattr(x, "worker_failures", None) or {}).values()]
+        if isinstance(getattr(x, "args", None), tuple):
+            nested += list(x.args)
+        stack += [y for y in nested if isinstance(y, BaseException)]
+    if arrow is not None:
+        return f"Ray Train could not reach its checkpoint storage ({arrow})"
     text = str(e)
-    for marker in ("StorageError: ", "ChecksumMismatch: "):
+    for marker in ("StorageUnavailable: ", "ChecksumMismatch: ", "CorruptObject: ", "StorageError: "):
         if marker in text:
             return text.split(marker, 1)[1].splitlines()[0]
+    for line in text.splitlines():
+        if any(m in line for m in _ARROW_MARKERS):
+            return f"Ray Train could not reach its checkpoint storage ({line.split('OSError: ', 1)[-1].strip()})"
     return None
+
+
+def outage_bound(args) -> float | None:
+    """``--storage-outage-s``, exported so every storage client of this process and of the run uses it."""
+    v = getattr(args, "storage_outage_s", None)
+    if v is None:
+        return None
+    if not (v >= 0 and v != float("inf")):
+        print(f"error: --storage-outage-s {v}: give a finite number of seconds ≥ 0", file=sys.stderr)
+        raise SystemExit(2)
+    os.environ[OUTAGE_ENV] = str(v)
+    return v
 
 
 def launch(cfg, args, **extra_opts) -> dict:
@@ -96,7 +126,8 @@ def launch(cfg, args, **extra_opts) -> dict:
     threads = max(1, int(args.cpus_per_worker), (os.cpu_count() or 1) // max(1, args.num_workers)) if not args.use_gpu else 4
     opts = LaunchOptions(storage=resolve_storage(args), num_workers=args.num_workers, use_gpu=args.use_gpu,
                          endpoint_url=args.endpoint_url, mode=args.mode, max_failures=args.max_failures,
-                         cpus_per_worker=args.cpus_per_worker, threads_per_worker=threads, **extra_opts)
+                         cpus_per_worker=args.cpus_per_worker, threads_per_worker=threads,
+                         storage_outage_s=outage_bound(args), **extra_opts)
     if args.smoke:
         print(f"[smoke] {cfg.run.name}: generated data with the job's real shapes and an untrained teacher — "
               "checks the pipeline, says nothing about accuracy", flush=True)
@@ -114,7 +145,8 @@ def launch(cfg, args, **extra_opts) -> dict:
         cause = storage_cause(e)
         if cause is None:
             raise
-        print(f"error: storage failed during the run: {cause} (the run can be resumed: rerun the same command)", file=sys.stderr)
+        hint = "" if "rerun" in cause else " (the run resumes from its last checkpoint: rerun the same command once storage is reachable)"
+        print(f"error: storage failed during the run: {cause}{hint}", file=sys.stderr)
         raise SystemExit(3)
 
 

@@ -5,7 +5,7 @@
 Writes trials.csv, trials.json and best_config.yaml (accepted unchanged by jobs/lkd_*.py --config)
 to --out and to <storage>/<name>/. Re-running with the same --name resumes an interrupted search.
 """
-from _common import build, parser
+from _common import build, outage_bound, parser
 
 from lkd_ray.distributed.launch import LaunchOptions
 from lkd_ray.distributed.tune import TuneOptions, format_table, run_search
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     cfg = build(args, {"loss": {"method": "lkd"}, "run": {"progress": False}})
     launch = LaunchOptions(storage=args.storage, num_workers=args.num_workers, use_gpu=args.use_gpu,
                            endpoint_url=args.endpoint_url, mode=args.mode, max_failures=args.max_failures,
-                           cpus_per_worker=args.cpus_per_worker)
+                           cpus_per_worker=args.cpus_per_worker, storage_outage_s=outage_bound(args))
     res = run_search(cfg, launch, TuneOptions(trials=args.trials, max_concurrent=args.max_concurrent,
                                               grace_epochs=args.grace_epochs, name=args.name,
                                               gpus_per_trial=args.gpus_per_trial),

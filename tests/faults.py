@@ -2,12 +2,15 @@
 runs whatever callbacks it is given). Pickled by value, so Ray workers need not import this module."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
-import sys
-
 import ray.cloudpickle
+
+from tests import proxy
+from tests.proxy import send_control
 
 
 class CrashOnce:
@@ -36,4 +39,35 @@ class KillServerOnce:
             ray.kill(ray.get_actor(self.server_name, namespace=self.namespace), no_restart=False)
 
 
+class ProbeServer:
+    """Once, after ``epoch`` on rank 0: write the LossNetServer's report to ``marker``, optionally kill the
+    server (Ray restarts it; it restores from storage), then send ``commands`` to the fault proxy's control
+    port (e.g. lift the outage that kept the server from saving)."""
+
+    def __init__(self, server_name: str, epoch: int, marker: str, control_port: int, commands: list[str],
+                 kill: bool = False, until_persist_failures: int = 0, namespace: str | None = None):
+        self.server_name, self.epoch, self.marker, self.namespace = server_name, epoch, marker, namespace
+        self.control_port, self.commands, self.kill = control_port, list(commands), kill
+        self.until_persist_failures = until_persist_failures  # first wait until that many saves have failed
+
+    def on_epoch_end(self, rec) -> None:
+        import time
+
+        import ray
+
+        if rec.rank == 0 and rec.epoch == self.epoch and not Path(self.marker).exists():
+            server = ray.get_actor(self.server_name, namespace=self.namespace)
+            deadline = time.monotonic() + 60
+            report = ray.get(server.report.remote())
+            while report["persist_failures"] < self.until_persist_failures and time.monotonic() < deadline:
+                time.sleep(0.2)
+                report = ray.get(server.report.remote())
+            Path(self.marker).write_text(json.dumps(report))
+            if self.kill:
+                ray.kill(server, no_restart=False)
+            for c in self.commands:
+                assert send_control(self.control_port, c).startswith("ok"), c
+
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+ray.cloudpickle.register_pickle_by_value(proxy)

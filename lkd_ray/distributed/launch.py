@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
-from ..storage import Storage, StorageError, open_storage, safe_key
+from ..storage import Storage, StorageError, default_outage_s, open_storage, safe_key
 from ..train.outputs import dumps, json_safe
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class LaunchOptions:
     callbacks: list[Any] = field(default_factory=list)         # Ray Train UserCallbacks (Tune's TuneReportCallback)
     worker_callbacks: list[Any] = field(default_factory=list)  # per-epoch callbacks run inside every worker
     extra_worker_config: dict[str, Any] = field(default_factory=dict)
+    storage_outage_s: float | None = None  # how long storage calls retry an outage (None: $LKD_STORAGE_OUTAGE_S or 60)
 
 
 def init_ray(address: str | None = None) -> None:
@@ -197,7 +198,8 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
     from .worker import train_loop_per_worker
 
     run = safe_key(cfg.run.name)
-    storage = open_storage(opts.storage, opts.endpoint_url)
+    outage = opts.storage_outage_s if opts.storage_outage_s is not None else default_outage_s()
+    storage = open_storage(opts.storage, opts.endpoint_url, outage)
     storage.check()  # unreachable endpoint, missing bucket, bad credentials: fail before any worker starts
     es = cfg.meta.estimator == "es" and cfg.loss.method in ("lkd", "control") and not cfg.lossnet.frozen
     if es and opts.num_workers != cfg.meta.es_particles:
@@ -222,13 +224,14 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
         mode = "es" if es else opts.mode
         server = LossNetServer.options(name=names["server_name"], max_restarts=opts.server_max_restarts,
                                        max_task_retries=-1, get_if_exists=True).remote(
-            cfg, uri, run, mode, opts.max_staleness, opts.endpoint_url, cfg.meta.es_particles if es else 0)
+            cfg, uri, run, mode, opts.max_staleness, opts.endpoint_url, cfg.meta.es_particles if es else 0,
+            storage_outage_s=outage)
         ray.get(server.ping.remote())
         actors.append(server)
         if not es:
             index, loaders = start_snapshot_pool(uri, run, cfg.meta.sampling, cfg.run.seed, opts.num_loaders,
                                                  endpoint_url=opts.endpoint_url, namespace_name=names["index_name"],
-                                                 max_snapshots=cfg.meta.max_snapshots)
+                                                 max_snapshots=cfg.meta.max_snapshots, outage_s=outage)
             actors += [index, *loaders]
             names["loader_names"] = [f"{names['index_name']}-loader{i}" for i in range(opts.num_loaders)]
     progress = _progress_actor().options(name=names["progress_name"], get_if_exists=True).remote()
@@ -237,6 +240,7 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
     worker_cfg = {"cfg": cfg, "storage": uri, "endpoint_url": opts.endpoint_url, "run": run, "teacher_key": teacher_key,
                   "teacher_info": teacher_info, "mode": opts.mode, "use_gpu": opts.use_gpu, "namespace": ns,
                   "threads_per_worker": opts.threads_per_worker, "callbacks": list(opts.worker_callbacks),
+                  "storage_outage_s": outage,
                   **names, **opts.extra_worker_config}
     datasets = None
     if cfg.data.dataset == "parquet":  # stream the train split through Ray Data (decoding on CPU tasks)
@@ -273,7 +277,8 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
                                    "config": cfg.to_dict(), "teacher": teacher_info}
         if learnable:
             server = actors[0]
-            summary["server"] = ray.get(server.flush.remote())
+            # waits while versions are still being written; gives up once none was for longer than an outage may last
+            summary["server"] = ray.get(server.flush.remote(stall_s=2 * outage + 15))
             if summary["server"]["persist_pending"]:
                 raise StorageError(f"the loss network's last {summary['server']['persist_pending']} version(s) could not be "
                                    f"saved to {storage.uri}/{run}/lossnet ({summary['server']['persist_error']})")

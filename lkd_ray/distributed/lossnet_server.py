@@ -41,7 +41,8 @@ class LossNetServerCore:
     """The server's logic without Ray (unit-testable; the actor wraps it)."""
 
     def __init__(self, cfg: Config | dict, storage_uri: str, run: str, mode: str = "sync", max_staleness: int = 4,
-                 endpoint_url: str | None = None, particles: int = 0, persist: bool = True, retry_s: float = 60.0):
+                 endpoint_url: str | None = None, particles: int = 0, persist: bool = True, retry_s: float = 60.0,
+                 storage_outage_s: float | None = None):
         self.cfg = cfg if isinstance(cfg, Config) else Config.model_validate(cfg)
         if mode not in ("sync", "async", "es"):
             raise ValueError(f"unknown LossNetServer mode {mode!r}; valid: sync, async, es")
@@ -54,10 +55,10 @@ class LossNetServerCore:
             load_lossnets_from(self.lossnets, self.cfg)
         self.opt = LossNetOptimizer(self.lossnets, self.cfg.meta.lr, self.cfg.meta.clip_norm)
         self.mode, self.max_staleness = mode, max_staleness
-        self.versions = VersionStore(open_storage(storage_uri, endpoint_url), safe_key(run, "lossnet"))
+        self.versions = VersionStore(open_storage(storage_uri, endpoint_url, storage_outage_s), safe_key(run, "lossnet"))
         self.stats: dict[str, Any] = {"submitted": 0, "accepted": 0, "rejected": 0, "rejected_reasons": {},
                                       "max_staleness_seen": 0, "rounds": 0, "batches": 0, "restored_from": None,
-                                      "adopted_from": None, "duplicates": 0}
+                                      "adopted_from": None, "duplicates": 0, "behind": 0}
         self.last_round: dict[str, int] = {}  # sender → last round applied (replays after a restart are recognised)
         self.es: ESEstimator | None = None
         self.es_index = None
@@ -138,6 +139,12 @@ class LossNetServerCore:
         old = self.version
         self.opt.load_flat(flat_phi)
         self.opt.stats.version = int(version)
+        # each version step was one applied update (sync/async): the lost ones count, so that after any restart
+        # version == updates applied, each exactly once
+        if self.mode != "es":
+            self.opt.stats.accepted += int(version) - old
+            self.stats["accepted"] += int(version) - old
+            self.stats["rounds"] += int(version) - old
         self.stats["adopted_from"] = {"server_version": old, "worker_version": int(version), "reason": reason}
         log.warning("LossNetServer at version %s adopted version %s from a worker (%s)", old, version, reason)
         self._enqueue()
@@ -196,6 +203,12 @@ class LossNetServerCore:
         checked, why = self._check(grad, lr_scale)
         if checked is None:
             return self._reject(why)
+        if self.mode == "sync" and base_version > self.version:
+            # the server restarted from an older save: not a refused round — the leader hands over its newer φ
+            # (``adopt``) and resubmits, so it is counted apart from rejections
+            self.stats["behind"] += 1
+            return {"accepted": False, "reason": f"wrong version: round computed at v{base_version}, server behind at "
+                    f"v{self.version} (restarted from an older save): adopt, then resubmit", "version": self.version}
         if self.mode == "sync" and base_version != self.version:
             return self._reject(f"wrong version: round computed at v{base_version}, server at v{self.version}")
         ok = self._apply([checked], float(lr_scale), from_snapshot, quiz_loss)
@@ -369,11 +382,14 @@ if ray is not None:
         async def report(self) -> dict:
             return self.core.report()
 
-        async def flush(self, timeout_s: float = 120.0) -> dict:
-            """Wait until every applied version is persisted (or ``timeout_s`` passes); report the outcome."""
-            t0 = time.monotonic()
-            while self.core.persist_pending() and time.monotonic() - t0 < timeout_s:
+        async def flush(self, stall_s: float = 135.0) -> dict:
+            """Wait until every applied version is persisted, or until none was for ``stall_s`` (storage still
+            down: a long backlog after an outage drains however long it takes); report the outcome."""
+            last, progress = self.core.persist_pending(), time.monotonic()
+            while self.core.persist_pending() and time.monotonic() - progress < stall_s:
                 await asyncio.sleep(0.05)
+                if self.core.persist_pending() < last:
+                    last, progress = self.core.persist_pending(), time.monotonic()
             return self.core.report()
 
         async def ping(self) -> bool:

@@ -5,6 +5,11 @@ An index actor holds the manifest of every recorded snapshot (persisted as
 actors fetches a drawn snapshot from storage (LRU cache bounded in bytes, checksum-verified) and
 hands it back through the object store. ``RaySnapshotStore`` is the trainer-facing side: it
 implements the single-process ``SnapshotStore`` interface and prefetches the next draw.
+
+Only an object that is not what was written (checksum mismatch) or does not load is marked corrupt
+and skipped for the rest of the run; a read that fails because storage is unreachable (after the
+storage layer's own retries) is transient: that draw starts from the current student instead, and the
+snapshot stays in the pool.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import ray
 import torch
 from ray.util import ActorPool
 
-from ..storage import ChecksumMismatch, StorageError, open_storage, safe_key
+from ..storage import CorruptObject, StorageError, open_storage, safe_key
 from ..train.snapshots import draw_index
 
 log = logging.getLogger(__name__)
@@ -36,8 +41,8 @@ class SnapshotIndex:
     """
 
     def __init__(self, storage_uri: str, run: str, sampling: str = "uniform", seed: int = 0, endpoint_url: str | None = None,
-                 max_snapshots: int | None = None):
-        self.storage = open_storage(storage_uri, endpoint_url)
+                 max_snapshots: int | None = None, outage_s: float | None = None):
+        self.storage = open_storage(storage_uri, endpoint_url, outage_s)
         self.run = run
         self.sampling, self.max_snapshots = sampling, max_snapshots
         self.rng = random.Random(seed)
@@ -118,24 +123,29 @@ class SnapshotIndex:
 
 @ray.remote(num_cpus=0)
 class SnapshotLoader:
-    def __init__(self, storage_uri: str, cache_bytes: int = 256 << 20, endpoint_url: str | None = None):
-        self.storage = open_storage(storage_uri, endpoint_url)
+    def __init__(self, storage_uri: str, cache_bytes: int = 256 << 20, endpoint_url: str | None = None,
+                 outage_s: float | None = None):
+        self.storage = open_storage(storage_uri, endpoint_url, outage_s)
         self.cache: OrderedDict[str, tuple[int, dict]] = OrderedDict()
         self.cache_bytes, self.used = cache_bytes, 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.transient_errors = 0
 
     def load(self, entry: dict) -> dict[str, Any]:
-        """Return ``{"entry", "state" | None, "error" | None}``; a corrupt object is reported, never loaded."""
+        """Return ``{"entry", "state" | None, "error" | None, "corrupt": bool}``; a corrupt object is reported,
+        never loaded; a read error that is not corruption is reported as transient (``corrupt`` False)."""
         key = entry["key"]
         if key in self.cache:
             self.cache.move_to_end(key)
             self.hits += 1
-            return {"entry": entry, "state": self.cache[key][1], "error": None}
+            return {"entry": entry, "state": self.cache[key][1], "error": None, "corrupt": False}
         self.misses += 1
         try:
             state = self.storage.get_torch(key, expect_sha256=entry["sha256"])
-        except (ChecksumMismatch, StorageError) as e:
-            return {"entry": entry, "state": None, "error": str(e)}
+        except CorruptObject as e:
+            return {"entry": entry, "state": None, "error": str(e), "corrupt": True}
+        except StorageError as e:
+            self.transient_errors += 1
+            return {"entry": entry, "state": None, "error": str(e), "corrupt": False}
         size = int(entry.get("size", 0))
         if size <= self.cache_bytes:
             self.cache[key] = (size, state)
@@ -143,23 +153,24 @@ class SnapshotLoader:
             while self.used > self.cache_bytes:
                 _, (s, _) = self.cache.popitem(last=False)
                 self.used -= s
-        return {"entry": entry, "state": state, "error": None}
+        return {"entry": entry, "state": state, "error": None, "corrupt": False}
 
     def stats(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "cached_bytes": self.used, "cached": len(self.cache)}
+        return {"hits": self.hits, "misses": self.misses, "cached_bytes": self.used, "cached": len(self.cache),
+                "transient_errors": self.transient_errors}
 
 
 class RaySnapshotStore:
     """``SnapshotStore`` over the pool. Rank 0 records; every rank samples (prefetching the next draw)."""
 
     def __init__(self, storage_uri: str, run: str, index, loaders: list, record: bool, endpoint_url: str | None = None,
-                 prefetch: bool = True, rank: int = 0):
-        self.storage = open_storage(storage_uri, endpoint_url)
+                 prefetch: bool = True, rank: int = 0, outage_s: float | None = None):
+        self.storage = open_storage(storage_uri, endpoint_url, outage_s)
         self.run, self.index, self.loaders, self.record_enabled, self.prefetch = run, index, loaders, record, prefetch
         self.rank = rank
         self.pool = ActorPool(loaders)
         self._pending = 0
-        self.corrupt_seen = 0
+        self.corrupt_seen = self.transient_seen = 0
         self._n = ray.get(index.stats.remote())["snapshots"]
 
     def record(self, step: int, state: dict[str, torch.Tensor]) -> None:
@@ -187,6 +198,11 @@ class RaySnapshotStore:
                 if self.prefetch:
                     self._submit_draw()
                 return out["state"]
+            if not out.get("corrupt", True):  # storage unreachable: this draw starts from the current student
+                self.transient_seen += 1
+                log.warning("could not read snapshot %s (%s); this meta-step starts from the current student, the "
+                            "snapshot stays in the pool", out["entry"]["key"], out["error"])
+                return None
             self.corrupt_seen += 1
             log.warning("skipping snapshot %s: %s", out["entry"]["key"], out["error"])
             ray.get(self.index.mark_corrupt.remote(out["entry"]["key"]))
@@ -200,11 +216,12 @@ class RaySnapshotStore:
 
 def start_snapshot_pool(storage_uri: str, run: str, sampling: str, seed: int, num_loaders: int = 2,
                         cache_bytes: int = 256 << 20, endpoint_url: str | None = None, namespace_name: str | None = None,
-                        max_snapshots: int | None = None):
+                        max_snapshots: int | None = None, outage_s: float | None = None):
     """Create (or reuse, by name) the index actor and the loader actors for a run."""
     name = namespace_name or f"lkd-snapshots-{run}"
     index = SnapshotIndex.options(name=name, get_if_exists=True).remote(storage_uri, run, sampling, seed, endpoint_url,
-                                                                        max_snapshots)
-    loaders = [SnapshotLoader.options(name=f"{name}-loader{i}", get_if_exists=True).remote(storage_uri, cache_bytes, endpoint_url)
+                                                                        max_snapshots, outage_s)
+    loaders = [SnapshotLoader.options(name=f"{name}-loader{i}", get_if_exists=True).remote(storage_uri, cache_bytes, endpoint_url,
+                                                                                          outage_s)
                for i in range(num_loaders)]
     return index, loaders

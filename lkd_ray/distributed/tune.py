@@ -86,7 +86,7 @@ def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: 
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
-    storage = open_storage(launch.storage, launch.endpoint_url)
+    storage = open_storage(launch.storage, launch.endpoint_url, launch.storage_outage_s)
     storage.check()
     init_ray()
     fs, base_path = storage.arrow_fs()

@@ -19,7 +19,7 @@ import torch
 from ..config import Config
 from ..data import build_data
 from ..models import build_model, load_teacher, load_weights
-from ..storage import open_storage
+from ..storage import OUTAGE_ENV, open_storage
 from ..train import build_run
 from ..train.outputs import MetricsLog
 from .meta_client import ESParticle, RemoteMetaUpdater
@@ -40,11 +40,12 @@ def _teacher(cfg: Config, config: dict, storage, data):
     return None
 
 
-def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> dict | None:
-    """The resumable state with the most epochs: Ray Train's registered checkpoint, or one uploaded to
-    ``<run>/ray/checkpoint_*/`` whose registration a crash cut short (the controller registers a report
-    only once every rank's report arrived). A file that does not load is skipped."""
-    best = None
+def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> tuple[dict | None, bool]:
+    """The resumable state with the most epochs, and whether Ray Train registered it: the registered
+    checkpoint, or one uploaded to ``<run>/ray/checkpoint_*/`` whose registration a crash or a storage
+    outage cut short (the controller registers a report only once every rank's report arrived, and
+    writes its registry after the upload). A file that does not load is skipped."""
+    best, is_registered = None, registered is not None
     if registered is not None:
         with registered.as_directory() as d:
             best = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
@@ -60,11 +61,10 @@ def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> d
             log.warning("skipping checkpoint %s: %s", key, e)
             continue
         if best is None or int(sd.get("epoch", 0)) > int(best.get("epoch", 0)):
-            if registered is not None:
-                log.warning("resuming from %s (epoch %s): newer than the registered checkpoint, whose registration "
-                            "a failure cut short", key, sd.get("epoch"))
-            best = sd
-    return best
+            log.warning("resuming from %s (epoch %s): newer than the registered checkpoint (%s), whose registration "
+                        "a failure cut short", key, sd.get("epoch"), f"epoch {best.get('epoch')}" if best else "none")
+            best, is_registered = sd, False
+    return best, is_registered
 
 
 def _resume(trainer, sd: dict, server, updater, rank: int) -> None:
@@ -93,6 +93,8 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: Config = config["cfg"]
     torch.set_num_threads(config.get("threads_per_worker", 1))
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
+    if config.get("storage_outage_s") is not None:  # every storage client in this worker (ours and the trainer's)
+        os.environ[OUTAGE_ENV] = str(config["storage_outage_s"])
     storage = open_storage(config["storage"], config.get("endpoint_url"))
     run_key = config["run"]
     es = cfg.meta.estimator == "es" and cfg.loss.method in ("lkd", "control") and not cfg.lossnet.frozen
@@ -113,7 +115,7 @@ def train_loop_per_worker(config: dict) -> None:
         index = ray.get_actor(config["index_name"], namespace=ns)
         loaders = [ray.get_actor(n, namespace=ns) for n in config["loader_names"]]
         store = RaySnapshotStore(config["storage"], run_key, index, loaders, record=rank == 0,
-                                 endpoint_url=config.get("endpoint_url"), rank=rank)
+                                 endpoint_url=config.get("endpoint_url"), rank=rank, outage_s=config.get("storage_outage_s"))
     updaters = []
 
     def remote_updater(lossnets):
@@ -136,7 +138,7 @@ def train_loop_per_worker(config: dict) -> None:
     updater = updaters[0] if updaters else None
     if es and server is not None:
         trainer.particle = ESParticle(server, rank, cfg, trainer.lossnets)
-    state = newest_checkpoint(storage, run_key, ray.train.get_checkpoint(), device)
+    state, registered = newest_checkpoint(storage, run_key, ray.train.get_checkpoint(), device)
     if state is not None:
         _resume(trainer, state, server, updater, rank)
     metrics_log = MetricsLog(Path(tempfile.mkdtemp(prefix=f"lkd-{run_key}-logs-"))) if rank == 0 else None
@@ -150,6 +152,34 @@ def train_loop_per_worker(config: dict) -> None:
         if progress is not None and trainer.state.step % 10 == 0:
             progress.update.remote(trainer.state.step, stats.get("loss"))
 
+    def epoch_metrics(m) -> dict:
+        metrics = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        metrics.update({"rank": rank, "steps_per_epoch": steps_per_epoch})
+        if server is not None:
+            srv = ray.get(server.report.remote())
+            metrics.update({f"server_{k}": v for k, v in srv.items() if isinstance(v, (int, float)) and v is not None})
+        return metrics
+
+    def report(metrics: dict, epoch: int) -> None:
+        """Every rank reports (Ray Train V2); rank 0 attaches the resumable state and the student."""
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            state = trainer.state_dict()
+            if updater is not None:
+                state["meta_round"] = updater.round
+            torch.save(state, os.path.join(d, CHECKPOINT_FILE))
+            torch.save({"model": trainer.bundle.net.state_dict(), "epoch": epoch}, os.path.join(d, STUDENT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    if state is not None and not registered and trainer.state.epoch >= cfg.optim.epochs and trainer.state.history:
+        # the final checkpoint was uploaded but its registration failed (e.g. storage down beyond the bound in Ray
+        # Train's controller): register it now, or the run's result would name the epoch before
+        log.warning("registering the final checkpoint (epoch %s), whose registration failed in the last attempt",
+                    trainer.state.epoch)
+        report(epoch_metrics(trainer.state.history[-1]), trainer.state.epoch)
+
     while trainer.state.epoch < cfg.optim.epochs:
         t0 = time.perf_counter()
         train_metrics = trainer.train_epoch(on_step=on_step)
@@ -157,11 +187,7 @@ def train_loop_per_worker(config: dict) -> None:
             updater.flush()
             updater.refresh_counters()
         rec = trainer.end_epoch(train_metrics, time.perf_counter() - t0)
-        metrics = {k: v for k, v in rec.metrics.items() if isinstance(v, (int, float))}
-        metrics.update({"rank": rank, "steps_per_epoch": steps_per_epoch})
-        if server is not None:
-            srv = ray.get(server.report.remote())
-            metrics.update({f"server_{k}": v for k, v in srv.items() if isinstance(v, (int, float)) and v is not None})
+        metrics = epoch_metrics(rec.metrics)
         if streaming and config.get("record_sample_ids"):
             storage.put_json(f"{run_key}/seen_ids/epoch{rec.epoch}-rank{rank}.json", trainer.data.train.seen)
         if rank == 0:
@@ -171,14 +197,6 @@ def train_loop_per_worker(config: dict) -> None:
                     storage.put_bytes(f"{run_key}/logs/{f.relative_to(metrics_log.out_dir).as_posix()}", f.read_bytes())
             if progress is not None:
                 ray.get(progress.epoch.remote(metrics))
-            with tempfile.TemporaryDirectory() as d:
-                state = trainer.state_dict()
-                if updater is not None:
-                    state["meta_round"] = updater.round
-                torch.save(state, os.path.join(d, CHECKPOINT_FILE))
-                torch.save({"model": trainer.bundle.net.state_dict(), "epoch": rec.epoch}, os.path.join(d, STUDENT_FILE))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        report(metrics, rec.epoch)
         for cb in callbacks:
             cb.on_epoch_end(rec)
