@@ -1,6 +1,12 @@
-"""SnapshotPool draw latency — cold (loader cache empty), warm (cached) and prefetched (fetch
-overlapped with a simulated training interval) — against a raw boto3 GET of the same object, on a
-real S3 endpoint (moto_server, 127.0.0.1).
+"""SnapshotPool draw latency against a raw boto3 GET of the same object, on a real S3 endpoint
+(moto_server, 127.0.0.1):
+
+* cold: no object-store copy and no loader cache — every draw is fetched from storage, sha256-verified
+  and deserialised by a loader actor;
+* warm: the draw is served from Ray's object store (the copy the index put there when it was recorded);
+* prefetched: what a meta-step waits for when the draw was requested right after the previous one and
+  a (simulated) training interval passed in between — the stall;
+* memory: snapshots recorded past ``object_bytes`` leave the object store (bounded as configured).
 
     .venv/bin/python benchmarks/snapshot_pool.py [--model resnet8x4] [--reps 20]
 """
@@ -37,7 +43,7 @@ def main() -> None:
         rows = {}
         # one snapshot only, so every draw is the same object as the raw GET
         index, loaders = start_snapshot_pool(uri, "one", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=endpoint,
-                                             namespace_name="cold")
+                                             namespace_name="cold", object_bytes=0)
         store = RaySnapshotStore(uri, "one", index, loaders, record=True, endpoint_url=endpoint, prefetch=False)
         store.record(1, state)
         key = "pool/one/snapshots/1.pt"
@@ -54,9 +60,10 @@ def main() -> None:
             store.sample()
             cold.append(time.perf_counter() - t)
         rows["pool_cold"] = summary(cold)
-        wi, wl = start_snapshot_pool(uri, "one", "uniform", 0, num_loaders=1, cache_bytes=1 << 30, endpoint_url=endpoint,
+        wi, wl = start_snapshot_pool(uri, "warm", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=endpoint,
                                      namespace_name="warm")
-        warm_store = RaySnapshotStore(uri, "one", wi, wl, record=False, endpoint_url=endpoint, prefetch=False)
+        warm_store = RaySnapshotStore(uri, "warm", wi, wl, record=True, endpoint_url=endpoint, prefetch=False)
+        warm_store.record(1, state)
         warm_store.sample()
         warm = []
         for _ in range(args.reps):
@@ -64,9 +71,12 @@ def main() -> None:
             warm_store.sample()
             warm.append(time.perf_counter() - t)
         rows["pool_warm"] = summary(warm)
-        pi, pl = start_snapshot_pool(uri, "one", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=endpoint,
+        assert warm_store.stats()["from_storage"] == 0, warm_store.stats()
+        pi, pl = start_snapshot_pool(uri, "pre", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=endpoint,
                                      namespace_name="pre")
-        pre_store = RaySnapshotStore(uri, "one", pi, pl, record=False, endpoint_url=endpoint, prefetch=True)
+        pre_store = RaySnapshotStore(uri, "pre", pi, pl, record=True, endpoint_url=endpoint, prefetch=True)
+        for step in range(1, 5):
+            pre_store.record(step, state)
         pre_store.sample()
         pre = []
         for _ in range(args.reps):
@@ -75,12 +85,23 @@ def main() -> None:
             pre_store.sample()
             pre.append(time.perf_counter() - t)
         rows["pool_prefetched"] = summary(pre)
+        mi, ml = start_snapshot_pool(uri, "mem", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=endpoint,
+                                     namespace_name="mem", object_bytes=3 * size + 1)
+        mem_store = RaySnapshotStore(uri, "mem", mi, ml, record=True, endpoint_url=endpoint)
+        for step in range(1, 9):
+            mem_store.record(step, state)
+        memory = ray.get(mi.stats.remote())
         ray.shutdown()
     ms = {k: {kk: (vv * 1e3 if kk != "n" else vv) for kk, vv in v.items()} for k, v in rows.items()}
     for k, v in ms.items():
         print(f"{k:16} p50 {v['p50']:8.2f} ms  p99 {v['p99']:8.2f} ms  (n={v['n']})")
+    print(f"memory: {memory['object_store_snapshots']} of 8 snapshots in the object store, "
+          f"{memory['object_store_bytes']} of {memory['object_store_limit']} bytes allowed")
     path = write("snapshot_pool.json", {"model": args.model, "object_bytes": size, "train_ms": args.train_ms, "latency_ms": ms,
-                                        "ratio_to_raw_get_p50": {k: v["p50"] / ms["raw_boto3_get"]["p50"] for k, v in ms.items()}})
+                                        "ratio_to_raw_get_p50": {k: v["p50"] / ms["raw_boto3_get"]["p50"] for k, v in ms.items()},
+                                        "memory": {k: memory[k] for k in ("object_store_snapshots", "object_store_bytes",
+                                                                          "object_store_limit")},
+                                        "targets": {"warm_p50_ms": 5.0, "prefetched_p99_ms": 0.0, "cold_over_raw_get": 1.2}})
     print(f"wrote {path}")
 
 

@@ -85,7 +85,8 @@ def test_manifest_is_sharded_so_writes_stay_constant_and_max_snapshots_bounds_th
 
 
 def test_corrupted_snapshot_is_skipped_with_a_warning(tmp_path, caplog):
-    index, loaders = start_snapshot_pool(str(tmp_path), "c", "uniform", 0, num_loaders=2, namespace_name="c-test")
+    # object_bytes=0: every draw is read from storage, where the corruption is
+    index, loaders = start_snapshot_pool(str(tmp_path), "c", "uniform", 0, num_loaders=2, namespace_name="c-test", object_bytes=0)
     store = RaySnapshotStore(str(tmp_path), "c", index, loaders, record=True)
     for step in range(1, 5):
         store.record(step, {"w": torch.full((4,), float(step))})
@@ -100,6 +101,45 @@ def test_corrupted_snapshot_is_skipped_with_a_warning(tmp_path, caplog):
     assert store.corrupt_seen == 1 and ray.get(index.stats.remote())["corrupt_skipped"] == 1
     assert any("skipping snapshot c/snapshots/2.pt" in r.getMessage() for r in caplog.records)
     for a in [index, *loaders]:
+        ray.kill(a)
+
+
+def test_draws_come_from_the_object_store_within_its_bound_and_a_lost_copy_falls_back_to_storage(tmp_path):
+    index, loaders = start_snapshot_pool(str(tmp_path), "o", "uniform", 0, num_loaders=1, namespace_name="o-test")
+    store = RaySnapshotStore(str(tmp_path), "o", index, loaders, record=True)
+    for step in range(1, 4):
+        store.record(step, {"w": torch.full((1000,), float(step))})
+    assert all(store.sample()["w"][0].item() in (1.0, 2.0, 3.0) for _ in range(10))
+    assert store.stats()["from_object_store"] == 10 and store.stats()["from_storage"] == 0
+    size = ray.get(index.entries_list.remote())[0]["size"]
+    # bounded: with room for two, the object store keeps the newest two and the others are read from storage
+    bi, bl = start_snapshot_pool(str(tmp_path), "ob", "uniform", 0, num_loaders=1, namespace_name="ob-test",
+                                 object_bytes=2 * size + 10)
+    bounded = RaySnapshotStore(str(tmp_path), "ob", bi, bl, record=True)
+    for step in range(1, 6):
+        bounded.record(step, {"w": torch.full((1000,), float(step))})
+    st = ray.get(bi.stats.remote())
+    assert st["object_store_snapshots"] == 2 and st["object_store_bytes"] <= st["object_store_limit"]
+    seen = {bounded.sample()["w"][0].item() for _ in range(60)}
+    assert seen == {1.0, 2.0, 3.0, 4.0, 5.0} and bounded.stats()["from_storage"] > 0 and bounded.stats()["from_object_store"] > 0
+    # a lost copy (its owner gone with its node) is read from storage instead
+    li, ll = start_snapshot_pool(str(tmp_path), "ol", "uniform", 0, num_loaders=1, namespace_name="ol-test")
+    lost = RaySnapshotStore(str(tmp_path), "ol", li, ll, record=True)
+    lost.record(7, {"w": torch.full((1000,), 7.0)})
+    entry = ray.get(li.sample.remote(0))  # the draw names the copy; nobody has read it yet
+    assert entry["ref"] is not None
+    ray.kill(li, no_restart=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # until the owner is really gone
+        try:
+            ray.get(li.stats.remote(), timeout=5)
+            time.sleep(0.2)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            break
+    out = lost._resolve(entry)
+    assert out["error"] is None and out["state"]["w"][0].item() == 7.0 and lost.stats()["lost_copies"] == 1
+    assert lost.stats()["from_storage"] == 1
+    for a in [index, *loaders, bi, *bl, *ll]:
         ray.kill(a)
 
 

@@ -38,6 +38,7 @@ class LaunchOptions:
     max_failures: int = 1            # Ray Train: worker-group restarts from the last checkpoint
     server_max_restarts: int = 3
     num_loaders: int = 2
+    snapshot_object_bytes: int = 1 << 30  # snapshots kept in Ray's object store (beyond: drawn from storage)
     threads_per_worker: int = 1
     cpus_per_worker: float = 1.0
     progress: bool = True
@@ -231,7 +232,8 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
         if not es:
             index, loaders = start_snapshot_pool(uri, run, cfg.meta.sampling, cfg.run.seed, opts.num_loaders,
                                                  endpoint_url=opts.endpoint_url, namespace_name=names["index_name"],
-                                                 max_snapshots=cfg.meta.max_snapshots, outage_s=outage)
+                                                 max_snapshots=cfg.meta.max_snapshots, outage_s=outage,
+                                                 object_bytes=opts.snapshot_object_bytes)
             actors += [index, *loaders]
             names["loader_names"] = [f"{names['index_name']}-loader{i}" for i in range(opts.num_loaders)]
     progress = _progress_actor().options(name=names["progress_name"], get_if_exists=True).remote()

@@ -1,10 +1,15 @@
-"""The SnapshotPool: earlier student states in object storage, drawn uniformly for meta-steps.
+"""The SnapshotPool: earlier student states drawn uniformly for meta-steps — durable in storage, fast
+from Ray's object store.
 
-An index actor holds the manifest of every recorded snapshot (persisted as
-``<run>/snapshots/manifest.json``, written after each object). A ``ray.util.ActorPool`` of loader
-actors fetches a drawn snapshot from storage (LRU cache bounded in bytes, checksum-verified) and
-hands it back through the object store. ``RaySnapshotStore`` is the trainer-facing side: it
-implements the single-process ``SnapshotStore`` interface and prefetches the next draw.
+A recorded snapshot goes to storage once (durability: ``<run>/snapshots/<step>.pt``, in a sharded
+manifest with sizes and sha256) and into the object store once (speed): the index actor puts it there
+itself, so the copy outlives the worker that recorded it, keeps at most ``object_bytes`` of them (the
+oldest references are dropped beyond that; Ray spills to disk under memory pressure) and hands out
+references with each draw. A worker reads a drawn snapshot straight from its node's object store;
+when the copy is gone (evicted, or lost with a node) a ``ray.util.ActorPool`` of loader actors fills
+the miss from storage (LRU cache bounded in bytes, checksum-verified). ``RaySnapshotStore`` is the
+trainer-facing side: it implements the single-process ``SnapshotStore`` interface and asks for the
+next draw as soon as it served one, so the draw is ready before the next meta-step needs it.
 
 Only an object that is not what was written (checksum mismatch) or does not load is marked corrupt
 and skipped for the rest of the run; a read that fails because storage is unreachable (after the
@@ -41,9 +46,12 @@ class SnapshotIndex:
     """
 
     def __init__(self, storage_uri: str, run: str, sampling: str = "uniform", seed: int = 0, endpoint_url: str | None = None,
-                 max_snapshots: int | None = None, outage_s: float | None = None):
+                 max_snapshots: int | None = None, outage_s: float | None = None, object_bytes: int = 1 << 30):
         self.storage = open_storage(storage_uri, endpoint_url, outage_s)
         self.run = run
+        self.object_bytes = int(object_bytes)
+        self.refs: OrderedDict[str, tuple[int, ray.ObjectRef]] = OrderedDict()  # key → (size, ref), oldest first
+        self.object_used = 0
         self.sampling, self.max_snapshots = sampling, max_snapshots
         self.rng = random.Random(seed)
         self.entries: list[dict] = []
@@ -75,8 +83,21 @@ class SnapshotIndex:
             self.evicted += len(gone)
         return gone
 
-    def record(self, entry: dict) -> int:
-        """Add one stored snapshot (``{"key", "size", "sha256", "step"}``); persist its manifest shard."""
+    def _keep(self, key: str, size: int, state) -> None:
+        """Put the state in the object store (owned by this actor), within ``object_bytes``."""
+        if size > self.object_bytes:
+            return
+        self.refs[key] = (size, ray.put(state))
+        self.object_used += size
+        while self.object_used > self.object_bytes:
+            _, (s, _) = self.refs.popitem(last=False)  # dropping the reference frees the copy
+            self.object_used -= s
+
+    def record(self, entry: dict, state: dict | None = None) -> int:
+        """Add one stored snapshot (``{"key", "size", "sha256", "step"}``); persist its manifest shard; keep
+        ``state`` (when given) in the object store for fast draws."""
+        if state is not None:
+            self._keep(entry["key"], int(entry.get("size", 0)), state)
         if any(e["step"] == entry["step"] for e in self.entries):  # a resumed run re-records a step
             self.entries = [e for e in self.entries if e["step"] != entry["step"]]
         self.entries.append(entry)
@@ -87,7 +108,9 @@ class SnapshotIndex:
         live = [e for k, e in enumerate(self.entries) if self.evicted + k >= first]
         self.storage.put_json(self._shard_key(shard), {"snapshots": live, "evicted": self.evicted, "first": first})
         self.manifest_writes += 1
-        for e in gone:  # bounded: the objects leave storage too
+        for e in gone:  # bounded: the objects leave storage (and the object store) too
+            if e["key"] in self.refs:
+                self.object_used -= self.refs.pop(e["key"])[0]
             try:
                 self.storage.delete(e["key"])
             except Exception as exc:  # storage hiccup: an orphaned object is harmless, the index no longer names it
@@ -95,6 +118,7 @@ class SnapshotIndex:
         return len(self.entries)
 
     def sample(self, rank: int = 0) -> dict | None:
+        """One draw: the manifest entry, with ``"ref"`` (a list holding the object-store copy) when there is one."""
         live = [e for e in self.entries if e["key"] not in self.skipped]
         if not live:
             return None
@@ -103,7 +127,13 @@ class SnapshotIndex:
         log_ = self.draw_log.setdefault(int(rank), [])
         if len(log_) < 100_000:
             log_.append((i, len(live)))
-        return live[i]
+        held = self.refs.get(live[i]["key"])
+        return {**live[i], "ref": [held[1]] if held else None}
+
+    def forget(self, key: str) -> None:
+        """An object-store copy was lost (its node died): serve that snapshot from storage from now on."""
+        if key in self.refs:
+            self.object_used -= self.refs.pop(key)[0]
 
     def mark_corrupt(self, key: str) -> None:
         if key not in self.skipped:
@@ -112,7 +142,8 @@ class SnapshotIndex:
     def stats(self) -> dict:
         return {"snapshots": len(self.entries), "evicted": self.evicted, "corrupt_skipped": len(self.skipped),
                 "draws": self.draws, "draws_per_rank": {r: len(v) for r, v in self.draw_log.items()},
-                "manifest_writes": self.manifest_writes}
+                "manifest_writes": self.manifest_writes, "object_store_snapshots": len(self.refs),
+                "object_store_bytes": self.object_used, "object_store_limit": self.object_bytes}
 
     def draw_history(self) -> dict[int, list[tuple[int, int]]]:
         return {r: list(v) for r, v in self.draw_log.items()}
@@ -161,7 +192,9 @@ class SnapshotLoader:
 
 
 class RaySnapshotStore:
-    """``SnapshotStore`` over the pool. Rank 0 records; every rank samples (prefetching the next draw)."""
+    """``SnapshotStore`` over the pool. Rank 0 records; every rank samples, with the next draw requested
+    as soon as one is served (so it is ready, usually in the local object store, when the next meta-step
+    needs it)."""
 
     def __init__(self, storage_uri: str, run: str, index, loaders: list, record: bool, endpoint_url: str | None = None,
                  prefetch: bool = True, rank: int = 0, outage_s: float | None = None):
@@ -169,34 +202,56 @@ class RaySnapshotStore:
         self.run, self.index, self.loaders, self.record_enabled, self.prefetch = run, index, loaders, record, prefetch
         self.rank = rank
         self.pool = ActorPool(loaders)
-        self._pending = 0
+        self._next = None  # ObjectRef of the pending draw (the index's answer)
         self.corrupt_seen = self.transient_seen = 0
+        self.from_object_store = self.from_storage = self.lost_copies = 0
         self._n = ray.get(index.stats.remote())["snapshots"]
 
     def record(self, step: int, state: dict[str, torch.Tensor]) -> None:
         if not self.record_enabled:
             return
-        entry = self.storage.put_torch(safe_key(self.run, "snapshots", f"{step}.pt"), state)
-        self._n = ray.get(self.index.record.remote({**entry, "step": step}))
+        entry = self.storage.put_torch(safe_key(self.run, "snapshots", f"{step}.pt"), state)  # durable first
+        self._n = ray.get(self.index.record.remote({**entry, "step": step}, state))
 
-    def _submit_draw(self) -> bool:
+    def _request(self) -> dict | None:
+        """Draw now and start moving the state: a pull into the local object store, or a loader's fetch
+        from storage when there is no object-store copy. Returns the pending draw (None: nothing recorded)."""
         entry = ray.get(self.index.sample.remote(self.rank))
         if entry is None:
-            return False
-        self.pool.submit(lambda a, e: a.load.remote(e), entry)
-        self._pending += 1
-        return True
+            return None
+        if entry.get("ref"):
+            ray.wait(entry["ref"], timeout=0, fetch_local=True)  # starts the transfer if the copy is on another node
+        else:
+            self.pool.submit(lambda a, e: a.load.remote(e), {k: v for k, v in entry.items() if k != "ref"})
+        return entry
+
+    def _resolve(self, entry: dict) -> dict:
+        """The drawn state: from the object store, or — when that copy is gone — from storage."""
+        if entry.get("ref"):
+            try:
+                state = ray.get(entry["ref"][0], timeout=60)
+                self.from_object_store += 1
+                return {"entry": entry, "state": state, "error": None}
+            except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.GetTimeoutError) as e:
+                self.lost_copies += 1
+                log.warning("object-store copy of snapshot %s is gone (%s); reading it from storage", entry["key"],
+                            type(e).__name__)
+                self.index.forget.remote(entry["key"])
+                self.pool.submit(lambda a, e: a.load.remote(e), {k: v for k, v in entry.items() if k != "ref"})
+        self.from_storage += 1
+        return self.pool.get_next()
 
     def sample(self, rng: random.Random | None = None) -> dict[str, torch.Tensor] | None:
-        """The pending (prefetched) draw, then start fetching the next one while the caller trains."""
+        """The pending draw, then request the next one while the caller trains."""
         for _ in range(8):  # skip past corrupt objects
-            if not self._pending and not self._submit_draw():
+            entry = self._next if self._next is not None else self._request()
+            self._next = None
+            if entry is None:
                 return None
-            out = self.pool.get_next()
-            self._pending -= 1
+            out = self._resolve(entry)
             if out["error"] is None:
                 if self.prefetch:
-                    self._submit_draw()
+                    self._next = self._request()
                 return out["state"]
             if not out.get("corrupt", True):  # storage unreachable: this draw starts from the current student
                 self.transient_seen += 1
@@ -208,6 +263,10 @@ class RaySnapshotStore:
             ray.get(self.index.mark_corrupt.remote(out["entry"]["key"]))
         return None
 
+    def stats(self) -> dict:
+        return {"from_object_store": self.from_object_store, "from_storage": self.from_storage, "lost_copies": self.lost_copies,
+                "corrupt_seen": self.corrupt_seen, "transient_seen": self.transient_seen}
+
     def __len__(self) -> int:
         """Snapshots in the shared index (every rank sees the recording rank's count)."""
         self._n = ray.get(self.index.stats.remote())["snapshots"]
@@ -216,11 +275,11 @@ class RaySnapshotStore:
 
 def start_snapshot_pool(storage_uri: str, run: str, sampling: str, seed: int, num_loaders: int = 2,
                         cache_bytes: int = 256 << 20, endpoint_url: str | None = None, namespace_name: str | None = None,
-                        max_snapshots: int | None = None, outage_s: float | None = None):
+                        max_snapshots: int | None = None, outage_s: float | None = None, object_bytes: int = 1 << 30):
     """Create (or reuse, by name) the index actor and the loader actors for a run."""
     name = namespace_name or f"lkd-snapshots-{run}"
     index = SnapshotIndex.options(name=name, get_if_exists=True).remote(storage_uri, run, sampling, seed, endpoint_url,
-                                                                        max_snapshots, outage_s)
+                                                                        max_snapshots, outage_s, object_bytes)
     loaders = [SnapshotLoader.options(name=f"{name}-loader{i}", get_if_exists=True).remote(storage_uri, cache_bytes, endpoint_url,
                                                                                           outage_s)
                for i in range(num_loaders)]
