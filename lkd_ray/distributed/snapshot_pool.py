@@ -197,12 +197,13 @@ class RaySnapshotStore:
     needs it)."""
 
     def __init__(self, storage_uri: str, run: str, index, loaders: list, record: bool, endpoint_url: str | None = None,
-                 prefetch: bool = True, rank: int = 0, outage_s: float | None = None):
+                 prefetch: bool = True, rank: int = 0, outage_s: float | None = None, copy_timeout_s: float = 30.0):
         self.storage = open_storage(storage_uri, endpoint_url, outage_s)
         self.run, self.index, self.loaders, self.record_enabled, self.prefetch = run, index, loaders, record, prefetch
-        self.rank = rank
+        self.rank, self.copy_timeout_s = rank, copy_timeout_s  # a copy not readable within this is treated as lost
         self.pool = ActorPool(loaders)
-        self._next = None  # ObjectRef of the pending draw (the index's answer)
+        self._next = None  # the prefetched draw: a Future of (_request + _resolve) running in a background thread
+        self._executor = None
         self.corrupt_seen = self.transient_seen = 0
         self.from_object_store = self.from_storage = self.lost_copies = 0
         self._n = ray.get(index.stats.remote())["snapshots"]
@@ -229,7 +230,7 @@ class RaySnapshotStore:
         """The drawn state: from the object store, or — when that copy is gone — from storage."""
         if entry.get("ref"):
             try:
-                state = ray.get(entry["ref"][0], timeout=60)
+                state = ray.get(entry["ref"][0], timeout=self.copy_timeout_s)
                 self.from_object_store += 1
                 return {"entry": entry, "state": state, "error": None}
             except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError, ray.exceptions.GetTimeoutError) as e:
@@ -241,17 +242,25 @@ class RaySnapshotStore:
         self.from_storage += 1
         return self.pool.get_next()
 
+    def _fetch(self) -> dict | None:
+        entry = self._request()
+        return None if entry is None else self._resolve(entry)
+
     def sample(self, rng: random.Random | None = None) -> dict[str, torch.Tensor] | None:
-        """The pending draw, then request the next one while the caller trains."""
+        """The prefetched draw (drawn, moved and deserialised in the background while the caller trained),
+        then the next one is started."""
         for _ in range(8):  # skip past corrupt objects
-            entry = self._next if self._next is not None else self._request()
+            out = self._next.result() if self._next is not None else self._fetch()
             self._next = None
-            if entry is None:
+            if out is None:
                 return None
-            out = self._resolve(entry)
             if out["error"] is None:
                 if self.prefetch:
-                    self._next = self._request()
+                    if self._executor is None:
+                        from concurrent.futures import ThreadPoolExecutor
+
+                        self._executor = ThreadPoolExecutor(1, thread_name_prefix="snapshot-prefetch")
+                    self._next = self._executor.submit(self._fetch)
                 return out["state"]
             if not out.get("corrupt", True):  # storage unreachable: this draw starts from the current student
                 self.transient_seen += 1
