@@ -129,15 +129,14 @@ def train_loop_per_worker(config: dict) -> None:
             return bundle
         return ray.train.torch.prepare_model(bundle, move_to_device=False, parallel_strategy="ddp")
 
-    run = build_run(cfg, rank=data_rank, world_size=data_world, device=device, data=data,
+    run = build_run(cfg, rank=rank, world_size=world, device=device, data=data,
                     teacher=_teacher(cfg, config, storage, data), teacher_info=config.get("teacher_info"),
                     meta_updater=remote_updater if server is not None and not es else None, snapshots=store,
-                    wrap_student=prepare, cache_storage=storage, es_particle=es, log=lambda *_: None)
+                    wrap_student=prepare, cache_storage=storage,
+                    es_particle=(lambda nets: ESParticle(server, rank, cfg, nets)) if es and server is not None else None,
+                    log=lambda *_: None)
     trainer = run.trainer
-    trainer.rank, trainer.world_size = rank, world
     updater = updaters[0] if updaters else None
-    if es and server is not None:
-        trainer.particle = ESParticle(server, rank, cfg, trainer.lossnets)
     state, registered = newest_checkpoint(storage, run_key, ray.train.get_checkpoint(), device)
     if state is not None:
         _resume(trainer, state, server, updater, rank)

@@ -115,7 +115,7 @@ class Trainer:
     def __init__(self, cfg: Config, data: DataBundle, teacher: TappedModel | None, *, device: torch.device | None = None,
                  lossnets: LossNetworks | None = None, meta_updater: MetaUpdater | None = None,
                  snapshots: SnapshotStore | None = None, wrap_student: Callable[[nn.Module], nn.Module] | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, particle=None):
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.device = device or resolve_device(cfg.run.device)
@@ -159,7 +159,7 @@ class Trainer:
             self.meta_updater = meta_updater or LossNetOptimizer(self.lossnets, cfg.meta.lr, cfg.meta.clip_norm)
         self.snapshots = snapshots if snapshots is not None else InMemorySnapshotStore(cfg.meta.sampling, cfg.meta.max_snapshots)
         self.snap_rng = random.Random(cfg.run.seed * 7919 + 1 + 104729 * rank)
-        self.particle = None  # an ES particle (under Ray): reports its quiz loss every meta_every steps
+        self.particle = particle  # an ES particle (under Ray): reports its quiz loss every meta_every steps
         self.state = TrainState()
         self.meta_time = 0.0
         self._quiz_iter = None

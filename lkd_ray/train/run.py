@@ -100,11 +100,12 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
               data: DataBundle | None = None, teacher: torch.nn.Module | None = None, teacher_info: dict | None = None,
               meta_updater: Callable[[LossNetworks], Any] | None = None, snapshots=None,
               wrap_student: Callable | None = None, cache_storage: Storage | None = None, stream_train: bool = False,
-              es_particle: bool = False, log: Callable[[str], None] = print) -> Run:
+              es_particle: Callable[[LossNetworks], Any] | None = None, log: Callable[[str], None] = print) -> Run:
     """Build every part of a run from ``cfg``. Parts already at hand (data, a teacher loaded by the Ray
     driver) are passed in; ``meta_updater`` is a factory given the loss networks (the Ray worker's
     remote updater); ``cache_storage`` holds the teacher-output cache (default: ``run.cache_dir``);
-    ``es_particle``: this process is one ES particle (a Ray worker), not the whole population."""
+    ``es_particle``: a factory given the loss networks when this process is one ES particle (a Ray worker),
+    not the whole population."""
     from .teacher import prepare_teacher, teacher_key
 
     if cfg.run.threads:
@@ -128,7 +129,7 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
     lossnets = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
     if lossnets is not None and cfg.lossnet.init_from:
         info["lossnet"] = load_lossnets_from(lossnets, cfg)
-    if lossnets is not None and cfg.meta.estimator == "es" and not cfg.lossnet.frozen and not es_particle:
+    if lossnets is not None and cfg.meta.estimator == "es" and not cfg.lossnet.frozen and es_particle is None:
         if world_size > 1:
             raise ConfigError("meta.estimator=es runs one particle per Ray worker (the LossNetServer combines them); "
                               "in one process it runs every particle itself: do not shard it")
@@ -138,6 +139,7 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
     else:
         trainer = Trainer(cfg, data, teacher, device=device, lossnets=lossnets,
                           meta_updater=meta_updater(lossnets) if (meta_updater and lossnets is not None) else None,
-                          snapshots=snapshots, wrap_student=wrap_student, rank=rank, world_size=world_size)
+                          snapshots=snapshots, wrap_student=wrap_student, rank=rank, world_size=world_size,
+                          particle=es_particle(lossnets) if (es_particle and lossnets is not None) else None)
     return Run(cfg, data, teacher, teacher_info, trainer, info)
 
