@@ -134,6 +134,10 @@ class MetaCfg(_Section):
         "implicit differentiation, Lorraine et al. 2020), 'es' (antithetic evolution strategies over particles, each its "
         "own student; persistent by default, Vicol et al. 2021)")
     backend: Literal["higher", "torch.func"] = "higher"
+    quiz_objective: Literal["ce", "calibrated", "error"] = Field(
+        "ce", description="what the meta-step minimises on the quiz batch: 'ce'; 'calibrated' = CE after the best "
+        "temperature for that batch (min over β of CE(β·z)), so a loss cannot score by making the student less "
+        "confident, only by ranking better; 'error' = top-1 error (es only: it has no gradient)")
     scope: Literal["full", "head"] = "full"
     unroll_steps: int = Field(1, ge=1, le=16)
     meta_every: int = Field(40, ge=1, description="student steps per meta-step; on the offline benchmark 40 ties the best "
@@ -199,6 +203,8 @@ class Config(_Section):
         if self.lossnet.frozen and self.lossnet.init_from is None and self.loss.method in ("lkd", "control"):
             raise ValueError("lossnet.frozen=true without lossnet.init_from trains with the initial loss network, which is "
                              "the base loss itself: give lossnet.init_from (a learned loss network) or use loss.method=kd")
+        if self.meta.quiz_objective == "error" and self.meta.estimator != "es":
+            raise ValueError("meta.quiz_objective=error has no gradient: use it with meta.estimator=es, or use 'calibrated'")
         if self.meta.estimator == "es" and self.meta.es_particles % 2:
             raise ValueError(f"meta.es_particles must be even (antithetic pairs), got {self.meta.es_particles}")
         if self.data.dataset == "imagenet" and self.data.channels != 3:

@@ -313,3 +313,22 @@ def test_missing_bucket_and_unreachable_endpoint_fail_before_any_worker(tmp_path
                                timeout=120, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}", "LKD_STORAGE": ""})
     assert submitted.returncode == 2 and "pass --storage" in submitted.stderr  # under `ray job submit`, no silent temp dir
     assert time.time() - t0 < 200
+
+
+def test_a_job_shows_phases_one_line_per_epoch_and_the_results_not_worker_chatter(tmp_path):
+    """What a user sees: the run's phases, a short line per epoch and the final table; no worker logs,
+    progress bars from inside Ray workers or report reprs. Rerunning with another config under the same
+    name stops with the difference; rerunning unchanged shows the finished result."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    cmd = [sys.executable, "jobs/lkd_fashion.py", "--smoke", "--storage", str(tmp_path / "store")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("== lkd-") == 2 and "kd: test top-1" in out.stdout and "lkd: test top-1" in out.stdout
+    err_lines = [x for x in out.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert sum("epoch 1/1" in x for x in err_lines) == 2
+    noise = [x for x in err_lines if "TrainingReport" in x or "RayTrainWorker" in x or "pid=" in x]
+    assert not noise, noise[:5]
+    changed = subprocess.run(cmd + ["--set", "optim.lr=0.01"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert changed.returncode == 2 and "optim.lr: 0.05 → 0.01" in changed.stderr and "run.name" in changed.stderr
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "already finished with this config" in again.stderr

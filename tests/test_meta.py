@@ -23,6 +23,31 @@ def test_both_backends_match_finite_differences(scope, unroll, lock, method):
         assert e < 1e-5, f"{backend}: {e}"
 
 
+@pytest.mark.parametrize("unroll,lock", [(2, "none"), (1, "norm")])
+def test_calibrated_quiz_objective_matches_finite_differences(unroll, lock):
+    """The calibrated objective re-optimises its temperature at every evaluation; the analytic meta-gradient
+    holds β* fixed (envelope theorem). Finite differences of the re-optimised objective must agree."""
+    # ε = 1e-4: the re-optimised temperature (an iterative solve) adds rounding noise that a 1e-6 step would amplify
+    errs = run_gradcheck(eps=1e-4, scope="full", unroll=unroll, max_entries=20, seed=3, lock=lock, quiz="calibrated")
+    for backend, e in errs.items():
+        assert e < 1e-5, f"{backend}: {e}"
+
+
+def test_calibrated_objective_is_the_best_temperature_and_ignores_confidence():
+    from lkd_ray.meta.gradient import calibrated_scale, quiz_objective
+
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(64, 10, generator=g, dtype=torch.float64) * 3, torch.randint(0, 10, (64,), generator=g)
+    grid = torch.linspace(0.01, 3, 6000, dtype=torch.float64)
+    best = torch.stack([torch.nn.functional.cross_entropy(b * z, y) for b in grid]).min()
+    assert quiz_objective(z, y, "calibrated").item() == pytest.approx(best.item(), abs=1e-6)
+    assert quiz_objective(z, y, "calibrated").item() <= quiz_objective(z, y, "ce").item()
+    for s in (0.25, 4.0):  # a more or less confident student with the same ranking scores the same
+        assert quiz_objective(s * z, y, "calibrated").item() == pytest.approx(quiz_objective(z, y, "calibrated").item(), rel=1e-9)
+    assert calibrated_scale(2 * z, y).item() == pytest.approx(calibrated_scale(z, y).item() / 2, rel=1e-6)
+    assert quiz_objective(z, y, "error").item() == pytest.approx((z.argmax(1) != y).double().mean().item())
+
+
 def test_a_lock_refuses_longer_unrolls_in_gradcheck():
     with pytest.raises(ValueError, match="one-step unroll"):
         run_gradcheck(unroll=2, lock="norm")

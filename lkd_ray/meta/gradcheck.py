@@ -12,7 +12,7 @@ from ..config import LossCfg, LossNetCfg
 from ..losses import Connector, TeacherOutputs, build_lossnets, build_method
 from ..models.small import SmallCNN
 from .bundle import StudentBundle
-from .gradient import BACKENDS, MetaBatch, SGDHyper, meta_gradient, momentum_buffers
+from .gradient import BACKENDS, MetaBatch, SGDHyper, meta_gradient, momentum_buffers, quiz_objective
 
 
 def _problem(seed: int = 0, scope: str = "full", unroll: int = 2, lock: str = "none", method: str = "lkd"):
@@ -60,7 +60,8 @@ def _problem(seed: int = 0, scope: str = "full", unroll: int = 2, lock: str = "n
     return module, opt, objective, lossnets, batches, xq, yq, state
 
 
-def _reference_quiz_loss(module: nn.Module, opt: torch.optim.Optimizer, objective, batches, xq, yq, state) -> float:
+def _reference_quiz_loss(module: nn.Module, opt: torch.optim.Optimizer, objective, batches, xq, yq, state,
+                         quiz: str = "ce") -> float:
     """Independent of both backends: a deep copy trained by torch.optim.SGD itself."""
     m = copy.deepcopy(module)
     params = [p for p in m.parameters() if p.requires_grad]
@@ -78,11 +79,11 @@ def _reference_quiz_loss(module: nn.Module, opt: torch.optim.Optimizer, objectiv
         loss.backward()
         ref.step()
     with torch.no_grad():
-        return torch.nn.functional.cross_entropy(m(xq).logits, yq).item()
+        return quiz_objective(m(xq).logits, yq, quiz).item()  # calibrated: β re-optimised at every evaluation
 
 
 def run_gradcheck(eps: float = 1e-6, max_entries: int = 60, scope: str = "full", unroll: int = 2, seed: int = 0,
-                  lock: str = "none", method: str = "lkd") -> dict[str, float]:
+                  lock: str = "none", method: str = "lkd", quiz: str = "ce") -> dict[str, float]:
     """Max relative error per backend: max_i |analytic_i − fd_i| / max_i |fd_i|.
 
     A scale-locked loss is exact for a one-step unroll only (its field is not a gradient, so longer
@@ -94,7 +95,8 @@ def run_gradcheck(eps: float = 1e-6, max_entries: int = 60, scope: str = "full",
     params = [p for p in module.parameters() if p.requires_grad]
     hyper, bufs = SGDHyper.from_optimizer(opt), momentum_buffers(opt, params)
     obj = lambda out, b: objective(out, b.t_logits, b.t_feat, b.y, state)[0]  # noqa: E731
-    analytic = {name: torch.cat([g.flatten() for g in meta_gradient(module, hyper, bufs, obj, batches, xq, yq, phi, name)[1]])
+    analytic = {name: torch.cat([g.flatten() for g in meta_gradient(module, hyper, bufs, obj, batches, xq, yq, phi, name,
+                                                                     quiz)[1]])
                 for name in BACKENDS}
     flat = torch.cat([p.detach().flatten() for p in phi])
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +106,7 @@ def run_gradcheck(eps: float = 1e-6, max_entries: int = 60, scope: str = "full",
         vals = []
         for sign in (+1, -1):
             _set_flat(phi, i, flat[i].item() + sign * eps)
-            vals.append(_reference_quiz_loss(module, opt, objective, batches, xq, yq, state))
+            vals.append(_reference_quiz_loss(module, opt, objective, batches, xq, yq, state, quiz))
         _set_flat(phi, i, flat[i].item())
         fd[j] = (vals[0] - vals[1]) / (2 * eps)
     scale = fd.abs().max().clamp_min(1e-12)

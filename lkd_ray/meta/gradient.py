@@ -71,12 +71,40 @@ def _grads_or_zeros(loss: torch.Tensor, wrt: Sequence[torch.Tensor]) -> list[tor
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(wrt, gs)]
 
 
-def quiz_loss(out: StudentOutputs, y: torch.Tensor) -> torch.Tensor:
-    z = out.logits
-    return F.cross_entropy(z.float() if z.dtype in (torch.bfloat16, torch.float16) else z, y)
+def calibrated_scale(z: torch.Tensor, y: torch.Tensor, iters: int = 16) -> torch.Tensor:
+    """β* = argmin_β CE(β·z, y) for detached logits z (CE(β·z) is convex in β): Newton steps from β = 1."""
+    z = z.detach()
+    beta = torch.ones((), dtype=z.dtype, device=z.device)
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    for _ in range(iters):
+        p = torch.softmax(beta * z, 1)
+        mean = (p * z).sum(1)
+        g = (mean - zy).mean()                          # d CE / d β
+        h = ((p * z * z).sum(1) - mean**2).mean()       # d² CE / d β²  (a variance: ≥ 0)
+        step = g / h.clamp_min(1e-12)
+        beta = (beta - step).clamp(beta / 4, beta * 4).clamp_min(1e-3)
+    return beta
 
 
-def _unroll_higher(module, hyper, bufs, objective, batches, quiz_inputs, quiz_y, phi):
+def quiz_objective(logits: torch.Tensor, y: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    """The meta-objective on a quiz batch. ``calibrated``: CE at the batch's best temperature, held fixed
+    while differentiating (envelope theorem: its derivative is the derivative of CE(β*·z) at β*), so
+    making the student less confident earns nothing — only ranking the right class higher does."""
+    z = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
+    if kind == "ce":
+        return F.cross_entropy(z, y)
+    if kind == "calibrated":
+        return F.cross_entropy(calibrated_scale(z, y) * z, y)
+    if kind == "error":
+        return (z.argmax(1) != y).to(z.dtype).mean()
+    raise ValueError(f"unknown quiz objective {kind!r}; valid: ce, calibrated, error")
+
+
+def quiz_loss(out: StudentOutputs, y: torch.Tensor, kind: str = "ce") -> torch.Tensor:
+    return quiz_objective(out.logits, y, kind)
+
+
+def _unroll_higher(module, hyper, bufs, objective, batches, quiz_inputs, quiz_y, phi, quiz_kind="ce"):
     import higher
 
     params = [p for p in module.parameters() if p.requires_grad]
@@ -88,11 +116,11 @@ def _unroll_higher(module, hyper, bufs, objective, batches, quiz_inputs, quiz_y,
     with higher.innerloop_ctx(module, mirror, copy_initial_weights=True, track_higher_grads=True) as (fmodel, diffopt):
         for batch in batches:
             diffopt.step(objective(fmodel(batch.inputs), batch))
-        q = quiz_loss(fmodel(quiz_inputs), quiz_y)
+        q = quiz_loss(fmodel(quiz_inputs), quiz_y, quiz_kind)
         return q.detach(), _grads_or_zeros(q, phi)
 
 
-def _unroll_func(module, hyper, bufs, objective, batches, quiz_inputs, quiz_y, phi):
+def _unroll_func(module, hyper, bufs, objective, batches, quiz_inputs, quiz_y, phi, quiz_kind="ce"):
     from torch.func import functional_call
 
     names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -114,7 +142,7 @@ def _unroll_func(module, hyper, bufs, objective, batches, quiz_inputs, quiz_y, p
             new_mom.append(m)
         theta, mom = new_theta, new_mom
     out = functional_call(module, ({**dict(zip(names, theta)), **frozen}, buffers), (quiz_inputs,))
-    q = quiz_loss(out, quiz_y)
+    q = quiz_loss(out, quiz_y, quiz_kind)
     return q.detach(), _grads_or_zeros(q, phi)
 
 
@@ -123,7 +151,7 @@ BACKENDS = {"higher": _unroll_higher, "torch.func": _unroll_func}
 
 def meta_gradient(module: nn.Module, hyper: SGDHyper, momentum: Sequence[torch.Tensor | None],
                   objective: Objective, batches: Sequence[MetaBatch], quiz_inputs: torch.Tensor,
-                  quiz_y: torch.Tensor, phi: Sequence[torch.Tensor], backend: str = "higher"):
+                  quiz_y: torch.Tensor, phi: Sequence[torch.Tensor], backend: str = "higher", quiz_kind: str = "ce"):
     """Return ``(quiz_loss_after_unroll, [dQ/dφ_i])`` for k = len(batches) virtual SGD steps of ``module``.
 
     ``momentum`` aligns with ``module``'s trainable parameters (None: no buffer yet, as for a
@@ -137,4 +165,5 @@ def meta_gradient(module: nn.Module, hyper: SGDHyper, momentum: Sequence[torch.T
     if len(momentum) != n_params:
         raise ValueError(f"momentum buffers ({len(momentum)}) do not align with the module's {n_params} parameters")
     with preserved_buffers(module):
-        return BACKENDS[backend](module, hyper, list(momentum), objective, list(batches), quiz_inputs, quiz_y, list(phi))
+        return BACKENDS[backend](module, hyper, list(momentum), objective, list(batches), quiz_inputs, quiz_y, list(phi),
+                                 quiz_kind)

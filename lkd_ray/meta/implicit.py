@@ -42,7 +42,8 @@ def neumann_hypergradient(theta: Sequence[torch.Tensor], train_loss: Callable[[S
 
 
 def implicit_gradient(module: nn.Module, hyper: SGDHyper, objective, batches: Sequence[MetaBatch], quiz_inputs: torch.Tensor,
-                      quiz_y: torch.Tensor, phi: Sequence[torch.Tensor], steps: int, alpha: float | None = None):
+                      quiz_y: torch.Tensor, phi: Sequence[torch.Tensor], steps: int, alpha: float | None = None,
+                      quiz_kind: str = "ce"):
     """The trainer-facing form: θ is ``module``'s trainable parameters, the training loss is the
     student's objective on ``batches`` plus SGD's weight decay (½·wd·‖θ‖², whose gradient SGD adds),
     α defaults to the student's current lr. Side-effect free: BatchNorm buffers are restored."""
@@ -63,5 +64,5 @@ def implicit_gradient(module: nn.Module, hyper: SGDHyper, objective, batches: Se
         return loss
 
     with preserved_buffers(module):
-        return neumann_hypergradient(theta, train_loss, lambda params: quiz_loss(run(params, quiz_inputs), quiz_y), phi,
+        return neumann_hypergradient(theta, train_loss, lambda params: quiz_loss(run(params, quiz_inputs), quiz_y, quiz_kind), phi,
                                      steps, hyper.lr if alpha is None else alpha)

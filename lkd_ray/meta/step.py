@@ -66,8 +66,9 @@ class MetaStep:
 
         if self.cfg.estimator == "implicit":
             return implicit_gradient(module, hyper, obj, batches, quiz_x, quiz_y, self.phi, self.cfg.neumann_steps,
-                                     self.cfg.neumann_alpha)
+                                     self.cfg.neumann_alpha, self.cfg.quiz_objective)
         if self.cfg.estimator != "unroll":
             raise ValueError(f"meta.estimator={self.cfg.estimator!r} has no per-step meta-gradient (es trains particles)")
         bufs = [None] * len(params) if start_state is not None else momentum_buffers(optimizer, params)
-        return meta_gradient(module, hyper, bufs, obj, batches, quiz_x, quiz_y, self.phi, self.cfg.backend)
+        return meta_gradient(module, hyper, bufs, obj, batches, quiz_x, quiz_y, self.phi, self.cfg.backend,
+                             self.cfg.quiz_objective)

@@ -16,7 +16,6 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from ..config import Config
 from ..data import Batch, DataBundle, cycle
@@ -33,11 +32,14 @@ def perturbed(center: torch.Tensor, index: torch.Tensor, es: ESEstimator, round_
 
 @torch.no_grad()
 def particle_quiz_loss(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
-    """The particle's quiz loss in eval mode (running BatchNorm statistics): what it would score."""
+    """The particle's quiz objective (``meta.quiz_objective``) in eval mode (running BatchNorm statistics):
+    what it would score."""
+    from ..meta.gradient import quiz_objective
+
     was = trainer.bundle.training
     trainer.bundle.eval()
     try:
-        return F.cross_entropy(trainer.bundle(x).logits.float(), y).item()
+        return quiz_objective(trainer.bundle(x).logits.float(), y, trainer.cfg.meta.quiz_objective).item()
     finally:
         trainer.bundle.train(was)
 
