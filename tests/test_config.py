@@ -4,7 +4,7 @@ from lkd_ray.config import RECIPES, ConfigError, build_config, parse_override
 
 
 def test_unknown_field_lists_valid_fields():
-    with pytest.raises(ConfigError, match=r"unknown field 'meta.scop'; valid fields here: estimator, backend, scope"):
+    with pytest.raises(ConfigError, match=r"unknown field 'meta.scop'; valid fields here: estimator, backend, quiz_objective, scope"):
         build_config("fashion_mnist", overrides=["meta.scop=head"])
     with pytest.raises(ConfigError, match=r"unknown field 'metaa'.*valid fields here: model, data, optim"):
         build_config("fashion_mnist", overrides=["metaa.scope=head"])

@@ -287,7 +287,7 @@ def test_a_truncated_latest_version_falls_back_to_the_newest_intact_one_with_a_w
 def test_a_transient_snapshot_read_error_is_retried_and_never_marks_it_corrupt(faults, s3_bucket, caplog):
     uri = f"s3://{s3_bucket}/lkd"
     index, loaders = start_snapshot_pool(uri, "tr", "uniform", 0, num_loaders=1, cache_bytes=0, endpoint_url=faults.url,
-                                         namespace_name="tr-test", outage_s=2.5)
+                                         namespace_name="tr-test", outage_s=2.5, object_bytes=0)  # every draw reads storage
     store = RaySnapshotStore(uri, "tr", index, loaders, record=True, endpoint_url=faults.url, prefetch=False, outage_s=2.5)
     try:
         for step in (1, 2, 3):

@@ -80,7 +80,7 @@ def test_plot_command_end_to_end_from_local_and_s3_storage(tmp_path, s3_bucket, 
     versions = sorted(int(p.stem[1:]) for p in (run_dir / "lossnet").glob("v*.pt"))
     assert versions[0] == 0 and versions[-1] == res["meta"]["version"] and len(versions) == 3  # start + 2 epochs
     records = []
-    for method, r in (("lkd-full", res), ("kd", _run("kd", tmp_path / "runs" / "kd-s0"))):
+    for method, r in (("lkd", res), ("kd", _run("kd", tmp_path / "runs" / "kd-s0"))):
         records.append({"method": method, "seed": 0, "test_top1": r["test_top1"], "wall_s": r["wall_s"], "epochs": r["epochs"],
                         "quiz_top1": r["quiz_top1"],
                         "curve": [{k: h[k] for k in ("epoch", "quiz_top1", "test_top1")} for h in r["history"]]})

@@ -44,7 +44,9 @@ def test_small_search_stops_some_trials_and_its_best_config_runs_a_job(tmp_path,
         cfg = build_config("fashion_mnist", data={"train_subset": 1200, "batch_size": 64}, optim={"epochs": 3},
                            model={"teacher_epochs": 1}, run={"cache_dir": str(tmp_path / "cache"), "progress": False})
         store = tmp_path / "store"
-        topts = TuneOptions(trials=6, max_concurrent=2, grace_epochs=1, reduction_factor=3, name="t1")
+        # reduction factor 6: past epoch 1 only a trial at the top sixth so far goes on (a chance of 1/720 that
+        # none stops if the epoch-1 values came in random order; a tie with the best goes on)
+        topts = TuneOptions(trials=6, max_concurrent=2, grace_epochs=1, reduction_factor=6, name="t1")
         launch = LaunchOptions(storage=str(store), cpus_per_worker=0.9)  # two trials' workers fit on 2 CPUs
         res = run_search(cfg, launch, topts, tmp_path / "out")
         rows = res["rows"]
