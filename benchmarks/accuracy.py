@@ -115,6 +115,24 @@ def paired(records: list[dict], method: str, ref: str, key: str = "test_top1") -
     return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d)}
 
 
+def teacher_cache_accuracy(records: list[dict], horizon: str) -> dict | None:
+    """The cache's accuracy side: cached − live teacher, paired by seed, for KD and LKD (the ``<base>-live`` rows)."""
+    out = {}
+    for base in ("kd", "lkd"):
+        d = paired(records, base, f"{base}-live")
+        if d:
+            out[base] = {**d, "cached_minus_live": d["mean"]}
+    if not out:
+        return None
+    path = RESULTS / "teacher_cache.json"
+    prev = json.loads(path.read_text()) if path.is_file() else {}
+    prev["accuracy"] = {"horizon": horizon, "metric": "test top-1, cached minus live teacher, same seed", **out}
+    if "kd" in out:
+        prev["accuracy_diff_kd"], prev["accuracy_diff_kd_se"] = out["kd"]["mean"], out["kd"]["se"]
+    path.write_text(json.dumps(prev, indent=1, default=float) + "\n")
+    return prev["accuracy"]
+
+
 def summarise(records: list[dict]) -> list[dict]:
     rows = []
     for m in list(dict.fromkeys(r["method"] for r in records)):
@@ -176,7 +194,12 @@ def main() -> None:
             if p.is_file():
                 s = p.with_name(p.stem + "_summary.json")
                 teacher = json.loads(s.read_text()).get("teacher") if s.is_file() else None
-                print(f"\n## {h} horizon ({p.name})\n" + table(summarise(json.loads(p.read_text())), teacher))
+                recs = json.loads(p.read_text())
+                print(f"\n## {h} horizon ({p.name})\n" + table(summarise(recs), teacher))
+                tc = teacher_cache_accuracy(recs, h)
+                if tc:
+                    print("teacher-output cache, cached − live: " + ", ".join(
+                        f"{b} {v['mean']:+.2f} ± {v['se']:.2f} (n={v['n']})" for b, v in tc.items() if isinstance(v, dict)))
         return
 
     from lkd_ray.config import build_config
@@ -243,6 +266,7 @@ def main() -> None:
             shutil.copytree(src, dst / "lossnet")
             shutil.copy2(src.parent / "result.json", dst / "result.json")
     print(table(rows, teacher))
+    teacher_cache_accuracy(allrec, args.horizon)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -76,9 +77,13 @@ def sync_rounds(ranks: int, rounds: int, cfg, store: str) -> dict:
             if r >= 5:  # warm-up rounds out
                 lat.append(dt)
                 ar.append(ar_dt)
-        ray.train.report({"lat": lat, "allreduce": ar} if rank == 0 else {})
+        if rank == 0:  # Train V2 keeps only checkpointed metrics in the Result: hand them over in a file
+            with open(config["out"], "w") as f:
+                json.dump({"lat": lat, "allreduce": ar}, f)
+        ray.train.report({})
 
-    trainer = TorchTrainer(loop, train_loop_config={"cfg": cfg, "name": name, "rounds": rounds},
+    out = os.path.join(store, f"{name}.json")
+    trainer = TorchTrainer(loop, train_loop_config={"cfg": cfg, "name": name, "rounds": rounds, "out": out},
                            scaling_config=ScalingConfig(num_workers=ranks, resources_per_worker={"CPU": min(1.0, 1.8 / ranks)}),
                            run_config=RunConfig(name=name, storage_path=store))
     t0 = time.perf_counter()
@@ -86,7 +91,11 @@ def sync_rounds(ranks: int, rounds: int, cfg, store: str) -> dict:
     wall = time.perf_counter() - t0
     rep = ray.get(server.report.remote())
     ray.kill(server)
-    lat, ar = res.metrics["lat"], res.metrics["allreduce"]
+    if res.error:
+        raise RuntimeError(f"the sync benchmark's TorchTrainer failed: {res.error}")
+    with open(out) as f:
+        m = json.load(f)
+    lat, ar = m["lat"], m["allreduce"]
     row = _row("sync", ranks, lat, sum(lat), len(lat), {
         "rounds_per_s": len(lat) / sum(lat), "versions": rep["version"], "server_submissions": rep["submitted"],
         "allreduce_ms": {k: (v * 1e3 if k != "n" else v) for k, v in summary(ar).items()}, "job_wall_s": wall})

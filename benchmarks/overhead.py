@@ -42,6 +42,8 @@ SETTINGS: dict[str, list[str]] = {
     "control": ["loss.method=control"],
     "lock=norm": ["lossnet.lock=norm"],
     "lock=nontarget": ["lossnet.lock=nontarget"],
+    "lock=norm,quiz=calibrated": ["lossnet.lock=norm", "meta.quiz_objective=calibrated"],
+    "implicit,lock=norm,quiz=calibrated": ["meta.estimator=implicit", "lossnet.lock=norm", "meta.quiz_objective=calibrated"],
     "estimator=implicit": ["meta.estimator=implicit"],
     "estimator=implicit,neumann_steps=10": ["meta.estimator=implicit", "meta.neumann_steps=10"],
     "unroll_steps=2": ["meta.unroll_steps=2"],
@@ -144,7 +146,9 @@ def units_mode(args, base_sections, teacher, data) -> None:
            "implicit (K=5)": ["meta.estimator=implicit", "meta.neumann_steps=5"],
            "implicit (K=10)": ["meta.estimator=implicit", "meta.neumann_steps=10"],
            "unroll (k=1), lock=norm": ["meta.estimator=unroll", "lossnet.lock=norm"],
-           "implicit (K=5), lock=norm": ["meta.estimator=implicit", "lossnet.lock=norm"]}
+           "implicit (K=5), lock=norm": ["meta.estimator=implicit", "lossnet.lock=norm"],
+           "unroll (k=1), lock=norm, quiz=calibrated": ["meta.estimator=unroll", "lossnet.lock=norm",
+                                                        "meta.quiz_objective=calibrated"]}
     from lkd_ray.meta import MetaBatch
     from lkd_ray.losses import TeacherOutputs
 
@@ -191,7 +195,9 @@ def units_mode(args, base_sections, teacher, data) -> None:
 def teacher_cache_mode(args, base_sections, teacher, data) -> None:
     rows = {k: [] for k in ("kd_live", "kd_cached", "lkd_live", "lkd_cached")}
     with tempfile.TemporaryDirectory() as tmp:
-        cached_sections = {**base_sections, "model": {"teacher_cache": True}, "run": {"cache_dir": tmp}}
+        # 4 views per image: a step reads one cached row whatever K is, so K changes the build time, not the step
+        cached_sections = {**base_sections, "model": {"teacher_cache": True, "teacher_cache_views": 4},
+                           "run": {"cache_dir": tmp, "progress": False}}
         cached_data = build_data(make_cfg(cached_sections, []).data)  # the cache attaches to its own loader
         trainer_for(make_cfg(cached_sections, ["loss.method=kd"]), teacher, cached_data)  # build the cache once, untimed
         for rep in range(args.reps):
