@@ -203,6 +203,9 @@ class Config(_Section):
         if self.lossnet.frozen and self.lossnet.init_from is None and self.loss.method in ("lkd", "control"):
             raise ValueError("lossnet.frozen=true without lossnet.init_from trains with the initial loss network, which is "
                              "the base loss itself: give lossnet.init_from (a learned loss network) or use loss.method=kd")
+        if self.lossnet.lock != "none" and self.lossnet.base == "none" and self.loss.method == "lkd":
+            raise ValueError(f"lossnet.lock={self.lossnet.lock} keeps the base loss's gradient norm, and lossnet.base=none has "
+                             "none: use lossnet.base kd or dist, or lossnet.lock=none")
         if self.meta.quiz_objective == "error" and self.meta.estimator != "es":
             raise ValueError("meta.quiz_objective=error has no gradient: use it with meta.estimator=es, or use 'calibrated'")
         if self.meta.estimator == "es" and self.meta.es_particles % 2:

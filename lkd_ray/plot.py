@@ -117,6 +117,61 @@ def _label(v: dict) -> str:
     return f"φ v{v['version']}" + (f" (epoch {v['epoch']})" if v.get("epoch") is not None else "")
 
 
+def _pair_logits(n: int, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Synthetic (student, teacher, label) logits shaped like a mid-training pair: the teacher mostly
+    right with a spread of confidence, the student a noisier, less confident copy. Fixed seed, float64."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    onehot = torch.nn.functional.one_hot(y, num_classes).double()
+    z_t = 2 * torch.randn(n, num_classes, generator=g, dtype=torch.float64) + 8 * torch.rand(n, 1, generator=g, dtype=torch.float64) * onehot
+    scale = 0.3 + 0.9 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    z_s = scale * z_t + 1.5 * torch.randn(n, num_classes, generator=g, dtype=torch.float64)
+    return z_s, z_t, y
+
+
+def gradient_vs_kd(net: LogitLossNet, tau: float, num_classes: int, n: int = 2048, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example angle (degrees) and norm ratio of the learned loss's logit gradient to KD's, computed in
+    batches of ``batch`` as in training (a scale lock normalises per batch). Unlike the one-parameter family,
+    this shows a direction change, which is all a norm-locked loss may learn."""
+    z_s, z_t, y = _pair_logits(n, num_classes)
+    net64 = copy.deepcopy(net).double()
+    angles, ratios = [], []
+    for i in range(0, n, batch):
+        a = z_s[i:i + batch].clone().requires_grad_(True)
+        g_l = torch.autograd.grad(net64(a, z_t[i:i + batch], y[i:i + batch], _state(net64)), a)[0]
+        g_k = torch.autograd.grad(handcrafted.kd(a, z_t[i:i + batch], tau), a)[0]
+        cos = torch.nn.functional.cosine_similarity(g_l, g_k, dim=1).clamp(-1, 1)
+        angles.append(torch.rad2deg(torch.arccos(cos)))
+        ratios.append(g_l.norm(dim=1) / g_k.norm(dim=1).clamp_min(1e-300))
+    return torch.cat(angles).detach(), torch.cat(ratios).detach()
+
+
+def plot_gradient_vs_kd(versions: list[dict], out: Path, title: str) -> Path:
+    """Histograms of the angle and the norm ratio between the learned and KD's logit gradients, per version."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = versions[-1]["config"]
+    tau, C = cfg.loss.tau, NUM_CLASSES.get(cfg.data.dataset, cfg.data.num_classes_override or 10)
+    colors = plt.cm.viridis(torch.linspace(0, 0.9, len(versions)).tolist())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for v, c in zip(versions, colors):
+        ang, ratio = gradient_vs_kd(v["net"], tau, C)
+        label = f"{_label(v)}: median {ang.median().item():.1f}°, ×{ratio.median().item():.2f}"
+        axes[0].hist(ang.numpy(), bins=60, range=(0, 90), histtype="step", color=c, lw=1.5, label=label)
+        axes[1].hist(ratio.clamp(0, 3).numpy(), bins=60, range=(0, 3), histtype="step", color=c, lw=1.5)
+    axes[0].set_xlabel("angle between the learned and KD's logit gradient (degrees)")
+    axes[1].set_xlabel("|learned gradient| / |KD gradient| per example (clipped at 3)")
+    axes[0].set_ylabel("examples (of 2048 synthetic student/teacher pairs)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: how far the learned gradient turns from KD's, and how much longer it is")
+    path = _savefig(fig, out / f"learned_vs_kd_gradient_{title}.png")
+    plt.close(fig)
+    return path
+
+
 def plot_learned_loss(versions: list[dict], out: Path, title: str, p_teacher: Sequence[float] = (0.3, 0.6, 0.9)) -> list[Path]:
     """Loss and ∂loss/∂z_s[target] vs p_s at a few p_t, each version beside KD; plus a map of the final
     version's gradient minus KD's over (p_s, p_t)."""
@@ -250,7 +305,9 @@ def make_figures(lossnet_uris: Sequence[str], accuracy: str | Path | None, out: 
     paths: list[Path] = []
     for uri in lossnet_uris:
         title = (Path(uri.rstrip("/")).name or "run") + tag
-        paths += plot_learned_loss(load_versions(uri, endpoint_url, max_versions), out, title)
+        versions = load_versions(uri, endpoint_url, max_versions)
+        paths += plot_learned_loss(versions, out, title)
+        paths.append(plot_gradient_vs_kd(versions, out, title))
     if accuracy is not None:
         paths += plot_training_curves(load_accuracy(accuracy), out, methods, tag)
     return paths

@@ -67,3 +67,9 @@ def test_new_fields_are_checked_together_before_any_work():
         build_config("fashion_mnist", meta={"estimator": "hyper"})
     with pytest.raises(ConfigError, match="lossnet.lock"):
         build_config("fashion_mnist", lossnet={"lock": "size"})
+
+
+def test_a_scale_lock_needs_a_base_loss():
+    with pytest.raises(ConfigError, match="lossnet.lock=norm keeps the base loss's gradient norm"):
+        build_config("fashion_mnist", loss={"method": "lkd"}, lossnet={"base": "none", "lock": "norm"})
+    assert build_config("fashion_mnist", loss={"method": "lkd"}, lossnet={"base": "none", "lock": "none"}).lossnet.base == "none"

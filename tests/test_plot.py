@@ -11,7 +11,7 @@ from lkd_ray.config import build_config
 from lkd_ray.data import build_data
 from lkd_ray.losses.learnable import LogitLossNet
 from lkd_ray.models import build_model
-from lkd_ray.plot import _family_logits, loss_and_target_grad
+from lkd_ray.plot import _family_logits, _pair_logits, gradient_vs_kd, loss_and_target_grad
 from lkd_ray.storage import open_storage
 from lkd_ray.train import build_run
 
@@ -65,6 +65,29 @@ def test_learned_gradient_matches_finite_differences_and_starts_at_kd():
         assert abs(fd.item() - g[i].item()) <= 1e-6 * max(1.0, abs(fd.item())), (i, fd.item(), g[i].item())
 
 
+def test_gradient_angle_to_kd_against_an_independent_computation():
+    tau, C = 4.0, 10
+    for lock in ("none", "norm"):
+        net = LogitLossNet(tau=tau, lock=lock, trust=0.5)
+        ang, ratio = gradient_vs_kd(net, tau, C, n=256)
+        assert ang.max() < 1e-4 and (ratio - 1).abs().max() < 1e-9  # at init the learned loss is KD
+    torch.manual_seed(1)
+    net = LogitLossNet(tau=tau)
+    with torch.no_grad():
+        net.g[-1].weight.normal_(0, 0.5)
+    ang, ratio = gradient_vs_kd(net, tau, C, n=256, batch=128)
+    assert ang.median() > 1.0
+    # example 3, by hand in numpy: KD's gradient is τ·(softmax(z_s/τ) − softmax(z_t/τ)) / batch (batchmean)
+    z_s, z_t, y = _pair_logits(256, C)
+    a = z_s[:128].clone().requires_grad_(True)
+    g_l = torch.autograd.grad(net.double()(a, z_t[:128], y[:128]), a)[0][3].numpy()
+    sm = lambda z: np.exp(z - z.max()) / np.exp(z - z.max()).sum()  # noqa: E731
+    g_k = tau * (sm(z_s[3].numpy() / tau) - sm(z_t[3].numpy() / tau)) / 128
+    cos = g_l @ g_k / np.linalg.norm(g_l) / np.linalg.norm(g_k)
+    assert abs(np.degrees(np.arccos(cos)) - ang[3].item()) < 1e-6
+    assert abs(np.linalg.norm(g_l) / np.linalg.norm(g_k) - ratio[3].item()) < 1e-9
+
+
 def _run(method: str, out: Path, seed: int = 0) -> dict:
     cfg = build_config("fashion_mnist", data={"dataset": "synthetic", "synthetic_size": 256, "batch_size": 32, "image_size": 16},
                        optim={"epochs": 2}, loss={"method": method}, meta={"meta_every": 2, "lr": 0.05},
@@ -96,7 +119,8 @@ def test_plot_command_end_to_end_from_local_and_s3_storage(tmp_path, s3_bucket, 
     assert rc == 0
     names = sorted(p.name for p in figs.glob("*.png"))
     assert names == ["learned_grad_map_lkd-s0.png", "learned_grad_map_lkd-s3.png", "learned_loss_lkd-s0.png",
-                     "learned_loss_lkd-s3.png", "paired_vs_kd.png", "training_curves.png"]
+                     "learned_loss_lkd-s3.png", "learned_vs_kd_gradient_lkd-s0.png", "learned_vs_kd_gradient_lkd-s3.png",
+                     "paired_vs_kd.png", "training_curves.png"]
     for n in names:
         data = (figs / n).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000

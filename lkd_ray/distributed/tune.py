@@ -50,7 +50,9 @@ def overrides_from_params(params: dict[str, Any]) -> dict[str, Any]:
     return {
         "lossnet": {"hidden": [int(params[f"lossnet.width{i}"]) for i in range(depth)],
                     "activation": params["lossnet.activation"], "inputs": INPUT_SETS[params["lossnet.inputs"]],
-                    "base": params["lossnet.base"]},
+                    "base": params["lossnet.base"],
+                    # a scale lock needs a base loss to take its gradient norm from
+                    **({"lock": "none"} if params["lossnet.base"] == "none" else {})},
         "meta": {"scope": params["meta.scope"], "meta_every": int(params["meta.meta_every"]), "lr": float(params["meta.lr"])},
     }
 
