@@ -116,9 +116,11 @@ def paired(records: list[dict], method: str, ref: str, key: str = "test_top1") -
 
 
 def teacher_cache_accuracy(records: list[dict], horizon: str) -> dict | None:
-    """The cache's accuracy side: cached − live teacher, paired by seed, for KD and LKD (the ``<base>-live`` rows)."""
+    """The cache's accuracy side: cached − live teacher, paired by seed, for every method M that has an
+    ``M-live`` row (KD, and LKD as it was shipped when the live runs were made)."""
     out = {}
-    for base in ("kd", "lkd"):
+    methods = {r["method"] for r in records}
+    for base in sorted(m[:-len("-live")] for m in methods if m.endswith("-live") and m[:-len("-live")] in methods):
         d = paired(records, base, f"{base}-live")
         if d:
             out[base] = {**d, "cached_minus_live": d["mean"]}

@@ -111,7 +111,7 @@ class LossNetCfg(_Section):
     state_inputs: bool = Field(False, description="feed training progress and running quiz accuracy to the loss networks")
     feature_hidden: list[int] = Field(default_factory=lambda: [16])
     lock: Literal["none", "norm", "nontarget"] = Field(
-        "none", description="scale lock on the learned logit gradient: 'norm' rescales it per batch to the base loss's "
+        "norm", description="(default 'norm': the long-horizon benchmark's choice, BENCHMARKS.md) scale lock on the learned logit gradient: 'norm' rescales it per batch to the base loss's "
         "gradient norm; 'nontarget' keeps the target-logit component at the base loss's and lets φ reshape only the "
         "non-target part (norm-locked there). φ then changes the direction of the gradient, not its size")
     trust: float | None = Field(0.5, gt=0, description="with a lock: the residual gradient's norm is at most trust × the "
@@ -135,7 +135,7 @@ class MetaCfg(_Section):
         "own student; persistent by default, Vicol et al. 2021)")
     backend: Literal["higher", "torch.func"] = "higher"
     quiz_objective: Literal["ce", "calibrated", "error"] = Field(
-        "ce", description="what the meta-step minimises on the quiz batch: 'ce'; 'calibrated' = CE after the best "
+        "calibrated", description="what the meta-step minimises on the quiz batch: 'ce'; 'calibrated' = CE after the best "
         "temperature for that batch (min over β of CE(β·z)), so a loss cannot score by making the student less "
         "confident, only by ranking better; 'error' = top-1 error (es only: it has no gradient)")
     scope: Literal["full", "head"] = "full"
