@@ -115,17 +115,17 @@ def test_plot_command_end_to_end_from_local_and_s3_storage(tmp_path, s3_bucket, 
         st.put_bytes(f"lkd-s3/lossnet/{p.name}", p.read_bytes())
     figs = tmp_path / "figs"
     rc = main(["plot", "--lossnet", str(run_dir), f"s3://{s3_bucket}/runs/lkd-s3", "--accuracy", str(acc), "--out", str(figs),
-               "--endpoint-url", moto_endpoint])
+               "--endpoint-url", moto_endpoint, "--tag", "_x"])
     assert rc == 0
     names = sorted(p.name for p in figs.glob("*.png"))
-    assert names == ["learned_grad_map_lkd-s0.png", "learned_grad_map_lkd-s3.png", "learned_loss_lkd-s0.png",
-                     "learned_loss_lkd-s3.png", "learned_vs_kd_gradient_lkd-s0.png", "learned_vs_kd_gradient_lkd-s3.png",
-                     "paired_vs_kd.png", "training_curves.png"]
+    assert names == ["learned_grad_map_lkd-s0_x.png", "learned_grad_map_lkd-s3_x.png", "learned_loss_lkd-s0_x.png",
+                     "learned_loss_lkd-s3_x.png", "learned_vs_kd_gradient_lkd-s0_x.png", "learned_vs_kd_gradient_lkd-s3_x.png",
+                     "paired_vs_kd_x.png", "training_curves_x.png"]
     for n in names:
         data = (figs / n).read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
     assert not list(figs.glob(".*"))  # no temporary files left behind
-    assert str(figs / "training_curves.png") in capsys.readouterr().out
+    assert str(figs / "training_curves_x.png") in capsys.readouterr().out
 
 
 def test_plot_errors_say_what_to_do(tmp_path, capsys):
@@ -143,5 +143,5 @@ def test_plot_errors_say_what_to_do(tmp_path, capsys):
     other.write_text(json.dumps([{"method": "lkd-x", "seed": 0, "test_top1": 1.0, "curve": [{"epoch": 1, "quiz_top1": 1.0, "test_top1": 1.0}]}]))
     assert main(["plot", "--lossnet", "--accuracy", str(other), "--out", str(tmp_path / "f")]) == 2
     assert "pass --methods all" in capsys.readouterr().err
-    assert main(["plot", "--lossnet", "--accuracy", str(other), "--out", str(tmp_path / "f"), "--methods", "all"]) == 0
-    assert (tmp_path / "f" / "training_curves.png").is_file()
+    assert main(["plot", "--lossnet", "--accuracy", str(other), "--out", str(tmp_path / "f"), "--methods", "all"]) == 0  # default --tag _long
+    assert (tmp_path / "f" / "training_curves_long.png").is_file()
