@@ -15,6 +15,7 @@ Thread-based, stdlib only, 127.0.0.1 only.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
 import struct
@@ -29,10 +30,8 @@ def _rst(sock: socket.socket) -> None:
     """Abortive close (RST); the shutdown also wakes a thread blocked in recv on this socket."""
     for op in (lambda: sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
                lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
-        try:
+        with contextlib.suppress(OSError):  # the peer may already be gone: closing is best effort
             op()
-        except OSError:
-            pass
 
 
 def _line(chunk: bytes) -> str:
@@ -189,10 +188,8 @@ class FaultProxy:
                 if s is not None:
                     with self._lock:
                         self._conns.discard(s)
-                    try:
+                    with contextlib.suppress(OSError):
                         s.close()
-                    except OSError:
-                        pass
 
     def _answers(self, upstream: socket.socket, client: socket.socket) -> None:
         try:
@@ -200,13 +197,11 @@ class FaultProxy:
                 if self.mode == "blackhole":
                     continue
                 client.sendall(chunk)
-        except OSError:
-            pass
+        except OSError:  # either side closed: this relay direction is done
+            return
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     def _timer_loop(self) -> None:
         while not self._closed:

@@ -28,19 +28,11 @@ from lkd_ray.meta.versions import VersionStore  # noqa: E402
 from lkd_ray.storage import S3Settings, S3Storage, StorageError, StorageUnavailable  # noqa: E402
 from tests.faults import ProbeServer  # noqa: E402
 from tests.proxy import FaultProxy  # noqa: E402
-from tests.test_distributed import small_cfg  # noqa: E402
+from tests.test_distributed import ray_cluster, small_cfg  # noqa: E402,F401  (ray_cluster: the same module-scoped local Ray)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "jobs"))
 from _common import storage_cause  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
