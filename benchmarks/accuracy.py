@@ -1,28 +1,29 @@
-"""Test top-1 of every distillation method on real data (Fashion-MNIST), paired seeds, one recipe.
+"""Test top-1 of every distillation method on real data (Fashion-MNIST), per data regime, paired seeds,
+against baselines tuned as carefully as the learned loss.
 
-Two horizons, the same code path:
+Regimes (cnn_teacher → cnn_student; the teacher trained 30 epochs once per regime and shared by every
+method; its logits come from the teacher-output cache with every distinct view of the augmentation):
 
-* ``--horizon short``: the offline recipe as shipped — cnn_teacher trained 5 epochs, the student 4
-  epochs. Records: ``benchmarks/results/accuracy.json``.
-* ``--horizon long``: a teacher trained until it stops improving (30 epochs, ≥ 90 % test), the
-  student 12 epochs on the full training split. Records: ``benchmarks/results/accuracy_long.json``.
+* ``full``: the whole training split minus a 10 % quiz split; student 12 epochs.
+* ``scarce``: the student sees 100 labelled images per class (batch 32, 40 epochs); the quiz is 20 clean
+  images per class; the teacher is the ``full`` one (trained on the whole training split).
+* ``noisy-sym40`` / ``noisy-pair30``: 40 % symmetric / 30 % pair-flip label noise on the whole training split
+  (the teacher is trained on the same noisy labels); a clean quiz of 50 images per class; student 12 epochs.
 
-Both use the teacher-output cache with every distinct view (exact: the student sees the live
-augmentation's views and the teacher's logits for them, without the teacher's forward pass).
-Every (method, seed) is a single-process run in its own folder under ``--out``; finished runs are
-reused, so an interrupted benchmark resumes. Records: {method, seed, test_top1, quiz_top1, wall_s,
-epochs, curve, …}; ``method`` is ``ce``, ``kd``, ``dkd``, ``dist``, ``control`` (KD with one
-meta-learned weight), ``lkd`` (``loss.method=lkd`` with no other override: the shipped default) and
-``lkd-<variant>`` for everything else (``--variant NAME --set a.b=v``). ``--reuse RUN_METHOD``
-makes a variant start from the loss network learned by RUN_METHOD on ``--learn-seed`` and keep it
-frozen (learn on some seeds, reuse on others). Settings are chosen on the quiz split only.
+Three stages, each a command (records in ``benchmarks/results/``, every one with its config sha, command,
+commit, machine, timestamps and the jobs beside it; configs in ``configs.json``):
 
-    .venv/bin/python benchmarks/accuracy.py --horizon long                     # ce kd dkd dist control lkd
-    .venv/bin/python benchmarks/accuracy.py --horizon long --variant norm --set lossnet.lock=norm
-    .venv/bin/python benchmarks/accuracy.py --horizon long --variant es-learn --seeds 100 \\
-        --set meta.estimator=es --set meta.es_particles=8
-    .venv/bin/python benchmarks/accuracy.py --horizon long --variant es --reuse lkd-es-learn --learn-seed 100
-    .venv/bin/python benchmarks/accuracy.py --report
+    python benchmarks/accuracy.py --regime noisy-sym40 --tune kd dkd dist ls wsl     # tuning seed 100 → accuracy_regimes_tuning.json
+    python benchmarks/accuracy.py --regime noisy-sym40 --tune lkd-sample              # the per-sample LKD grid on the tuned KD
+    python benchmarks/accuracy.py --regime noisy-sym40 --methods ce kd dkd dist control lkd kd-tuned ...   # seeds 0-4
+    python benchmarks/accuracy.py --regime noisy-sym40 --variant sample --set lossnet.kind=sample
+    python benchmarks/accuracy.py --report
+
+``method`` is ``ce``, ``kd``, ``dkd``, ``dist``, ``control``, ``lkd`` (``loss.method=lkd``, no override: the
+shipped default), ``<family>-tuned`` (the tuning trial with the best quiz top-1 on the tuning seed) and
+``lkd-<variant>`` for everything else. Settings are chosen on the quiz split only; test is reported.
+A (regime, method, seed) already recorded is not run again; a run folder or a record whose config differs
+from what the command builds stops the benchmark (exit 2) with the differences.
 """
 from __future__ import annotations
 
@@ -30,31 +31,40 @@ import argparse
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-BASE_METHODS: dict[str, dict] = {m: {"loss": {"method": m}} for m in ("ce", "kd", "dkd", "dist", "control", "lkd")}
-HORIZONS: dict[str, dict] = {
-    "short": {"optim": {"epochs": 4}, "model": {"teacher_epochs": 5, "teacher_cache": True}},
-    "long": {"optim": {"epochs": 12}, "model": {"teacher_epochs": 30, "teacher_cache": True}},
+import records  # noqa: E402
+
+COMMON: dict = {"model": {"teacher_epochs": 30, "teacher_cache": True}}
+REGIMES: dict[str, dict] = {
+    "full": {"optim": {"epochs": 12}},
+    "scarce": {"data": {"labels_per_class": 100, "quiz_per_class": 20, "batch_size": 32},
+               "model": {"teacher_batch_size": 128}, "optim": {"epochs": 40}},
+    "noisy-sym40": {"data": {"label_noise": 0.4, "noise_kind": "symmetric", "quiz_per_class": 50}, "optim": {"epochs": 12}},
+    "noisy-pair30": {"data": {"label_noise": 0.3, "noise_kind": "pairflip", "quiz_per_class": 50}, "optim": {"epochs": 12}},
 }
-RESULTS = Path(__file__).resolve().parent / "results"
+BASE_METHODS = ("ce", "kd", "dkd", "dist", "control", "lkd")
+TUNED = ("kd", "dkd", "dist", "ls", "wsl", "lkd-sample")
+TUNE_SEED = 100
+RESULTS = records.RESULTS
+RECORDS, TUNING = "accuracy_regimes.json", "accuracy_regimes_tuning.json"
 
 
-def results_path(horizon: str) -> Path:
-    return RESULTS / ("accuracy.json" if horizon == "short" else "accuracy_long.json")
+class BenchmarkError(RuntimeError):
+    """A mismatch between what the command asks and what is recorded; exits 2 with the reason."""
 
 
-def _merge(*parts: dict) -> dict:
+def merge(*parts: dict) -> dict:
     out: dict = {}
     for p in parts:
         for k, v in p.items():
@@ -62,52 +72,111 @@ def _merge(*parts: dict) -> dict:
     return out
 
 
-def build_cfg(method: str, sections: dict, overrides: list[str], horizon: str, seed: int, out_root: str):
+def build_cfg(regime: str, sections: dict, overrides: list[str], seed: int, name: str, cache_dir: str):
     from lkd_ray.config import build_config
 
     return build_config("fashion_mnist", overrides=overrides,
-                        **_merge(HORIZONS[horizon], sections,
-                                 {"run": {"seed": seed, "name": f"{method}-s{seed}", "progress": False,
-                                          "cache_dir": str(ROOT / ".cache" / "lkd_ray")}}))
+                        **merge(COMMON, REGIMES[regime], sections,
+                                {"run": {"seed": seed, "name": name, "progress": False, "cache_dir": cache_dir}}))
 
 
-def run_one(method: str, sections: dict, overrides: list[str], horizon: str, seed: int, out_root: str, threads: int) -> dict:
-    """One training run in a fresh process; returns its record (or reads it back if already done)."""
+# --------------------------------------------------------------------------- one run
+def per_sample_summary(trainer, teacher) -> dict | None:
+    """What a per-sample loss network learned, on the student's training images at the end of training: its
+    outputs on samples whose label was flipped vs kept, and where the teacher agrees with the label or not."""
     import torch
 
-    from lkd_ray.train import build_run
-    from lkd_ray.train.teacher import prepare_teacher
+    net = getattr(trainer.lossnets, "logit", None) if trainer.lossnets is not None else None
+    if net is None or not hasattr(net, "per_sample"):
+        return None
+    data = trainer.data
+    loader = data.train
+    x, y, ids = loader.images, loader.labels, loader.ids
+    if loader.teacher_logits is not None:  # the un-augmented view from the cache (centre crop, no flip)
+        pad = loader.augment.pad
+        centre = (pad * (2 * pad + 1) + pad) * 2
+        slot = centre if loader.cached_views is None else None
+        z_t = loader.teacher_logits[:, slot] if slot is not None else None
+    else:
+        z_t = None
+    trainer.bundle.eval()
+    outs: dict[str, list] = {}
+    with torch.no_grad():
+        zs = torch.cat([trainer.bundle(x[i:i + 1024]).logits.float() for i in range(0, len(y), 1024)])
+        if z_t is None:
+            z_t = torch.cat([teacher(x[i:i + 1024]).float() for i in range(0, len(y), 1024)])
+        o = net.per_sample(zs, z_t, y, trainer.student_state())
+    trainer.bundle.train()
+    regime = data.regime
+    flipped = torch.from_numpy(regime.flipped[ids]) if regime is not None else torch.zeros(len(y), dtype=torch.bool)
+    agree = z_t.argmax(1) == y
+    groups = {"clean": ~flipped, "flipped": flipped, "agree": agree, "disagree": ~agree}
+    for k, v in o.items():
+        outs[k] = {g: {"n": int(m.sum()), "mean": float(v[m].mean()) if m.any() else None,
+                       "q10": float(v[m].quantile(0.1)) if m.any() else None,
+                       "q50": float(v[m].quantile(0.5)) if m.any() else None,
+                       "q90": float(v[m].quantile(0.9)) if m.any() else None} for g, m in groups.items()}
+    return outs
 
-    out = Path(out_root) / f"{method}-s{seed}"
+
+def run_one(task: dict) -> dict:
+    """One training run in a fresh process. Writes ``provenance.json`` before and ``result.json`` after, in its
+    folder; returns the record (from those files, so a finished run's record is exactly what ran)."""
+    import torch
+
+    out = Path(task["out"])
     result_path = out / "result.json"
     if not result_path.is_file():
-        torch.set_num_threads(threads)
-        cfg = build_cfg(method, sections, overrides, horizon, seed, out_root)
+        torch.set_num_threads(task["threads"])
+        from lkd_ray.config import Config
         from lkd_ray.data import build_data
+        from lkd_ray.train import build_run
+        from lkd_ray.train.teacher import prepare_teacher
 
-        data = build_data(cfg.data, seed, cache_dir=cfg.run.cache_dir)
+        cfg = Config.model_validate(task["config"])
+        out.mkdir(parents=True, exist_ok=True)
+        records.write_json(out / "provenance.json", {**task["provenance"], "started": records.now(),
+                                                     "load_1m_start": records.load_1m()})
+        data = build_data(cfg.data, cfg.run.seed, cache_dir=cfg.run.cache_dir)
         teacher, info = None, None
         if cfg.loss.method != "ce":
             tcfg = cfg.model_copy(deep=True)
-            tcfg.run.seed = 0  # one teacher for every run
+            tcfg.run.seed = 0  # one teacher per regime
             teacher, info = prepare_teacher(tcfg, data, log=lambda *_: None)
-        if out.exists():  # a run that died half-way: start it again from scratch
-            shutil.rmtree(out)
-        build_run(cfg, data=data, teacher=teacher, teacher_info=info, log=lambda *_: None).fit(out, progress=False)
-    res = json.loads(result_path.read_text())
-    curve = [{"epoch": h["epoch"], "quiz_top1": h["quiz_top1"], "test_top1": h["test_top1"]} for h in res["history"]]
-    rec = {"method": method, "seed": seed, "test_top1": res["test_top1"], "quiz_top1": res["quiz_top1"],
-           "wall_s": res["wall_s"], "epochs": res["epochs"], "meta_s": res["meta_s"], "curve": curve,
-           "lossnet_version": res.get("lossnet_version")}
+        run = build_run(cfg, data=data, teacher=teacher, teacher_info=info, log=lambda *_: None)
+        res = run.fit(out, progress=False)
+        summary = per_sample_summary(res["_trainer"], teacher)
+        if summary is not None:
+            records.write_json(out / "per_sample.json", summary)
+        prov = json.loads((out / "provenance.json").read_text())
+        records.write_json(out / "provenance.json", {**prov, "finished": records.now(), "load_1m_end": records.load_1m()})
+    return record_from(out, task)
+
+
+def record_from(out: Path, task: dict) -> dict:
+    res = json.loads((out / "result.json").read_text())
+    prov = json.loads((out / "provenance.json").read_text())
+    last = res["history"][-1] if res["history"] else {}
+    rec = {"regime": task["regime"], "method": task["method"], "seed": res["seed"], "test_top1": res["test_top1"],
+           "quiz_top1": res["quiz_top1"], "quiz_loss": last.get("quiz_loss"), "wall_s": res["wall_s"],
+           "epochs": res["epochs"], "config_sha": records.config_sha(res["config"]), **prov,
+           "curve": [{"epoch": h["epoch"], "quiz_top1": h["quiz_top1"], "test_top1": h["test_top1"]} for h in res["history"]],
+           "lossnet_version": res.get("lossnet_version"), "meta_s": res.get("meta_s")}
+    for k in ("trial", "family", "tuned_from"):
+        if k in task:
+            rec[k] = task[k]
+    if (out / "per_sample.json").is_file():
+        rec["per_sample"] = json.loads((out / "per_sample.json").read_text())
     if res.get("particles"):
         rec["particles"] = res["particles"]
     return rec
 
 
-def paired(records: list[dict], method: str, ref: str, key: str = "test_top1") -> dict | None:
-    """Mean paired difference (method − ref over shared seeds) and its standard error."""
-    a = {r["seed"]: r[key] for r in records if r["method"] == method}
-    b = {r["seed"]: r[key] for r in records if r["method"] == ref}
+# --------------------------------------------------------------------------- statistics and tables
+def paired(recs: list[dict], method: str, ref: str, key: str = "test_top1") -> dict | None:
+    """Mean paired difference (method − ref over shared seeds), its standard error and the worst seed."""
+    a = {r["seed"]: r[key] for r in recs if r["method"] == method}
+    b = {r["seed"]: r[key] for r in recs if r["method"] == ref}
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         return None
@@ -115,162 +184,208 @@ def paired(records: list[dict], method: str, ref: str, key: str = "test_top1") -
     return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d)}
 
 
-def teacher_cache_accuracy(records: list[dict], horizon: str) -> dict | None:
-    """The cache's accuracy side: cached − live teacher, paired by seed, for every method M that has an
-    ``M-live`` row (KD, and LKD as it was shipped when the live runs were made)."""
-    out = {}
-    methods = {r["method"] for r in records}
-    for base in sorted(m[:-len("-live")] for m in methods if m.endswith("-live") and m[:-len("-live")] in methods):
-        d = paired(records, base, f"{base}-live")
-        if d:
-            out[base] = {**d, "cached_minus_live": d["mean"]}
-    if not out:
-        return None
-    path = RESULTS / "teacher_cache.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {}
-    prev["accuracy"] = {"horizon": horizon, "metric": "test top-1, cached minus live teacher, same seed", **out}
-    if "kd" in out:
-        prev["accuracy_diff_kd"], prev["accuracy_diff_kd_se"] = out["kd"]["mean"], out["kd"]["se"]
-    path.write_text(json.dumps(prev, indent=1, default=float) + "\n")
-    return prev["accuracy"]
-
-
-def summarise(records: list[dict]) -> list[dict]:
+def summarise(recs: list[dict], ref: str = "kd") -> list[dict]:
     rows = []
-    for m in list(dict.fromkeys(r["method"] for r in records)):
-        rs = [r for r in records if r["method"] == m]
-        acc = [r["test_top1"] for r in rs]
-        quiz = [r["quiz_top1"] for r in rs]
+    for m in list(dict.fromkeys(r["method"] for r in recs)):
+        rs = [r for r in recs if r["method"] == m]
+        acc, quiz = [r["test_top1"] for r in rs], [r["quiz_top1"] for r in rs]
         rows.append({"method": m, "n": len(rs), "seeds": sorted(r["seed"] for r in rs), "test_mean": statistics.mean(acc),
                      "test_std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "test_worst": min(acc),
-                     "quiz_mean": statistics.mean(quiz), "quiz_worst": min(quiz),
-                     "wall_s_median": statistics.median(r["wall_s"] for r in rs),
-                     "vs_kd": paired(records, m, "kd") if m != "kd" else None,
-                     "vs_kd_quiz": paired(records, m, "kd", "quiz_top1") if m != "kd" else None})
+                     "quiz_mean": statistics.mean(quiz), "wall_s_median": statistics.median(r["wall_s"] for r in rs),
+                     "vs_ref": paired(recs, m, ref) if m != ref else None,
+                     "vs_ref_quiz": paired(recs, m, ref, "quiz_top1") if m != ref else None})
     return rows
 
 
-def table(rows: list[dict], teacher: dict | None) -> str:
-    kd_wall = next((r["wall_s_median"] for r in rows if r["method"] == "kd"), None)
-    lines = []
-    if teacher:
-        lines.append(f"teacher cnn_teacher: test top-1 {teacher.get('test_top1', float('nan')):.2f}% "
-                     f"({teacher.get('epochs')} epochs)")
-    lines += ["| method | seeds | test top-1 (mean ± std) | worst seed | Δ vs KD (paired ± SE) | worst Δ | quiz top-1 | "
-              "Δ quiz vs KD | wall s (median) | wall / KD |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+def best_tuned(recs: list[dict]) -> str | None:
+    """The hand-crafted ``-tuned`` method with the best mean quiz top-1 (what a user picking on quiz would ship)."""
+    tuned = [r for r in summarise(recs) if r["method"].endswith("-tuned") and not r["method"].startswith("lkd")]
+    return max(tuned, key=lambda r: r["quiz_mean"])["method"] if tuned else None
+
+
+def table(recs: list[dict], ref: str = "kd") -> str:
     fmt = lambda d: f"{d['mean']:+.2f} ± {d['se']:.2f}" if d else "—"  # noqa: E731
-    for r in rows:
-        ratio = f"{r['wall_s_median'] / kd_wall:.2f}" if kd_wall else "—"
-        worst = f"{r['vs_kd']['worst']:+.2f}" if r["vs_kd"] else "—"
+    lines = [f"| method | seeds | test top-1 (mean ± std) | worst seed | Δ test vs {ref} (paired ± SE) | worst Δ | quiz top-1 | "
+             f"Δ quiz vs {ref} |", "|---|---|---|---|---|---|---|---|"]
+    for r in summarise(recs, ref):
+        worst = f"{r['vs_ref']['worst']:+.2f}" if r["vs_ref"] else "—"
         lines.append(f"| {r['method']} | {r['n']} | {r['test_mean']:.2f} ± {r['test_std']:.2f} | {r['test_worst']:.2f} | "
-                     f"{fmt(r['vs_kd'])} | {worst} | {r['quiz_mean']:.2f} | {fmt(r['vs_kd_quiz'])} | "
-                     f"{r['wall_s_median']:.0f} | {ratio} |")
+                     f"{fmt(r['vs_ref'])} | {worst} | {r['quiz_mean']:.2f} | {fmt(r['vs_ref_quiz'])} |")
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--horizon", choices=list(HORIZONS), default="long")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--methods", nargs="+", default=list(BASE_METHODS), choices=list(BASE_METHODS))
-    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with --threads torch threads)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="folder for the per-run outputs (default runs/accuracy_<horizon>)")
-    ap.add_argument("--variant", help="name of an extra setting given by --set (records: method <base>-NAME)")
-    ap.add_argument("--base", default="lkd", choices=["lkd", "control", "kd"], help="the method a --variant changes")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    ap.add_argument("--reuse", metavar="METHOD", help="start the variant from METHOD's learned loss network (frozen)")
-    ap.add_argument("--learn-seed", type=int, default=100, help="seed of the --reuse METHOD run to take the loss from")
-    ap.add_argument("--report", action="store_true", help="print the tables from the existing results; run nothing")
-    args = ap.parse_args()
+# --------------------------------------------------------------------------- planning
+def tuning_pick(tuning: list[dict], regime: str, family: str) -> dict:
+    from lkd_ray.search_spaces import pick
 
-    from _util import machine
+    rows = [r for r in tuning if r["regime"] == regime and r["family"] == family]
+    if not rows:
+        raise BenchmarkError(f"{family}-tuned in regime {regime}: no tuning trials recorded; run "
+                             f"`benchmarks/accuracy.py --regime {regime} --tune {family}` first")
+    return pick(rows)
 
-    out_root = args.out or str(ROOT / "runs" / f"accuracy_{args.horizon}")
-    path = results_path(args.horizon)
-    summary_path = path.with_name(path.stem + "_summary.json")
-    if args.report:
-        for h in HORIZONS:
-            p = results_path(h)
-            if p.is_file():
-                s = p.with_name(p.stem + "_summary.json")
-                teacher = json.loads(s.read_text()).get("teacher") if s.is_file() else None
-                recs = json.loads(p.read_text())
-                print(f"\n## {h} horizon ({p.name})\n" + table(summarise(recs), teacher))
-                tc = teacher_cache_accuracy(recs, h)
-                if tc:
-                    print("teacher-output cache, cached − live: " + ", ".join(
-                        f"{b} {v['mean']:+.2f} ± {v['se']:.2f} (n={v['n']})" for b, v in tc.items() if isinstance(v, dict)))
-        return
 
-    from lkd_ray.config import build_config
+def family_trials(regime: str, family: str, tuning: list[dict]):
+    from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_trials
+
+    if family == "lkd-sample":
+        kd = tuning_pick(tuning, regime, "kd")
+        base = next(t for t in HANDCRAFTED["kd"] if t.name == kd["trial"])
+        return lkd_sample_trials(base)
+    if family not in HANDCRAFTED:
+        raise BenchmarkError(f"unknown tuning family {family!r}; valid: {', '.join(TUNED)}")
+    return HANDCRAFTED[family]
+
+
+def plan(args, tuning: list[dict]) -> tuple[list[dict], str]:
+    """Every run the command asks for, as tasks with their full config; and the records file they go to."""
+    out_root = Path(args.out) / args.regime
+    tasks: list[dict] = []
+
+    def add(method: str, sections: dict, overrides: list[str], seed: int, folder: Path, **extra):
+        cfg = build_cfg(args.regime, sections, overrides, seed, folder.name, args.cache_dir)
+        tasks.append({"regime": args.regime, "method": method, "seed": seed, "out": str(folder), "config": cfg.to_dict(),
+                      "threads": args.threads, **extra})
+
+    if args.tune:
+        for family in args.tune:
+            for t in family_trials(args.regime, family, tuning):
+                slug = t.name.replace("=", "").replace(",", "_")
+                add(f"{family}[{t.name}]", t.sections, [], args.tune_seed, out_root / "tune" / f"{family}-{slug}-s{args.tune_seed}",
+                    family=family, trial=t.name)
+        return tasks, TUNING
+    jobs: list[tuple[str, dict, list[str], dict]] = []
+    if args.variant:
+        if not args.overrides:
+            raise BenchmarkError("--variant needs the setting it names, given with --set")
+        jobs.append((f"lkd-{args.variant}", {"loss": {"method": "lkd"}}, args.overrides, {}))
+    for m in args.methods or []:
+        if m in BASE_METHODS:
+            jobs.append((m, {"loss": {"method": m}}, [], {}))
+        elif m.endswith("-tuned") and m[:-len("-tuned")] in TUNED:
+            family = m[:-len("-tuned")]
+            best = tuning_pick(tuning, args.regime, family)
+            trial = next(t for t in family_trials(args.regime, family, tuning) if t.name == best["trial"])
+            name = m if family != "lkd-sample" else "lkd-sample-tuned"
+            jobs.append((name, trial.sections, [], {"tuned_from": {"family": family, "trial": trial.name,
+                                                                    "quiz_top1": best["quiz_top1"], "seed": best["seed"],
+                                                                    "trials": sum(1 for r in tuning if r["regime"] == args.regime
+                                                                                  and r["family"] == family)}}))
+        else:
+            raise BenchmarkError(f"unknown method {m!r}: use {', '.join(BASE_METHODS)}, <family>-tuned for a family in "
+                                 f"{', '.join(TUNED)}, or --variant NAME --set ...")
+    for seed in args.seeds:  # seed-major: partial results stay balanced
+        for name, sections, overrides, extra in jobs:
+            add(name, sections, overrides, seed, out_root / f"{name}-s{seed}", **extra)
+    return tasks, RECORDS
+
+
+def check_against(tasks: list[dict], recorded: list[dict]) -> list[dict]:
+    """Tasks still to run. A run folder or record that holds another config for the same name is an error."""
+    todo = []
+    for t in tasks:
+        sha = records.config_sha(t["config"])
+        done = [r for r in recorded if r["regime"] == t["regime"] and r["method"] == t["method"] and r["seed"] == t["seed"]]
+        if done:
+            if done[0]["config_sha"] != sha:
+                raise BenchmarkError(f"{t['regime']}/{t['method']} seed {t['seed']} is recorded with config "
+                                     f"{done[0]['config_sha']}, the command builds {sha}:\n  " +
+                                     "\n  ".join(records.config_diff(_stored_config(done[0]["config_sha"]), t["config"])) +
+                                     "\nrun it under another method name, or drop the old records (and say so)")
+            continue
+        res = Path(t["out"]) / "result.json"
+        if res.is_file():
+            old = json.loads(res.read_text())["config"]
+            if records.config_sha(old) != sha:
+                raise BenchmarkError(f"{t['out']} holds a run of another config than the command builds:\n  " +
+                                     "\n  ".join(records.config_diff(old, t["config"])) +
+                                     "\nuse another --out, or delete that folder to run this config")
+        todo.append(t)
+    return todo
+
+
+def _stored_config(sha: str) -> dict:
+    store = json.loads(records.CONFIGS.read_text()) if records.CONFIGS.is_file() else {}
+    return store.get(sha, {})
+
+
+def prepare(regime: str, cache_dir: str) -> dict:
+    """The regime's teacher (trained once, cached) and its output cache, before parallel runs read them."""
     from lkd_ray.data import build_data
+    from lkd_ray.train.run import build_run
     from lkd_ray.train.teacher import prepare_teacher
 
-    jobs: list[tuple[str, dict, list[str]]] = []
-    if args.variant:
-        sections: dict = {"loss": {"method": args.base}}
-        if args.reuse:
-            src = Path(out_root) / f"{args.reuse}-s{args.learn_seed}"
-            if not (src / "result.json").is_file():
-                ap.error(f"--reuse {args.reuse}: {src} has not finished; run that variant on --seeds {args.learn_seed} first")
-            sections["lossnet"] = {"init_from": str(src), "frozen": True}
-            learned = json.loads((src / "result.json").read_text())["config"]
-            sections["lossnet"].update({k: learned["lossnet"][k] for k in ("inputs", "hidden", "activation", "base", "lock",
-                                                                            "trust", "state_inputs")})
-        if not args.overrides and not args.reuse:
-            ap.error("--variant needs the setting it names, given with --set (or --reuse)")
-        jobs.append((f"{args.base}-{args.variant}", sections, args.overrides))
-    else:
-        jobs += [(m, BASE_METHODS[m], []) for m in args.methods]
-    for name, sections, overrides in jobs:  # validate every config before any work
-        build_cfg(name, sections, overrides, args.horizon, 0, out_root)
+    cfg = build_cfg(regime, {"loss": {"method": "kd"}}, [], 0, "prepare", cache_dir)
+    data = build_data(cfg.data, 0, cache_dir=cache_dir)
+    teacher, info = prepare_teacher(cfg, data)
+    build_run(cfg, data=data, teacher=teacher, teacher_info=info, log=print)  # builds the teacher-output cache once
+    return info
 
-    base = build_config("fashion_mnist", **_merge(HORIZONS[args.horizon], {"run": {"seed": 0, "cache_dir": str(ROOT / ".cache" / "lkd_ray")}}))
-    data = build_data(base.data, 0, cache_dir=base.run.cache_dir)
-    _, teacher = prepare_teacher(base, data)  # trained once and cached; every run reads the same teacher
-    from lkd_ray.train.run import build_run
 
-    build_run(base.model_copy(update={"loss": base.loss.model_copy(update={"method": "kd"})}), data=data,
-              log=print)  # builds the teacher-output cache once, before the parallel runs read it
-    del data
+def report(results: Path) -> None:
+    recs = json.loads((results / RECORDS).read_text()) if (results / RECORDS).is_file() else []
+    for regime in REGIMES:
+        rs = [r for r in recs if r["regime"] == regime]
+        if rs:
+            best = best_tuned(rs)
+            print(f"\n## {regime}\n" + table(rs) + (f"\n\nagainst the best tuned hand-crafted loss ({best}):\n" + table(rs, best)
+                                                   if best else ""))
 
-    old = json.loads(path.read_text()) if path.is_file() else []
-    names = {m for m, _, _ in jobs}
-    keep = [r for r in old if not (r["method"] in names and r["seed"] in args.seeds)]
-    records: list[dict] = []
-    tasks = [(m, s, o, seed) for seed in args.seeds for m, s, o in jobs]  # seed-major: partial results stay balanced
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--regime", choices=list(REGIMES), default="full")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--methods", nargs="+", help=f"{', '.join(BASE_METHODS)} or <family>-tuned")
+    ap.add_argument("--tune", nargs="+", metavar="FAMILY", help=f"run a family's tuning grid on --tune-seed: {', '.join(TUNED)}")
+    ap.add_argument("--tune-seed", type=int, default=TUNE_SEED)
+    ap.add_argument("--variant", help="an LKD setting given by --set (records: method lkd-NAME)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with --threads torch threads)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "accuracy_regimes"), help="folder for the per-run outputs")
+    ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "lkd_ray"), help="teachers and teacher-output caches")
+    ap.add_argument("--results", default=str(RESULTS), help="where the records go (default benchmarks/results)")
+    ap.add_argument("--report", action="store_true", help="print the tables from the records; run nothing")
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    if args.report:
+        report(results)
+        return 0
+    if not (args.tune or args.methods or args.variant):
+        ap.error("give --methods, --tune or --variant")
+    tuning = json.loads((results / TUNING).read_text()) if (results / TUNING).is_file() else []
+    try:
+        tasks, target = plan(args, tuning)
+        recorded = json.loads((results / target).read_text()) if (results / target).is_file() else []
+        todo = check_against(tasks, recorded)
+    except BenchmarkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(tasks)} runs asked, {len(tasks) - len(todo)} already recorded, {len(todo)} to run "
+          f"({args.jobs} at a time) → {results / target}", flush=True)
+    if not todo:
+        return 0
+    records.keep_configs([t["config"] for t in todo], results / "configs.json")
+    info = prepare(args.regime, args.cache_dir)
+    print(f"teacher {info.get('key')}: test top-1 {info.get('test_top1')}", flush=True)
+    prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1), "threads": args.threads,
+            "teacher": {"key": info.get("key"), "test_top1": info.get("test_top1")}}
+    for t in todo:
+        t["provenance"] = prov
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futs = {pool.submit(run_one, m, s, o, args.horizon, seed, out_root, args.threads): (m, seed) for m, s, o, seed in tasks}
+        futs = {pool.submit(run_one, t): t for t in todo}
         for i, f in enumerate(as_completed(futs), 1):
             r = f.result()
-            records.append(r)
-            print(f"[{i}/{len(tasks)} {time.perf_counter() - t0:.0f}s] {r['method']:>14} seed {r['seed']}: "
+            records.append(results / target, [r])  # one at a time: an interrupted benchmark keeps what finished
+            print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f}s] {r['method']:>28} seed {r['seed']}: "
                   f"test {r['test_top1']:.2f}  quiz {r['quiz_top1']:.2f}  ({r['wall_s']:.0f}s)", flush=True)
-    order = {m: i for i, m in enumerate(BASE_METHODS)}
-    allrec = sorted(keep + records, key=lambda r: (order.get(r["method"], 99), r["method"], r["seed"]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(allrec, indent=1) + "\n")
-    rows = summarise(allrec)
-    prev = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    cmd = " ".join(["python", *sys.argv])
-    summary = {"machine": machine(), "commands": list(dict.fromkeys(prev.get("commands", []) + [cmd])), "teacher": teacher,
-               "recipe": f"fashion_mnist (cnn_teacher -> cnn_student), horizon {args.horizon}: {HORIZONS[args.horizon]}",
-               "jobs_in_parallel": args.jobs, "threads_per_job": args.threads, "rows": rows}
-    summary_path.write_text(json.dumps(summary, indent=1, default=float) + "\n")
-    for m, _, _ in jobs:  # the loss-network versions of the first seed: what `python -m lkd_ray plot` draws
-        src = Path(out_root) / f"{m}-s{args.seeds[0]}" / "lossnet"
-        if m.startswith(("lkd", "control")) and src.is_dir():
-            dst = RESULTS / ("lossnet" if args.horizon == "short" else "lossnet_long") / m
-            shutil.rmtree(dst, ignore_errors=True)
-            shutil.copytree(src, dst / "lossnet")
-            shutil.copy2(src.parent / "result.json", dst / "result.json")
-    print(table(rows, teacher))
-    teacher_cache_accuracy(allrec, args.horizon)
+    if target == RECORDS:
+        report(results)
+    return 0
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    raise SystemExit(main())

@@ -67,14 +67,14 @@ def cmd_gradcheck(args) -> int:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     worst = 0.0
     for scope in args.scope:
-        for lock in args.lock:
-            unroll = 1 if lock != "none" else args.unroll
-            errs = run_gradcheck(eps=args.eps, scope=scope, unroll=unroll, seed=args.seed, lock=lock)
-            for backend, e in errs.items():
-                ok = e <= args.tol
-                worst = max(worst, e)
-                print(f"scope={scope:<4} lock={lock:<9} unroll={unroll} backend={backend:<10} max relative error {e:.3e}  "
-                      f"{'OK' if ok else 'FAIL'}")
+        for kind in args.kind:
+            for lock in args.lock:
+                errs = run_gradcheck(eps=args.eps, scope=scope, unroll=args.unroll, seed=args.seed, lock=lock, kind=kind)
+                for backend, e in errs.items():
+                    ok = e <= args.tol
+                    worst = max(worst, e)
+                    print(f"scope={scope:<4} kind={kind:<6} lock={lock:<9} unroll={args.unroll} backend={backend:<10} "
+                          f"max relative error {e:.3e}  {'OK' if ok else 'FAIL'}")
     if worst > args.tol:
         print(f"gradcheck FAILED: max relative error {worst:.3e} > {args.tol:g}", file=sys.stderr)
         return 1
@@ -109,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("gradcheck", help="meta-gradients of both backends vs float64 finite differences")
     p.add_argument("--scope", nargs="+", default=["full", "head"], choices=["full", "head"])
-    p.add_argument("--unroll", type=int, default=2, help="unrolled steps (a scale lock is checked at 1, where it is exact)")
+    p.add_argument("--unroll", type=int, default=2, help="unrolled steps")
     p.add_argument("--lock", nargs="+", default=["none", "norm", "nontarget"], choices=["none", "norm", "nontarget"])
-    p.add_argument("--eps", type=float, default=1e-6)
+    p.add_argument("--kind", nargs="+", default=["class", "sample"], choices=["class", "sample"],
+                   help="loss-network kind: per (sample, class) residual, or per-sample weights and temperature")
+    p.add_argument("--eps", type=float, default=1e-4)
     p.add_argument("--tol", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gradcheck)

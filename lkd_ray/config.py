@@ -30,6 +30,8 @@ class ModelCfg(_Section):
         "None trains a teacher once with this project (cached under run.cache_dir); 'random' (smoke runs only) "
         "an untrained teacher")
     teacher_epochs: int = Field(8, ge=1, description="epochs when the teacher is trained here")
+    teacher_batch_size: int | None = Field(None, ge=1, description="batch size when the teacher is trained here (None: "
+                                           "data.batch_size), so a student recipe with another batch shares the teacher")
     teacher_cache: bool = Field(False, description="compute the teacher's logits once per augmented view (FKD, Shen & Xing "
                                 "2022), store them as Parquet keyed like the teacher, and train on views drawn from them: "
                                 "no teacher forward per step. Logits only: with loss.w_feat > 0 the teacher runs live")
@@ -60,6 +62,17 @@ class DataCfg(_Section):
     quiz_batch_size: int | None = Field(None, description="None: same as batch_size")
     num_workers: int = Field(0, ge=0)
     train_subset: int | None = Field(None, ge=10, description="use only this many training images (after the quiz split); quick runs")
+    labels_per_class: int | None = Field(None, ge=1, description="scarce labels: the student trains on a stratified, seeded "
+                                         "subset of this many images per class; the teacher still trains on the whole "
+                                         "training split (or comes from model.teacher_weights)")
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="share of the training labels flipped (seeded, exactly this "
+                               "share of every class); the teacher trains on the same noisy labels. The quiz split stays clean")
+    noise_kind: Literal["symmetric", "pairflip"] = Field(
+        "symmetric", description="'symmetric': a flipped label goes to a uniformly drawn other class; 'pairflip': class c "
+        "goes to c + 1 (mod C), a fixed confusion map")
+    quiz_per_class: int | None = Field(None, ge=1, description="a trusted quiz split of this many clean images per class, "
+                                       "drawn from the held-out split (never overlapping training); None: the whole held-out "
+                                       "split (data.quiz_fraction of the training set)")
     augment: bool = True
     synthetic_size: int = Field(512, ge=32, description="images per split for dataset=synthetic (smoke runs)")
     num_classes_override: int | None = Field(None, ge=2, description="classes for dataset=synthetic")
@@ -82,15 +95,17 @@ class OptimCfg(_Section):
         return self
 
 
-METHOD_NAMES = ("ce", "kd", "dkd", "dist", "lkd", "control")
+METHOD_NAMES = ("ce", "kd", "dkd", "dist", "wsl", "lkd", "control")
 
 
 class LossCfg(_Section):
-    method: Literal["ce", "kd", "dkd", "dist", "lkd", "control"] = Field(
+    method: Literal["ce", "kd", "dkd", "dist", "wsl", "lkd", "control"] = Field(
         "lkd", description="'control': KD with one meta-learned weight on the KD term (w = exp(s), s₀ = 0), learned by "
-        "the same meta-step as LKD; if LKD only matches it, the network learned a step size, not a loss")
-    w_ce: float = Field(1.0, ge=0)
+        "the same meta-step as LKD; if LKD only matches it, the network learned a step size, not a loss. 'wsl': "
+        "weighted soft labels (Zhou et al., ICLR 2021), KD weighted per sample by 1 − exp(−CE_student/CE_teacher)")
+    w_ce: float = Field(1.0, ge=0, description="weight of the CE term (KD's α-form: w_ce = 1 − α, w_logit = α)")
     w_logit: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing ε of the CE term (every method)")
     w_feat: float = Field(0.0, ge=0)
     tau: float = Field(4.0, gt=0)
     dkd_alpha: float = 1.0
@@ -101,9 +116,21 @@ class LossCfg(_Section):
 
 
 LogitInput = Literal["log_ps", "log_pt", "ps", "pt", "onehot", "log_ratio"]
+SampleInput = Literal["pt_y", "agree", "ce_s", "margin_s", "ent_s", "ent_t"]
+SampleOutput = Literal["w_ce", "w_kd", "tau"]
 
 
 class LossNetCfg(_Section):
+    kind: Literal["class", "sample"] = Field(
+        "class", description="'class': a residual on the base loss, one MLP per (sample, class) (the generic logit "
+        "network); 'sample': per-sample weights on the CE and KD terms and a per-sample temperature from per-sample "
+        "inputs (lossnet.sample_inputs → lossnet.sample_outputs), for scarce or noisy labels")
+    sample_inputs: list[SampleInput] = Field(
+        default_factory=lambda: ["pt_y", "agree", "ce_s", "margin_s", "ent_s", "ent_t"],
+        description="kind=sample: the teacher's probability of the given label, teacher–label agreement, the student's "
+        "CE, its margin p_y − max p_other, the student's and the teacher's entropy")
+    sample_outputs: list[SampleOutput] = Field(default_factory=lambda: ["w_ce", "w_kd", "tau"],
+                                               description="kind=sample: what the network sets per sample")
     base: Literal["kd", "dist", "none"] = "kd"
     inputs: list[LogitInput] = Field(default_factory=lambda: ["log_ps", "log_pt", "ps", "pt", "onehot"])
     hidden: list[int] = Field(default_factory=lambda: [32, 32])
@@ -116,11 +143,14 @@ class LossNetCfg(_Section):
         "non-target part (norm-locked there). φ then changes the direction of the gradient, not its size")
     trust: float | None = Field(0.5, gt=0, description="with a lock: the residual gradient's norm is at most trust × the "
                                 "base gradient's (a cone of half-angle asin(trust) around the base gradient); None = unbounded")
+    lock_scope: Literal["batch", "sample"] = Field(
+        "batch", description="what a lock bounds: the batch's logit gradient as a whole (samples may trade size among "
+        "themselves) or every sample's own")
     init_from: str | None = Field(None, description="start φ from a loss network learned earlier: a v<N>.pt file, a run "
                                   "folder holding lossnet/, or an s3:// URI of either")
     frozen: bool = Field(False, description="no meta-updates: train with the loss network as given (init_from) at KD's cost")
 
-    @field_validator("inputs")
+    @field_validator("inputs", "sample_inputs", "sample_outputs")
     @classmethod
     def _nonempty(cls, v):
         if not v or len(set(v)) != len(v):
@@ -203,13 +233,22 @@ class Config(_Section):
         if self.lossnet.frozen and self.lossnet.init_from is None and self.loss.method in ("lkd", "control"):
             raise ValueError("lossnet.frozen=true without lossnet.init_from trains with the initial loss network, which is "
                              "the base loss itself: give lossnet.init_from (a learned loss network) or use loss.method=kd")
-        if self.lossnet.lock != "none" and self.lossnet.base == "none" and self.loss.method == "lkd":
+        if self.lossnet.lock != "none" and self.lossnet.base == "none" and self.loss.method == "lkd" and \
+                self.lossnet.kind == "class":
             raise ValueError(f"lossnet.lock={self.lossnet.lock} keeps the base loss's gradient norm, and lossnet.base=none has "
                              "none: use lossnet.base kd or dist, or lossnet.lock=none")
+        if self.lossnet.kind == "sample" and self.lossnet.base != "kd" and self.loss.method == "lkd":
+            raise ValueError("lossnet.kind=sample weighs the CE and KD terms per sample: it needs lossnet.base=kd")
         if self.meta.quiz_objective == "error" and self.meta.estimator != "es":
             raise ValueError("meta.quiz_objective=error has no gradient: use it with meta.estimator=es, or use 'calibrated'")
         if self.meta.estimator == "es" and self.meta.es_particles % 2:
             raise ValueError(f"meta.es_particles must be even (antithetic pairs), got {self.meta.es_particles}")
+        if self.data.labels_per_class is not None and self.data.train_subset is not None:
+            raise ValueError("data.labels_per_class and data.train_subset both choose the student's images: set one of them")
+        if (self.data.label_noise or self.data.labels_per_class or self.data.quiz_per_class) and \
+                self.data.dataset == "parquet":
+            raise ValueError("data.label_noise, data.labels_per_class and data.quiz_per_class are implemented for the "
+                             "in-memory and torchvision data sets, not for parquet shards")
         if self.data.dataset == "imagenet" and self.data.channels != 3:
             raise ValueError("ImageNet images have 3 channels: set data.channels=3")
         if self.data.dataset in ("cifar10", "cifar100", "imagenet", "parquet") and not self.data.root:

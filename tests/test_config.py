@@ -11,7 +11,7 @@ def test_unknown_field_lists_valid_fields():
 
 
 def test_unknown_value_lists_valid_values():
-    with pytest.raises(ConfigError, match=r"loss.method: Input should be 'ce', 'kd', 'dkd', 'dist', 'lkd' or 'control'"):
+    with pytest.raises(ConfigError, match=r"loss.method: Input should be 'ce', 'kd', 'dkd', 'dist', 'wsl', 'lkd' or 'control'"):
         build_config("fashion_mnist", overrides=["loss.method=fitnet"])
     with pytest.raises(ConfigError, match=r"valid models: .*resnet8x4"):
         build_config("fashion_mnist", overrides=["model.student=resnet9"])

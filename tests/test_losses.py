@@ -60,6 +60,32 @@ def test_dist(logits):
     assert handcrafted.dist(zs, zt, beta, gamma, tau).item() == pytest.approx(ref, rel=1e-8)
 
 
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_wsl_against_its_formula(logits, tau):
+    """Zhou et al. (ICLR 2021): w_i = 1 − exp(−CE_s,i / CE_t,i) on the hard label, times τ²·KL_i(τ)."""
+    zs, zt, y = logits
+    ps1, pt1 = _softmax(zs.numpy()), _softmax(zt.numpy())
+    ps, pt = _softmax(zs.numpy() / tau), _softmax(zt.numpy() / tau)
+    ref = 0.0
+    for i, c in enumerate(y.numpy()):
+        w = 1 - np.exp(-(-np.log(ps1[i, c])) / (-np.log(pt1[i, c])))
+        ref += w * tau**2 * _kl(pt[i], ps[i]) / 16
+    assert handcrafted.wsl(zs, zt, y, tau).item() == pytest.approx(ref, rel=1e-6)
+    z = zs.clone().requires_grad_(True)  # the weights are constants for the student: its gradient is w·∇KL
+    g, = torch.autograd.grad(handcrafted.wsl(z, zt, y, tau), z)
+    w = torch.tensor([1 - np.exp(-np.log(ps1[i, c]) / np.log(pt1[i, c])) for i, c in enumerate(y.numpy())])
+    torch.testing.assert_close(g, w[:, None] * tau * (torch.softmax(zs / tau, 1) - torch.softmax(zt / tau, 1)) / 16)
+
+
+def test_label_smoothing_against_its_formula(logits):
+    zs, _, y = logits
+    eps = 0.2
+    logp = np.log(_softmax(zs.numpy()))
+    target = np.full((16, 10), eps / 10)
+    target[np.arange(16), y.numpy()] += 1 - eps
+    assert handcrafted.ce(zs, y, eps).item() == pytest.approx(-np.mean((target * logp).sum(1)), rel=1e-12)
+
+
 def test_kd_precomputed_value():
     # A fixed case, computed once by hand: p_t = softmax([0, ln 3]) = [.25, .75], p_s = [.5, .5], τ=1.
     zs, zt = torch.tensor([[0.0, 0.0]], dtype=torch.float64), torch.tensor([[0.0, np.log(3.0)]], dtype=torch.float64)
@@ -181,7 +207,7 @@ def test_method_registry_names_every_method_and_combines_terms(logits):
     from lkd_ray.config import LossCfg, LossNetCfg
     from lkd_ray.losses import METHODS, StudentOutputs, TeacherOutputs, build_lossnets, build_method
 
-    assert set(METHODS) == {"ce", "kd", "dkd", "dist", "lkd", "control"}
+    assert set(METHODS) == {"ce", "kd", "dkd", "dist", "wsl", "lkd", "control"}
     zs, zt, y = logits
     for name in METHODS:
         cfg = LossCfg(method=name, w_ce=0.5, w_logit=2.0)
@@ -190,7 +216,7 @@ def test_method_registry_names_every_method_and_combines_terms(logits):
         total, parts = m(StudentOutputs(zs), TeacherOutputs(zt), y)
         assert parts["ce"].item() == pytest.approx(0.5 * handcrafted.ce(zs, y).item())
         expect = {"ce": 0.0, "kd": handcrafted.kd(zs, zt, 4.0), "dkd": handcrafted.dkd(zs, zt, y),
-                  "dist": handcrafted.dist(zs, zt, tau=4.0), "lkd": handcrafted.kd(zs, zt, 4.0),
+                  "dist": handcrafted.dist(zs, zt, tau=4.0), "wsl": handcrafted.wsl(zs, zt, y, 4.0), "lkd": handcrafted.kd(zs, zt, 4.0),
                   "control": handcrafted.kd(zs, zt, 4.0)}[name]
         if name != "ce":
             assert parts[name].item() == pytest.approx(2.0 * float(expect), rel=1e-10)

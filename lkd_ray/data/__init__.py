@@ -11,6 +11,7 @@ from ..config import DataCfg
 from .fashion import DataNotFound, load_fashion_mnist
 from .loaders import Batch, InMemoryLoader, cycle
 from .transforms import CropFlip
+from .regimes import RegimeSplit, regime_split
 from .split import stratified_split
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -33,6 +34,18 @@ class DataBundle:
     quiz_indices: np.ndarray | None = None  # indices into the original training set
     synthetic: bool = False
     identity: str | None = None  # what the data is, for cache keys: a content hash, or the root and its index
+    quiz_eval: Any = None        # the whole quiz split in a fixed order (evaluation); None: evaluate on ``quiz``
+    regime: RegimeSplit | None = None  # which labels and images the run uses, when they differ from the data set's
+
+    def label_table(self) -> dict[str, np.ndarray] | None:
+        """What a run stores so anyone can audit its labels: every image of the training pool and the quiz with
+        its given and clean label and whether the student trains on it (None when nothing was changed)."""
+        r = self.regime
+        if r is None:
+            return None
+        ids = np.concatenate([r.teacher, r.quiz])
+        return {"id": ids, "label": r.labels[ids], "clean_label": r.clean[ids], "flipped": r.labels[ids] != r.clean[ids],
+                "student": np.isin(ids, r.student), "quiz": np.isin(ids, r.quiz)}
 
     def fingerprint(self) -> str:
         """A hash of the training data's identity (content for in-memory sets), computed once."""
@@ -64,21 +77,33 @@ def _to_tensor(images: np.ndarray, cfg: DataCfg) -> torch.Tensor:
     return x.repeat(1, cfg.channels, 1, 1).contiguous()
 
 
+def split_for(cfg: DataCfg, clean_labels, num_classes: int) -> RegimeSplit:
+    return regime_split(np.asarray(clean_labels), num_classes, cfg.quiz_fraction, cfg.split_seed, label_noise=cfg.label_noise,
+                        noise_kind=cfg.noise_kind, labels_per_class=cfg.labels_per_class, quiz_per_class=cfg.quiz_per_class,
+                        train_subset=cfg.train_subset)
+
+
 def _in_memory(train_x, train_y, test_x, test_y, cfg: DataCfg, seed: int, rank: int, world: int, num_classes: int,
-               synthetic: bool = False, pad_value: float = 0.0) -> DataBundle:
-    tr_idx, quiz_idx = stratified_split(train_y.numpy(), cfg.quiz_fraction, cfg.split_seed)
-    if cfg.train_subset is not None:
-        tr_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(tr_idx, min(cfg.train_subset, len(tr_idx)), replace=False))
-    qb = min(cfg.quiz_batch_size or cfg.batch_size, len(quiz_idx))
+               synthetic: bool = False, pad_value: float = 0.0, role: str = "student") -> DataBundle:
+    sp = split_for(cfg, train_y.numpy(), num_classes)
+    tr_idx = sp.student if role == "student" else sp.teacher
+    labels = torch.from_numpy(sp.labels)
+    qb = min(cfg.quiz_batch_size or cfg.batch_size, len(sp.quiz))
     spec = train_augmentation(cfg, pad_value)
-    tr = InMemoryLoader(train_x[tr_idx], train_y[tr_idx], cfg.batch_size, True, spec, seed=seed, drop_last=True,
+    tr = InMemoryLoader(train_x[tr_idx], labels[tr_idx], cfg.batch_size, True, spec, seed=seed, drop_last=True,
                         rank=rank, world_size=world, ids=tr_idx)
     # each rank draws its own quiz batches, so a sync round averages meta-gradients over different ones
-    qz = InMemoryLoader(train_x[quiz_idx], train_y[quiz_idx], qb, True, None, seed=seed + 7 + 1000 * rank, drop_last=True,
-                        ids=quiz_idx)
+    qz = InMemoryLoader(train_x[sp.quiz], labels[sp.quiz], qb, True, None, seed=seed + 7 + 1000 * rank, drop_last=True,
+                        ids=sp.quiz)
     te = InMemoryLoader(test_x, test_y, cfg.eval_batch_size, False)
-    return DataBundle(tr, qz, te, num_classes, train_x.shape[1], train_x.shape[-1], len(tr_idx), len(quiz_idx),
-                      len(test_y), quiz_idx, synthetic)
+    qe = InMemoryLoader(train_x[sp.quiz], labels[sp.quiz], cfg.eval_batch_size, False, ids=sp.quiz)
+    return DataBundle(tr, qz, te, num_classes, train_x.shape[1], train_x.shape[-1], len(tr_idx), len(sp.quiz),
+                      len(test_y), sp.quiz, synthetic, quiz_eval=qe, regime=sp if _audited(cfg) else None)
+
+
+def _audited(cfg: DataCfg) -> bool:
+    """Runs whose labels or images differ from the data set's own: their labels are stored with the run."""
+    return bool(cfg.label_noise or cfg.labels_per_class or cfg.quiz_per_class)
 
 
 def train_augmentation(cfg: DataCfg, pad_value: float = 0.0) -> CropFlip | None:
@@ -130,27 +155,32 @@ def _parquet(cfg: DataCfg, seed: int, rank: int, world: int, stream_train: bool)
     ident = hashlib.sha256((str(cfg.root) + json.dumps(meta, sort_keys=True)).encode()).hexdigest()[:16]
     return DataBundle(train, InMemoryLoader(qx, qy, qb, True, None, seed=seed + 7 + 1000 * rank, drop_last=True, ids=qid),
                       InMemoryLoader(tx, ty, cfg.eval_batch_size, False), meta["num_classes"], cfg.channels, size,
-                      n_train, len(qy), len(ty), identity=ident)
+                      n_train, len(qy), len(ty), identity=ident,
+                      quiz_eval=InMemoryLoader(qx, qy, cfg.eval_batch_size, False, ids=qid))
 
 
 def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, cache_dir: str = ".cache/lkd_ray",
-               stream_train: bool = False) -> DataBundle:
+               stream_train: bool = False, role: str = "student") -> DataBundle:
+    """The run's data. ``role="teacher"``: the teacher's training set (the whole training pool with the given
+    labels, whatever ``labels_per_class`` keeps for the student), same quiz and test splits."""
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role must be 'student' or 'teacher', got {role!r}")
     if cfg.dataset == "fashion_mnist":
         raw = load_fashion_mnist(cfg.root, cache_dir)
         (trx, try_), (tex, tey) = raw["train"], raw["test"]
         return _in_memory(_to_tensor(trx, cfg), torch.from_numpy(try_), _to_tensor(tex, cfg), torch.from_numpy(tey),
-                          cfg, seed, rank, world_size, 10, pad_value=-FASHION_MEAN / FASHION_STD)
+                          cfg, seed, rank, world_size, 10, pad_value=-FASHION_MEAN / FASHION_STD, role=role)
     if cfg.dataset == "synthetic":
         k = cfg.num_classes_override or 10
         size = cfg.image_size or 32
         trx, try_ = synthetic_arrays(cfg.synthetic_size, k, cfg.channels, size, 1)
         tex, tey = synthetic_arrays(max(64, cfg.synthetic_size // 4), k, cfg.channels, size, 2)
-        return _in_memory(trx, try_, tex, tey, cfg, seed, rank, world_size, k, synthetic=True)
+        return _in_memory(trx, try_, tex, tey, cfg, seed, rank, world_size, k, synthetic=True, role=role)
     if cfg.dataset == "parquet":
         return _parquet(cfg, seed, rank, world_size, stream_train)
     from .vision import build_torchvision_data
 
-    return build_torchvision_data(cfg, seed, rank, world_size)
+    return build_torchvision_data(cfg, seed, rank, world_size, role)
 
 
 __all__ = ["Batch", "CropFlip", "train_augmentation", "DataBundle", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..config import DataCfg
 from .fashion import DataNotFound
-from .split import stratified_split
 
 
 def _specs(cfg: DataCfg):
@@ -30,8 +29,9 @@ def _specs(cfg: DataCfg):
 class _Augmented(Dataset):
     """A torchvision data set (PIL images) through the shared spec, keyed by (seed, epoch, index)."""
 
-    def __init__(self, base, spec, mean, std, channels: int, seed: int):
+    def __init__(self, base, spec, mean, std, channels: int, seed: int, labels: np.ndarray | None = None):
         self.base, self.spec, self.mean, self.std, self.channels, self.seed = base, spec, mean, std, channels, seed
+        self.labels = labels  # the run's given labels (label noise), in place of the data set's own
         self.epoch = 0
 
     def __len__(self):
@@ -41,6 +41,8 @@ class _Augmented(Dataset):
         from .transforms import CropFlip, pil_to_tensor
 
         img, y = self.base[i]
+        if self.labels is not None:
+            y = int(self.labels[i])
         if self.spec is None or isinstance(self.spec, CropFlip):
             x = torch.from_numpy(pil_to_tensor(img, self.channels, self.mean, self.std))
             if self.spec is not None:
@@ -94,24 +96,27 @@ class _ShardedLoader:
             yield Batch(x, y)
 
 
-def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int):
-    from . import DataBundle
+def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int, role: str = "student"):
+    from . import DataBundle, _audited, split_for
 
     train_spec, test_spec, mean, std, size = _specs(cfg)
     train_raw, quiz_raw, test_raw = _datasets(cfg, None, None)
-    train_ds, quiz_ds, test_ds = (_Augmented(d, sp, mean, std, 3, seed)
-                                  for d, sp in ((train_raw, train_spec), (quiz_raw, test_spec), (test_raw, test_spec)))
     targets = np.asarray(train_raw.targets)
-    tr_idx, quiz_idx = stratified_split(targets, cfg.quiz_fraction, cfg.split_seed)
-    if cfg.train_subset is not None:
-        tr_idx = np.sort(np.random.default_rng(cfg.split_seed + 1).choice(tr_idx, min(cfg.train_subset, len(tr_idx)), replace=False))
-    qb = min(cfg.quiz_batch_size or cfg.batch_size, len(quiz_idx))
-    tr = _ShardedLoader(train_ds, tr_idx, cfg, True, seed, rank, world, cfg.batch_size, True)
-    qz = _ShardedLoader(quiz_ds, quiz_idx, cfg, True, seed + 7 + 1000 * rank, 0, 1, qb, True)
-    te = _ShardedLoader(test_ds, np.arange(len(test_ds)), cfg, False, 0, 0, 1, cfg.eval_batch_size, False)
     num_classes = len(train_raw.classes)
+    sp = split_for(cfg, targets, num_classes)
+    given = sp.labels if cfg.label_noise else None
+    train_ds, quiz_ds, test_ds = (_Augmented(d, spc, mean, std, 3, seed, lab)
+                                  for d, spc, lab in ((train_raw, train_spec, given), (quiz_raw, test_spec, None),
+                                                      (test_raw, test_spec, None)))
+    tr_idx = sp.student if role == "student" else sp.teacher
+    qb = min(cfg.quiz_batch_size or cfg.batch_size, len(sp.quiz))
+    tr = _ShardedLoader(train_ds, tr_idx, cfg, True, seed, rank, world, cfg.batch_size, True)
+    qz = _ShardedLoader(quiz_ds, sp.quiz, cfg, True, seed + 7 + 1000 * rank, 0, 1, qb, True)
+    te = _ShardedLoader(test_ds, np.arange(len(test_ds)), cfg, False, 0, 0, 1, cfg.eval_batch_size, False)
+    qe = _ShardedLoader(quiz_ds, sp.quiz, cfg, False, 0, 0, 1, cfg.eval_batch_size, False)
     import hashlib
 
     ident = hashlib.sha256(repr((os.path.realpath(cfg.root), cfg.dataset, len(train_raw), len(test_raw))).encode()
-                           + np.asarray(targets).tobytes() + tr_idx.tobytes()).hexdigest()[:16]
-    return DataBundle(tr, qz, te, num_classes, 3, size, len(tr_idx), len(quiz_idx), len(test_ds), quiz_idx, identity=ident)
+                           + np.asarray(sp.labels).tobytes() + tr_idx.tobytes()).hexdigest()[:16]
+    return DataBundle(tr, qz, te, num_classes, 3, size, len(tr_idx), len(sp.quiz), len(test_ds), sp.quiz, identity=ident,
+                      quiz_eval=qe, regime=sp if _audited(cfg) else None)

@@ -261,6 +261,11 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=list(opts.callbacks)),
     )
     data_rows = build_data(cfg.data, cfg.run.seed, cache_dir=cfg.run.cache_dir, stream_train=cfg.data.dataset == "parquet")
+    table = data_rows.label_table()
+    if table is not None:  # noisy or scarce labels: stored with the run, for anyone to audit
+        from ..data.regimes import label_table_parquet
+
+        storage.put_bytes(safe_key(run, "labels.parquet"), label_table_parquet(table))
     per_epoch = (data_rows.train_size // (1 if es else opts.num_workers)) // cfg.data.batch_size
     done = threading.Event()
     watcher = threading.Thread(target=_watch, args=(progress, f"{run} ({cfg.loss.method})", per_epoch * cfg.optim.epochs,

@@ -1,7 +1,7 @@
 """Hand-crafted distillation losses, each ``(z_s, z_t, y) -> scalar`` averaged over the batch.
 
-KD (Hinton et al. 2015), DKD (Zhao et al., CVPR 2022), DIST (Huang et al., NeurIPS 2022), as their
-reference implementations define them (τ² scaling included).
+KD (Hinton et al. 2015), DKD (Zhao et al., CVPR 2022), DIST (Huang et al., NeurIPS 2022), WSL (Zhou et
+al., ICLR 2021), as their reference implementations define them (τ² scaling included).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch.nn import functional as F
 
 
-def ce(z_s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(z_s, y)
+def ce(z_s: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    return F.cross_entropy(z_s, y, label_smoothing=label_smoothing)
 
 
 def kd(z_s: torch.Tensor, z_t: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
@@ -40,6 +40,18 @@ def dkd(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, alpha: float = 1.
     log_q_t = F.log_softmax(t.masked_fill(gt, neg_inf), 1)
     nckd = torch.where(gt, torch.zeros_like(log_q_t), log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean() * tau**2
     return alpha * tckd + beta * nckd
+
+
+def wsl(z_s: torch.Tensor, z_t: torch.Tensor, y: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
+    """Weighted soft labels: τ²·mean_i w_i·KL_i(τ), w_i = 1 − exp(−CE_s,i / CE_t,i) on detached logits (τ = 1).
+    A sample the teacher fits better than the student gets weight near 1; one where the teacher is worse than
+    the student (often a mislabelled or teacher-confused sample), near 0."""
+    with torch.no_grad():
+        ce_s = F.cross_entropy(z_s.detach(), y, reduction="none")
+        ce_t = F.cross_entropy(z_t, y, reduction="none")
+        w = 1 - torch.exp(-(ce_s / (ce_t + 1e-7)).clamp_min(0))
+    log_s, log_t = F.log_softmax(z_s / tau, 1), F.log_softmax(z_t / tau, 1)
+    return (w * (log_t.exp() * (log_t - log_s)).sum(1)).mean() * tau**2
 
 
 def _pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

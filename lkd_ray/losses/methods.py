@@ -13,7 +13,7 @@ import torch
 
 from ..config import LossCfg, LossNetCfg
 from . import handcrafted
-from .learnable import FeatureLossNet, KDWeight, LogitLossNet, LossNetworks
+from .learnable import FeatureLossNet, KDWeight, LogitLossNet, LossNetworks, SampleLossNet
 
 
 def _full(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -45,6 +45,11 @@ class Method:
         self.lossnets = lossnets
 
     @property
+    def owns_ce(self) -> bool:
+        """True when the logit term carries the CE term itself (a per-sample loss network weighs both)."""
+        return False
+
+    @property
     def uses_features(self) -> bool:
         return self.cfg.w_feat > 0
 
@@ -59,14 +64,14 @@ class Method:
         c = self.cfg
         z_s = _full(out.logits)
         parts: dict[str, torch.Tensor] = {}
-        if c.w_ce:
-            parts["ce"] = c.w_ce * handcrafted.ce(z_s, y)
-        if self.needs_teacher and c.w_logit:
+        if c.w_ce and not self.owns_ce:
+            parts["ce"] = c.w_ce * handcrafted.ce(z_s, y, c.label_smoothing)
+        if self.needs_teacher and (c.w_logit or self.owns_ce):
             if teacher is None or teacher.logits is None:
                 raise ValueError(f"method {self.name!r} distils from the teacher's logits; none were given")
             term = self.logit_term(z_s, _full(teacher.logits), y, state, epoch)
             if term is not None:
-                parts[self.name] = c.w_logit * term
+                parts[self.name] = term if self.owns_ce else c.w_logit * term
         if self.uses_features:
             if out.features is None or teacher is None or teacher.features is None:
                 raise ValueError("w_feat > 0 needs student connector features and teacher features")
@@ -116,6 +121,14 @@ class DIST(Method):
 
 
 @register
+class WSL(Method):
+    name = "wsl"
+
+    def logit_term(self, z_s, z_t, y, state, epoch):
+        return handcrafted.wsl(z_s, z_t, y, self.cfg.tau)
+
+
+@register
 class LKD(Method):
     """The learned logit loss ℓ_φ (and, with w_feat > 0, the learned feature loss ℓ_ψ)."""
 
@@ -126,6 +139,10 @@ class LKD(Method):
         super().__init__(cfg, lossnets)
         if lossnets is None or lossnets.logit is None:
             raise ValueError(f"method {self.name!r} needs its loss networks (build_lossnets)")
+
+    @property
+    def owns_ce(self) -> bool:
+        return bool(getattr(self.lossnets.logit, "owns_ce", False))
 
     def logit_term(self, z_s, z_t, y, state, epoch):
         return self.lossnets.logit(z_s, z_t, y, state)
@@ -162,7 +179,11 @@ def build_lossnets(loss: LossCfg, net: LossNetCfg, seed: int = 0) -> LossNetwork
         torch.manual_seed(seed)
         if loss.method == "control":
             return LossNetworks(KDWeight(loss.tau), None)
-        logit = LogitLossNet(net.inputs, net.hidden, net.activation, net.base, loss.tau, net.state_inputs,
-                             loss.dist_beta, loss.dist_gamma, net.lock, net.trust)
+        if net.kind == "sample":
+            logit = SampleLossNet(net.sample_inputs, net.sample_outputs, net.hidden, net.activation, loss.tau, loss.w_ce,
+                                  loss.w_logit, loss.label_smoothing, net.state_inputs, net.lock, net.trust, net.lock_scope)
+        else:
+            logit = LogitLossNet(net.inputs, net.hidden, net.activation, net.base, loss.tau, net.state_inputs,
+                                 loss.dist_beta, loss.dist_gamma, net.lock, net.trust, net.lock_scope)
         feature = FeatureLossNet(net.feature_hidden, net.activation, net.state_inputs) if loss.w_feat > 0 else None
     return LossNetworks(logit, feature)

@@ -316,7 +316,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         test = evaluate(self.bundle, self.data.test, self.device, self.autocast)
-        quiz = evaluate(self.bundle, self.data.quiz, self.device, self.autocast)
+        quiz = evaluate(self.bundle, self.data.quiz_eval or self.data.quiz, self.device, self.autocast)  # every image, in order
         return {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"], "quiz_top1": quiz["top1"],
                 "quiz_loss": quiz["loss"]}
 

@@ -88,6 +88,13 @@ class Run:
     def fit(self, out_dir: str | Path | None = None, callbacks: list[Callback] | tuple = (), progress: bool | None = None,
             progress_label: str | None = None) -> dict[str, Any]:
         cbs = list(callbacks) + (default_outputs(out_dir, self.cfg.to_dict()) if out_dir is not None else [])
+        table = self.data.label_table()
+        if out_dir is not None and table is not None:  # noisy or scarce labels: stored with the run, for anyone to audit
+            from ..data.regimes import label_table_parquet
+            from ..storage import atomic_write_bytes
+
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(Path(out_dir) / "labels.parquet", label_table_parquet(table))
         show = self.cfg.run.progress if progress is None else progress
         label = progress_label or f"{self.cfg.run.name} ({self.cfg.loss.method})"
         res = fit(self.trainer, cbs, Progress(label, self.cfg.optim.epochs, enabled=show))

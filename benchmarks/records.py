@@ -1,0 +1,113 @@
+"""What every benchmark record carries so a reader can tell what ran: the command, the git commit (and
+whether the tree was dirty), the machine (cores, CPU, Python, torch, Ray), when it ran, how many jobs ran
+beside it and the machine's load, and the run's full config — by sha, with the config itself kept in
+``results/configs.json``.
+
+Records are appended, never edited: a row that is wrong is re-run or dropped (and the drop said).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = RESULTS / "configs.json"
+
+
+def _git(*args: str, cwd: Path | None = None) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, timeout=10,
+                              cwd=cwd or Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def commit() -> dict[str, Any]:
+    """HEAD of the checkout these scripts run from, and whether tracked code differs from it."""
+    head = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "lkd_ray", "benchmarks/*.py", "jobs")
+    return {"commit": head, "dirty": bool(dirty) if dirty is not None else None}
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray_version,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_1m() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
+def command() -> str:
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def provenance(jobs_beside: int) -> dict[str, Any]:
+    """The fields every record carries (besides its config sha and its measurements)."""
+    return {"command": command(), **commit(), "machine": machine(), "jobs_beside": jobs_beside}
+
+
+def config_sha(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def keep_configs(configs: list[dict[str, Any]], path: Path = CONFIGS) -> list[str]:
+    """Add configs to the committed store (sha → config); returns their shas."""
+    store = json.loads(path.read_text()) if path.is_file() else {}
+    shas = []
+    for c in configs:
+        sha = config_sha(c)
+        store.setdefault(sha, c)
+        shas.append(sha)
+    write_json(path, dict(sorted(store.items())))
+    return shas
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic: a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def append(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append records to a JSON list file (atomic rewrite)."""
+    old = json.loads(path.read_text()) if path.is_file() else []
+    write_json(path, old + records)
+
+
+def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested configs: ``section.field: old → new``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} → {vb!r}")
+    return out
