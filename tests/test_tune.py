@@ -73,3 +73,32 @@ def test_small_search_stops_some_trials_and_its_best_config_runs_a_job(tmp_path,
     assert results
     job_cfg = json.loads(results[0].read_text())["config"]
     assert job_cfg["lossnet"]["hidden"] == best["lossnet"]["hidden"] and job_cfg["meta"]["scope"] == best["meta"]["scope"]
+
+
+@pytest.mark.slow
+def test_handcrafted_search_runs_every_trial_to_the_end_and_names_its_pick(tmp_path, fashion_available):
+    """The hand-crafted grid through Tune (what `jobs/tune_lossnet.py --space handcrafted` runs): every trial
+    gets the same budget (no early stopping), the pick is the best quiz top-1, and its config is a job's config."""
+    from lkd_ray.search_spaces import HANDCRAFTED
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        cfg = build_config("fashion_mnist", data={"labels_per_class": 40, "quiz_per_class": 10, "batch_size": 40},
+                           optim={"epochs": 2}, model={"teacher_epochs": 1, "teacher_batch_size": 128},
+                           run={"cache_dir": str(tmp_path / "cache"), "progress": False})
+        topts = TuneOptions(max_concurrent=2, name="hc", space="handcrafted", families=["dist"])
+        res = run_search(cfg, LaunchOptions(storage=str(tmp_path / "store"), cpus_per_worker=0.9), topts, tmp_path / "out")
+    finally:
+        ray.shutdown()
+    rows = res["rows"]
+    assert sorted(r["param.trial"] for r in rows) == sorted(t.label for t in HANDCRAFTED["dist"])
+    assert all(r["epochs"] == 2 and not r["error"] for r in rows)  # every trial ran to its last epoch
+    best = max(rows, key=lambda r: (r["quiz_top1"], -(r["quiz_loss"] or 0)))
+    assert res["best_params"]["trial"] == best["param.trial"] and res["best_metric"] == best["quiz_top1"]
+    picked = yaml.safe_load((tmp_path / "out" / "best_config.yaml").read_text())
+    assert picked == next(t.sections for t in HANDCRAFTED["dist"] if t.label == best["param.trial"])
+    assert "hand-crafted loss dist[" in (tmp_path / "out" / "best_config.yaml").read_text()
+    build_config("fashion_mnist", **picked)  # a valid config section set, as a job takes it

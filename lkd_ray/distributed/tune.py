@@ -1,10 +1,13 @@
-"""Ray Tune searches over loss-network architectures.
+"""Ray Tune searches: over loss-network architectures, or over the hand-crafted losses.
 
-A define-by-run space (Optuna's TPE sampler through ``OptunaSearch``) over depth, width per layer,
-activation, input features, base loss, scope, ``meta_every`` and the meta learning rate; ASHA stops
-trials whose quiz-split accuracy lags. Each trial is a short LKD run that builds its own
-``TorchTrainer`` (the Ray Train V2 pattern) and relays its per-epoch metrics with
-``TuneReportCallback``. The test set is never consulted: trials are ranked on the quiz split.
+``lossnet`` (default): a define-by-run space (Optuna's TPE sampler through ``OptunaSearch``) over depth,
+width per layer, activation, input features, base loss, scope, ``meta_every`` and the meta learning rate;
+ASHA stops trials whose quiz-split accuracy lags.
+``handcrafted``: a grid over every hand-crafted loss and its literature grid (``lkd_ray.search_spaces``;
+the accuracy benchmark runs the same trials), every trial to its last epoch (the same budget for all),
+and the pick named: the best quiz top-1.
+Each trial is a run that builds its own ``TorchTrainer`` (the Ray Train V2 pattern) and relays its per-epoch
+metrics with ``TuneReportCallback``. The test set is never consulted: trials are ranked on the quiz split.
 """
 from __future__ import annotations
 
@@ -57,13 +60,26 @@ def overrides_from_params(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def lkd_trial(params: dict[str, Any], base: dict, opts: dict) -> None:
-    """One Tune trial: a short distributed LKD run with the sampled loss network."""
+def handcrafted_sections(params: dict[str, Any]) -> dict[str, Any]:
+    """A grid point of the hand-crafted space (``{"trial": "kd[alpha=0.5,tau=4]"}``) → config sections."""
+    from ..search_spaces import trials
+
+    by_label = {t.label: t for t in trials("handcrafted")}
+    if params.get("trial") not in by_label:
+        raise ValueError(f"unknown hand-crafted trial {params.get('trial')!r}")
+    return copy.deepcopy(by_label[params["trial"]].sections)
+
+
+SECTIONS = {"lossnet": overrides_from_params, "handcrafted": handcrafted_sections}
+
+
+def lkd_trial(params: dict[str, Any], base: dict, opts: dict, space: str = "lossnet") -> None:
+    """One Tune trial: a distributed run with the sampled loss network (or hand-crafted loss)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     data = copy.deepcopy(base)
-    _deep_update(data, overrides_from_params(params))
+    _deep_update(data, SECTIONS[space](params))
     cfg = Config.model_validate(data)
     cfg.run.name = safe_key(f"{cfg.run.name}-{tune.get_context().get_trial_id()}")
     run_distributed(cfg, LaunchOptions(**opts, callbacks=[TuneReportCallback()]))
@@ -79,6 +95,8 @@ class TuneOptions:
     cpus_per_trial: float = 0.01     # the trial function itself only waits; its TorchTrainer asks for the workers
     gpus_per_trial: float = 0.0
     name: str = "tune"
+    space: str = "lossnet"           # lossnet | handcrafted
+    families: list[str] | None = None  # handcrafted: only these families (kd, dkd, dist, ls, wsl)
 
 
 def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: str | Path) -> dict[str, Any]:
@@ -95,18 +113,29 @@ def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: 
     opts = {k: v for k, v in launch.__dict__.items() if k != "callbacks"}
     opts["storage"] = storage.uri
     opts["progress"] = False  # trials run side by side: no progress bars in the driver
+    if topts.space not in SECTIONS:
+        raise ValueError(f"unknown search space {topts.space!r}; valid: {', '.join(SECTIONS)}")
     cfg = cfg.model_copy(deep=True)
     cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
-    cfg.loss.method = "lkd"
+    if topts.space == "lossnet":
+        cfg.loss.method = "lkd"
     # prepare the teacher once, so trials share it from the cache
     from .launch import _prepare_teacher
 
-    _prepare_teacher(cfg, storage, safe_key(topts.name, "teacher"))
-    trainable = tune.with_resources(tune.with_parameters(lkd_trial, base=cfg.to_dict(), opts=opts),
+    _prepare_teacher(cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"method": "kd"})}), storage,
+                     safe_key(topts.name, "teacher"))
+    trainable = tune.with_resources(tune.with_parameters(lkd_trial, base=cfg.to_dict(), opts=opts, space=topts.space),
                                     {"CPU": max(topts.cpus_per_trial, 0.01), "GPU": topts.gpus_per_trial})
     path = f"{base_path}/{safe_key(topts.name)}"
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(path, trainable=trainable, storage_filesystem=fs, resume_errored=True)
+    elif topts.space == "handcrafted":
+        from ..search_spaces import trials
+
+        labels = [t.label for t in trials("handcrafted", topts.families)]
+        tuner = tune.Tuner(trainable, param_space={"trial": tune.grid_search(labels)},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=topts.max_concurrent),
+                           run_config=tune.RunConfig(name=safe_key(topts.name), storage_path=base_path, storage_filesystem=fs))
     else:
         search = ConcurrencyLimiter(OptunaSearch(space=define_space, metric=METRIC, mode=MODE, seed=topts.seed),
                                     max_concurrent=topts.max_concurrent)
@@ -116,10 +145,10 @@ def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: 
                            tune_config=tune.TuneConfig(search_alg=search, scheduler=sched, num_samples=topts.trials),
                            run_config=tune.RunConfig(name=safe_key(topts.name), storage_path=base_path, storage_filesystem=fs))
     grid = tuner.fit()
-    return write_results(grid, cfg, out_dir, storage, topts.name)
+    return write_results(grid, cfg, out_dir, storage, topts.name, topts.space)
 
 
-def write_results(grid, cfg: Config, out_dir: str | Path, storage, name: str) -> dict[str, Any]:
+def write_results(grid, cfg: Config, out_dir: str | Path, storage, name: str, space: str = "lossnet") -> dict[str, Any]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -127,9 +156,9 @@ def write_results(grid, cfg: Config, out_dir: str | Path, storage, name: str) ->
         params = {k[len("config/"):]: v for k, v in (r.metrics or {}).items() if k.startswith("config/")} or dict(r.config or {})
         m = r.metrics or {}
         rows.append({"trial_id": m.get("trial_id"), "epochs": m.get("training_iteration", 0), METRIC: m.get(METRIC),
-                     "test_top1": m.get("test_top1"), "error": str(r.error) if r.error else None,
-                     **{f"param.{k}": v for k, v in params.items()}})
-    rows.sort(key=lambda r: -(r[METRIC] or -1))
+                     "quiz_loss": m.get("quiz_loss"), "test_top1": m.get("test_top1"),
+                     "error": str(r.error) if r.error else None, **{f"param.{k}": v for k, v in params.items()}})
+    rows.sort(key=lambda r: (-(r[METRIC] if r[METRIC] is not None else -1), r["quiz_loss"] or 0.0))
     import csv
 
     cols = sorted({k for r in rows for k in r}, key=lambda k: (not k.startswith(("trial", "epochs", METRIC, "test")), k))
@@ -138,20 +167,28 @@ def write_results(grid, cfg: Config, out_dir: str | Path, storage, name: str) ->
         w.writeheader()
         w.writerows(rows)
     (out / "trials.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
-    best = grid.get_best_result(metric=METRIC, mode=MODE, scope="all")
-    best_sections = overrides_from_params(dict(best.config))
+    done = [r for r in rows if r[METRIC] is not None and not r["error"]]
+    if not done:
+        raise RuntimeError(f"Tune search {name!r}: no trial finished (see {out / 'trials.csv'} for their errors)")
+    best = done[0]  # best quiz top-1, then lowest quiz loss (the same rule as lkd_ray.search_spaces.pick)
+    best_params = {k[len("param."):]: v for k, v in best.items() if k.startswith("param.")}
+    best_sections = SECTIONS[space](best_params)
+    what = f"hand-crafted loss {best_params.get('trial')}" if space == "handcrafted" else "loss network"
     (out / "best_config.yaml").write_text(
-        f"# Best loss network of Tune search {name!r} by {METRIC} (quiz split): "
-        f"{best.metrics.get(METRIC) if best.metrics else None}\n" + yaml.safe_dump(best_sections, sort_keys=False))
+        f"# Best {what} of Tune search {name!r} by {METRIC} (quiz split): {best[METRIC]}\n"
+        + yaml.safe_dump(best_sections, sort_keys=False))
     for f in ("trials.csv", "trials.json", "best_config.yaml"):
         storage.put_bytes(safe_key(name, f), (out / f).read_bytes())
-    return {"rows": rows, "best": best_sections, "best_metric": best.metrics.get(METRIC) if best.metrics else None,
+    return {"rows": rows, "best": best_sections, "best_metric": best[METRIC], "best_params": best_params,
             "out_dir": str(out)}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    keys = ["trial_id", "epochs", METRIC, "param.lossnet.depth", "param.lossnet.activation", "param.lossnet.inputs",
-            "param.lossnet.base", "param.meta.scope", "param.meta.meta_every", "param.meta.lr"]
+    if any("param.trial" in r for r in rows):
+        keys = ["trial_id", "epochs", METRIC, "test_top1", "param.trial"]
+    else:
+        keys = ["trial_id", "epochs", METRIC, "param.lossnet.depth", "param.lossnet.activation", "param.lossnet.inputs",
+                "param.lossnet.base", "param.meta.scope", "param.meta.meta_every", "param.meta.lr"]
     head = " | ".join(k.replace("param.", "") for k in keys)
     lines = [head, "-" * len(head)]
     for r in rows:
