@@ -16,6 +16,9 @@ from lkd_ray.config import ConfigError, build_config  # noqa: E402
 from lkd_ray.storage import OUTAGE_ENV, StorageError  # noqa: E402
 
 
+EXIT_CONFIG, EXIT_STORAGE, EXIT_LOSSNET = 2, 3, 4  # bad config or run-name conflict; storage; the loss network's record
+
+
 def parser(description: str, recipe: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--storage", default=os.environ.get("LKD_STORAGE"),
@@ -73,39 +76,47 @@ def resolve_storage(args) -> str:
     return "runs"
 
 
-_ARROW_MARKERS = ("AWS Error", "curlCode")  # pyarrow's S3 errors: Ray Train's checkpoint uploads and registrations
+_ARROW_MARKERS = ("AWS Error", "curlCode")  # how pyarrow's S3 OSErrors (Ray Train's checkpoint storage) say so
+
+
+def _causes(e: BaseException):
+    """``e`` and what it wraps — explicit causes only (``raise … from``, Ray's task and Train's worker/controller
+    wrappers), never the exception that was being handled when it was raised (``__context__``): an error raised
+    while handling a storage error is not a storage error."""
+    seen, stack = set(), [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        nested = [x.__cause__, getattr(x, "cause", None), getattr(x, "_base_exc", None),
+                  getattr(x, "controller_failure", None), *(getattr(x, "worker_failures", None) or {}).values()]
+        stack += [y for y in nested if isinstance(y, BaseException)]
+
+
+def failure_cause(e: BaseException) -> tuple[str, str] | None:
+    """``("storage", message)`` for our ``StorageError`` or pyarrow's S3 ``OSError`` behind a failure,
+    ``("lossnet", message)`` for a LossNetServer that could not persist its state, however deep Ray wrapped
+    them (found by type); None for anything else."""
+    from lkd_ray.distributed.lossnet_server import LossNetPersistError
+
+    arrow = None
+    for x in _causes(e):
+        if isinstance(x, LossNetPersistError):
+            return "lossnet", str(x).splitlines()[0]
+        if isinstance(x, StorageError):
+            return "storage", str(x).splitlines()[0]
+        if arrow is None and isinstance(x, OSError) and any(m in str(x) for m in _ARROW_MARKERS):
+            arrow = str(x).splitlines()[0]
+    if arrow is not None:
+        return "storage", f"Ray Train could not reach its checkpoint storage ({arrow})"
+    return None
 
 
 def storage_cause(e: BaseException) -> str | None:
-    """The storage error behind a failure, however deep Ray wrapped it (None when it is something else):
-    our ``StorageError``, or a pyarrow S3 ``OSError`` from Ray Train's own checkpoint storage."""
-    seen = set()
-    stack = [e]
-    arrow = None
-    while stack:
-        x = stack.pop()
-        if id(x) in seen or x is None:
-            continue
-        seen.add(id(x))
-        if isinstance(x, StorageError):
-            return str(x).splitlines()[0]
-        if arrow is None and isinstance(x, OSError) and any(m in str(x) for m in _ARROW_MARKERS):
-            arrow = str(x).splitlines()[0]
-        nested = [x.__cause__, x.__context__, getattr(x, "cause", None), getattr(x, "controller_failure", None),
-                  *(getattr(x, "worker_failures", None) or {}).values()]
-        if isinstance(getattr(x, "args", None), tuple):
-            nested += list(x.args)
-        stack += [y for y in nested if isinstance(y, BaseException)]
-    if arrow is not None:
-        return f"Ray Train could not reach its checkpoint storage ({arrow})"
-    text = str(e)
-    for marker in ("StorageUnavailable: ", "ChecksumMismatch: ", "CorruptObject: ", "StorageError: "):
-        if marker in text:
-            return text.split(marker, 1)[1].splitlines()[0]
-    for line in text.splitlines():
-        if any(m in line for m in _ARROW_MARKERS):
-            return f"Ray Train could not reach its checkpoint storage ({line.split('OSError: ', 1)[-1].strip()})"
-    return None
+    cause = failure_cause(e)
+    return cause[1] if cause and cause[0] == "storage" else None
 
 
 def outage_bound(args) -> float | None:
@@ -141,13 +152,19 @@ def launch(cfg, args, **extra_opts) -> dict:
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(3)
-    except Exception as e:  # a worker's storage error arrives wrapped by Ray Train
-        cause = storage_cause(e)
+    except Exception as e:  # a worker's or the server's failure arrives wrapped by Ray
+        cause = failure_cause(e)
         if cause is None:
             raise
-        hint = "" if "rerun" in cause else " (the run resumes from its last checkpoint: rerun the same command once storage is reachable)"
-        print(f"error: storage failed during the run: {cause}{hint}", file=sys.stderr)
-        raise SystemExit(3)
+        kind, msg = cause
+        if kind == "lossnet":
+            print(f"error: {msg} — the run stopped so that no loss-network version goes unrecorded; this is not a "
+                  "storage outage (see the LossNetServer's log in Ray's logs), and rerunning resumes from the last "
+                  "checkpoint and the newest saved version", file=sys.stderr)
+            raise SystemExit(EXIT_LOSSNET)
+        hint = "" if "rerun" in msg else " (the run resumes from its last checkpoint: rerun the same command once storage is reachable)"
+        print(f"error: storage failed during the run: {msg}{hint}", file=sys.stderr)
+        raise SystemExit(EXIT_STORAGE)
 
 
 def run_and_report(cfg, args) -> int:

@@ -184,8 +184,12 @@ class MetaCfg(_Section):
     sampling: Literal["uniform", "recent", "gaussian"] = "uniform"
     max_snapshots: int | None = Field(None, ge=1, description="keep only the newest N snapshots (in memory and under Ray); "
                                       "None keeps every snapshot (the method's uniform-over-history)")
+    snapshot_memory_mb: int | None = Field(1024, ge=1, description="single process: snapshots kept in host memory, in "
+                                           "MiB; older ones spill to files under run.cache_dir (None: no bound). Under "
+                                           "Ray they live in storage and Ray's object store (bounded there)")
     neumann_steps: int = Field(5, ge=0, le=200, description="implicit: Hessian-vector products in the Neumann series")
-    neumann_alpha: float | None = Field(None, gt=0, description="implicit: the series' step (None: the student's current lr)")
+    neumann_alpha: float | None = Field(None, gt=0, description="implicit: the series' step (None: the student's current "
+                                        "lr/(1 + momentum), which converges wherever the student's training is stable)")
     es_particles: int = Field(8, ge=2, description="es: particles (antithetic pairs × 2), each its own student")
     es_sigma: float = Field(0.05, gt=0, description="es: perturbation scale")
     es_params: Literal["all", "last"] = Field("last", description="es: perturb every φ entry or only the last layer's")

@@ -199,16 +199,26 @@ class LocalStorage(Storage):
 @dataclass
 class S3Settings:
     """Per-attempt timeouts are short (a black-holed endpoint is noticed in seconds) and never longer than
-    the outage bound itself; retries run with capped exponential backoff until ``outage_s`` has passed."""
+    the outage bound itself. Two layers of retries: botocore's ``standard`` retry mode (exponential backoff
+    with jitter and a retry quota, the AWS SDKs' own behaviour for throttling, 5xx and dropped connections)
+    makes up to ``botocore_attempts()`` attempts per call — as many as fit in half the outage bound — and
+    ``S3Storage._call`` keeps calling with capped backoff until ``outage_s`` has passed, so a long outage is
+    ridden out and a dead endpoint fails within the bound."""
     endpoint_url: str | None = None
     region: str | None = None
     outage_s: float = field(default_factory=default_outage_s)
-    connect_timeout: float = 5.0
-    read_timeout: float = 15.0
+    connect_timeout: float = 3.0
+    read_timeout: float = 10.0
     backoff_s: tuple[float, float] = (0.5, 8.0)
 
     def timeouts(self) -> tuple[float, float]:
         return min(self.connect_timeout, max(1.0, self.outage_s)), min(self.read_timeout, max(2.0, self.outage_s))
+
+    def botocore_attempts(self) -> int:
+        """Attempts botocore makes per call: its worst case (timeouts plus ≤ 2 s of backoff each) within half the
+        bound, at most 3 (60 s → 2; a bound of a few seconds → 1, our loop alone)."""
+        connect, read = self.timeouts()
+        return max(1, min(3, int((self.outage_s / 2) // (connect + read + 2))))
 
     def arrow_retries(self) -> int:
         """pyarrow's ``AwsDefaultS3RetryStrategy(max_attempts=n)`` retries n times (despite the name), sleeping
@@ -257,7 +267,7 @@ def transient_reason(e: BaseException) -> str | None:
 
 
 class S3Storage(Storage):
-    """boto3 for objects (our own bounded retries over outages), pyarrow for Ray Train."""
+    """boto3 for objects (botocore's retries, bounded over outages), pyarrow for Ray Train."""
 
     def __init__(self, bucket: str, prefix: str = "", settings: S3Settings | None = None):
         import boto3
@@ -270,8 +280,9 @@ class S3Storage(Storage):
         self.region = self.settings.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         connect, read = self.settings.timeouts()
-        # botocore makes one attempt; ``_call`` does the retrying, so it can bound the outage and log it once
-        cfg = BotoConfig(retries={"total_max_attempts": 1, "mode": "standard"}, connect_timeout=connect, read_timeout=read)
+        # botocore's standard mode retries first; ``_call`` bounds the whole outage on top of it and logs it once
+        cfg = BotoConfig(retries={"total_max_attempts": self.settings.botocore_attempts(), "mode": "standard"},
+                         connect_timeout=connect, read_timeout=read)
         self.client = boto3.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=cfg)
         # start-up checks should answer in seconds, not after a full retry budget
         fast = BotoConfig(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=3, read_timeout=10)

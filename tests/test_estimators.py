@@ -53,11 +53,10 @@ class _Tiny(nn.Module):
         return StudentOutputs(self.b(nn.functional.softplus(self.a(x))))
 
 
-def implicit_vs_unroll(lock: str = "none", kind: str = "class") -> float:
-    """Relative error of the implicit hypergradient against float64 finite differences of a 40-step unroll that
-    starts at a stationary point θ* of the student's update (the gradient field SGD follows plus weight decay
-    vanishes there). For a locked or per-sample loss that field is not a gradient; Newton's method on the field
-    itself finds its zero."""
+def stationary_problem(lock: str = "none", kind: str = "class", wd: float = 1e-2) -> dict:
+    """A tiny student at a stationary point θ* of its update (the gradient field SGD follows plus weight decay
+    vanishes there) under a learned loss near its base. For a locked or per-sample loss that field is not a
+    gradient; Newton's method on the field itself finds its zero."""
     from torch.func import functional_call
 
     torch.manual_seed(0)
@@ -71,7 +70,6 @@ def implicit_vs_unroll(lock: str = "none", kind: str = "class") -> float:
         for p in lossnets.parameters():
             p.normal_(0, 0.1)
     method = build_method(cfg, lossnets)
-    lr, wd, steps = 0.3, 1e-2, 40
 
     def objective(out, b):
         return method(out, TeacherOutputs(b.t_logits), b.y)[0]
@@ -92,7 +90,7 @@ def implicit_vs_unroll(lock: str = "none", kind: str = "class") -> float:
 
     theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
     for _ in range(3000):  # warm start: plain gradient descent on the field
-        theta = theta - lr * field(theta.clone().requires_grad_(True)).detach()
+        theta = theta - 0.3 * field(theta.clone().requires_grad_(True)).detach()
     for _ in range(30):  # then damped Newton on the field: quadratic convergence to its zero
         th = theta.clone().requires_grad_(True)
         step = torch.linalg.solve(torch.autograd.functional.jacobian(field, th), field(th).detach())
@@ -105,33 +103,46 @@ def implicit_vs_unroll(lock: str = "none", kind: str = "class") -> float:
     gnorm = norm(theta)
     assert gnorm < 1e-9, gnorm
     torch.nn.utils.vector_to_parameters(theta, net.parameters())
+    eig = torch.linalg.eigvals(torch.autograd.functional.jacobian(field, theta.clone().requires_grad_(True))).real
+    return {"net": net, "objective": objective, "batch": batch, "xq": xq, "yq": yq, "phi": list(lossnets.parameters()),
+            "wd": wd, "lambda_max": eig.max().item(), "lambda_min": eig.min().item()}
 
-    phi = list(lossnets.parameters())
-    _, analytic = implicit_gradient(net, SGDHyper(lr, weight_decay=wd), objective, [batch], xq, yq, phi, steps=steps - 1)
-    analytic = torch.cat([g.flatten() for g in analytic])
+
+def fd_of_unroll(pr: dict, lr: float, steps: int, momentum: float = 0.0, n: int = 12, eps: float = 1e-6):
+    """(entries, float64 central finite differences of the quiz loss after ``steps`` SGD steps from θ*)."""
+    phi, net, objective, batch = pr["phi"], pr["net"], pr["objective"], pr["batch"]
 
     def unrolled_quiz(flat_phi):
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(flat_phi, phi)
+            torch.nn.utils.vector_to_parameters(flat_phi.clone(), phi)
         m = copy.deepcopy(net)
-        o = torch.optim.SGD(m.parameters(), lr=lr, weight_decay=wd)
+        o = torch.optim.SGD(m.parameters(), lr=lr, weight_decay=pr["wd"], momentum=momentum)
         for _ in range(steps):
             o.zero_grad()
-            objective(m(x), batch).backward()
+            objective(m(batch.inputs), batch).backward()
             o.step()
         with torch.no_grad():
-            return quiz_loss(m(xq), yq).item()
+            return quiz_loss(m(pr["xq"]), pr["yq"]).item()
 
     base = torch.nn.utils.parameters_to_vector(phi).detach().clone()
-    eps = 1e-6
-    idx = torch.randperm(base.numel(), generator=torch.Generator().manual_seed(1))[:12]
+    idx = torch.randperm(base.numel(), generator=torch.Generator().manual_seed(1))[:n]
     fd = []
     for i in idx.tolist():
         e = torch.zeros_like(base)
         e[i] = eps
         fd.append((unrolled_quiz(base + e) - unrolled_quiz(base - e)) / (2 * eps))
-    torch.nn.utils.vector_to_parameters(base, phi)
-    fd = torch.tensor(fd, dtype=D)
+    torch.nn.utils.vector_to_parameters(base.clone(), phi)
+    return idx, torch.tensor(fd, dtype=D)
+
+
+def implicit_vs_unroll(lock: str = "none", kind: str = "class") -> float:
+    """Relative error of the implicit hypergradient against finite differences of a 40-step unroll from θ*."""
+    pr = stationary_problem(lock, kind)
+    lr, steps = 0.3, 40
+    _, analytic = implicit_gradient(pr["net"], SGDHyper(lr, weight_decay=pr["wd"]), pr["objective"], [pr["batch"]],
+                                    pr["xq"], pr["yq"], pr["phi"], steps=steps - 1)
+    analytic = torch.cat([g.flatten() for g in analytic])
+    idx, fd = fd_of_unroll(pr, lr, steps)
     return ((analytic[idx] - fd).abs().max() / fd.abs().max()).item()
 
 
@@ -209,3 +220,22 @@ def test_es_perturbs_only_the_last_layer_when_asked():
     torch.testing.assert_close(est.perturbation(3, 2), ESEstimator(8, 4, 0.1, seed=0).perturbation(3, 2))  # regenerable
     with pytest.raises(ValueError, match="even"):
         ESEstimator(8, 3, 0.1)
+
+
+def test_the_neumann_series_is_stable_with_momentum_where_training_is():
+    """SGD with momentum β trains stably while lr·λ_max < 2(1 + β) (3.8 at β = 0.9), but a Neumann series with
+    step α needs α·λ_max < 2: at the student's lr (the old default) it grows without bound. The default step
+    α = lr/(1 + β) converges whenever training does, to the limit of a long momentum unroll from θ*."""
+    pr = stationary_problem(wd=0.05)
+    assert pr["lambda_min"] > 0
+    lr, beta = 2.9 / pr["lambda_max"], 0.9  # stable for heavy-ball SGD (2.9 < 3.8), not for α = lr (2.9 > 2)
+    hyper = SGDHyper(lr, momentum=beta, weight_decay=pr["wd"])
+    steps = int(30 * (1 + beta) / (lr * pr["lambda_min"])) + 50  # the series' slowest mode has decayed by e^-30
+    _, g = implicit_gradient(pr["net"], hyper, pr["objective"], [pr["batch"]], pr["xq"], pr["yq"], pr["phi"], steps=steps)
+    g = torch.cat([t.flatten() for t in g])
+    idx, fd = fd_of_unroll(pr, lr, 400, momentum=beta)
+    assert ((g[idx] - fd).abs().max() / fd.abs().max()).item() < 1e-3
+    _, old = implicit_gradient(pr["net"], hyper, pr["objective"], [pr["batch"]], pr["xq"], pr["yq"], pr["phi"], steps=200,
+                               alpha=lr)
+    old = torch.cat([t.flatten() for t in old])
+    assert not torch.isfinite(old).all() or old.abs().max() > 1e3 * fd.abs().max()  # α = lr: the series blows up

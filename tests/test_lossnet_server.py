@@ -143,3 +143,68 @@ def test_restore_falls_back_to_the_newest_intact_version_and_adopts_a_newer_work
     worker_phi = core.get()[1]
     assert again.adopt(3, worker_phi, "test")["adopted"] and again.version == 3 and torch.equal(again.get()[1], worker_phi)
     assert not again.adopt(2, worker_phi, "older")["adopted"]  # never backwards
+
+
+def test_every_saved_version_holds_exactly_its_own_phi_and_adam_state_when_saves_fall_behind(tmp_path):
+    """Saves lag the rounds (nothing is written until the end): each v<N>.pt must still hold the φ and the Adam
+    state of version N — copies taken when N was applied, with the hash recorded then — not a later one."""
+    from lkd_ray.meta.versions import VersionStore, content_sha256
+    from lkd_ray.storage import open_storage
+
+    _, core = _core(tmp_path)
+    phis = {0: core.get()[1].clone()}
+    for r in range(5):
+        assert core.submit("trainer", r, _grad(core), r)["accepted"]
+        phis[core.version] = core.get()[1].clone()
+    assert core.persist_pending() == 6  # v0..v5, none written yet
+    assert core.drain_once()
+    store = VersionStore(open_storage(str(tmp_path)), "run/lossnet")
+    hashes = core.version_hashes()
+    for v in range(6):
+        sd = store.storage.get_torch(store.key(v))
+        assert sd["version"] == v and content_sha256(sd) == sd["state_sha256"] == hashes[v]
+        flat = torch.cat([t.flatten() for t in sd["lossnets"].values()])
+        assert torch.equal(flat, phis[v])
+        steps = {int(st["step"]) for st in sd["adam"]["state"].values()} if v else set()
+        assert steps == ({v} if v else set())  # the Adam step count inside the file is its version
+
+
+def test_a_persister_failure_that_is_not_storage_stops_the_run_with_its_own_error(tmp_path):
+    from lkd_ray.distributed.lossnet_server import LossNetPersistError
+
+    _, core = _core(tmp_path)
+
+    def broken(version, payload):
+        raise TypeError("cannot serialise this payload")
+
+    core.versions.save = broken
+    core.persist_forever(sleep=lambda s: None)  # returns: it recorded why it stopped
+    assert core.persist_fatal == "TypeError: cannot serialise this payload"
+    core.wait_persisted(stall_s=0.1)  # does not wait for a persister that is gone
+    with pytest.raises(LossNetPersistError, match="stopped saving loss-network versions: TypeError"):
+        core.submit("trainer", 0, _grad(core), 0)
+    assert core.report()["persist_fatal"].startswith("TypeError")
+
+
+def test_each_rejection_is_counted_once(tmp_path):
+    _, core = _core(tmp_path, mode="async", staleness=4)
+    out = core.apply_batch([{"sender": "a", "round": 0, "grad": _grad(core, float("nan")), "base_version": 0},
+                            {"sender": "b", "round": 0, "grad": _grad(core).long(), "base_version": 0}])
+    assert [o["accepted"] for o in out] == [False, False]
+    rep = core.report()
+    assert rep["rejected"] == 2 and rep["meta_rejected_nonfinite"] == 1  # the breakdown is not another rejection
+    assert rep["rejected_reasons"] == {"non-finite": 1, "wrong dtype": 1}
+    _, sync = _core(tmp_path / "s")
+    sync.submit("trainer", 0, None, 0, nonfinite=2)  # a round where every rank was non-finite: one refused round
+    assert sync.report()["rejected"] == 1 and sync.report()["meta_rejected_nonfinite"] == 2
+
+
+def test_an_es_round_without_a_usable_pair_advances_the_round_not_the_version(tmp_path):
+    _, core = _core(tmp_path, mode="es", particles=2, es_sigma=0.1)
+    core.es_report(0, 0, float("nan"))
+    assert core.es_report(1, 0, 1.0)["closed"]
+    assert core.version == 0 and core.es_round == 1 and core.opt.stats.accepted == 0
+    core.es_report(0, 1, 1.0)
+    res = core.es_report(1, 1, 2.0, lr_scale=0.5)
+    assert res["closed"] and res["round"] == 2 and core.version == core.opt.stats.accepted == 1
+    assert core.opt.adam.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5)  # the particles' meta lr schedule applies

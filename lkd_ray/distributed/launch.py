@@ -292,7 +292,12 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
             for k in ("version", "accepted", "rejected", "rounds"):
                 summary[f"server_{k}"] = summary["server"].get(k)
             summary["server_accepted"] = summary["server"].get("meta_accepted")
-            summary["server_rejected"] = summary["server"].get("rejected", 0) + summary["server"].get("meta_rejected_nonfinite", 0)
+            summary["server_rejected"] = summary["server"].get("rejected", 0)  # every refused submission, once
+            if opts.mode == "async" and not es:  # each rank's own count of what the server accepted and refused it
+                clients = [storage.get_json(k) for k in sorted(storage.list(safe_key(run, "clients"))) if k.endswith(".json")]
+                summary["clients"] = clients
+                for k in ("submitted", "accepted", "rejected", "duplicates", "errors"):
+                    summary[f"client_{k}"] = sum(int(c.get(k, 0)) for c in clients)
             if not es:
                 summary["snapshots"] = ray.get(actors[1].stats.remote())
                 storage.put_json(safe_key(run, "snapshots", "draws.json"),  # per rank: (drawn position, live count)

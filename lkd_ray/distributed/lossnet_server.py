@@ -10,11 +10,16 @@ rejection, counters) and adds what only a shared service needs:
 * **es**: particles send (particle, round, quiz loss); a round closes when every particle reported,
   and the (persistent) ES estimate becomes one update. Messages are a few bytes.
 * **durability**: every version is queued for persisting (``<run>/lossnet/v<N>.pt`` + ``latest.json``)
-  and written in the background with retries, so a storage outage never blocks rounds nor loses an
-  applied update; the state carries the counters and the last round per sender, so a restart
-  resumes from the newest intact version, counts nothing twice and recognises replayed submissions.
+  as a *copy* of φ and the optimizer state taken when it was applied, with a hash of that content
+  (``state_sha256``, also kept in ``version_hashes()``), and written in the background with retries, so a
+  storage outage never blocks rounds nor loses an applied update, and a file always holds exactly its
+  version. The state carries the counters and the last round per sender, so a restart resumes from the
+  newest intact version, counts nothing twice and recognises replayed submissions. A persister failure that
+  is not a storage outage stops the run with ``LossNetPersistError`` (its own exit code in the jobs).
 
-Validation (sender, sizes, dtype, finiteness, lr scale) rejects bad messages and counts them.
+Validation (sender, sizes, dtype, finiteness, lr scale) rejects bad messages. Counters count each event
+once: ``rejected`` is refused submissions (any reason); ``meta_rejected_nonfinite`` is the non-finite
+meta-gradients among them or dropped from a round's mean (a breakdown, never added to ``rejected``).
 """
 from __future__ import annotations
 
@@ -31,10 +36,26 @@ import torch
 from ..config import Config
 from ..losses import build_lossnets
 from ..meta import ESEstimator, LossNetOptimizer, es_index, flatten
-from ..meta.versions import VersionStore
+from ..meta.versions import VersionStore, content_sha256
 from ..storage import StorageError, open_storage, safe_key
 
 log = logging.getLogger(__name__)
+
+
+class LossNetPersistError(RuntimeError):
+    """The LossNetServer could not save its state for a reason other than a storage outage (a bug or a
+    payload that cannot be written): the run stops rather than continue without its record."""
+
+
+def _copy(obj: Any) -> Any:
+    """A deep copy of a state dict's tensors (Adam's state_dict holds references to live tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy(v) for v in obj)
+    return obj
 
 
 class LossNetServerCore:
@@ -72,6 +93,8 @@ class LossNetServerCore:
         self.persisted_version: int | None = None
         self.persist_failures = 0
         self.persist_error: str | None = None
+        self.persist_fatal: str | None = None   # a non-storage failure of the persister: the run must stop
+        self.hashes: dict[int, str] = {}        # version → content hash taken when it was applied
         self._qlock = threading.Condition()
         self.restore()
         if persist and self.persisted_version is None:
@@ -83,21 +106,37 @@ class LossNetServerCore:
         return self.opt.version
 
     def state(self) -> dict[str, Any]:
-        return {**self.opt.state_dict(), "version": self.version, "stats": dict(self.stats), "last_round": dict(self.last_round),
-                "es": self.es.state_dict() if self.es is not None else None, "config": self.cfg.to_dict()}
+        """The server's state *now*, as copies (safe to write later while Adam keeps stepping), with the hash of
+        its content."""
+        sd = {**_copy(self.opt.state_dict()), "version": self.version, "stats": _copy(self.stats),
+              "last_round": dict(self.last_round), "es": _copy(self.es.state_dict()) if self.es is not None else None,
+              "config": self.cfg.to_dict()}
+        sd["state_sha256"] = content_sha256(sd)
+        return sd
 
     def _enqueue(self) -> None:
         if not self.persist_enabled:
             return
+        self.raise_if_fatal()
+        payload = self.state()
         with self._qlock:
-            self.queue.append((self.version, self.state()))
+            self.hashes[self.version] = payload["state_sha256"]
+            self.queue.append((self.version, payload))
             self._qlock.notify_all()
+
+    def version_hashes(self) -> dict[int, str]:
+        return dict(self.hashes)
+
+    def raise_if_fatal(self) -> None:
+        if self.persist_fatal is not None:
+            raise LossNetPersistError(f"the LossNetServer stopped saving loss-network versions: {self.persist_fatal}")
 
     def persist_pending(self) -> int:
         return len(self.queue)
 
     def drain_once(self, deadline_s: float | None = None) -> bool:
-        """Write queued versions oldest first; on a storage error keep them queued. True if the queue emptied."""
+        """Write queued versions oldest first; on a storage error keep them queued. True if the queue emptied.
+        Any other exception propagates (the persister records it as fatal)."""
         while True:
             with self._qlock:
                 if not self.queue:
@@ -116,10 +155,46 @@ class LossNetServerCore:
                 self.persist_error = None
                 self._qlock.notify_all()
 
+    def persist_forever(self, sleep=time.sleep) -> None:
+        """The persister thread's loop: drain, back off while storage fails, stop (recording why) on anything else."""
+        delay = 0.5
+        try:
+            while True:
+                with self._qlock:
+                    while not self.queue:
+                        self._qlock.wait()
+                if self.drain_once():
+                    delay = 0.5
+                    continue
+                log.warning("LossNetServer: saving version %s failed (%s); retrying in %.1fs",
+                            self.queue[0][0] if self.queue else "?", self.persist_error, delay)
+                sleep(delay)
+                delay = min(delay * 2, 10.0)
+        except Exception as e:  # not a storage outage: retrying cannot help, and the run must not go on unrecorded
+            with self._qlock:
+                self.persist_fatal = f"{type(e).__name__}: {e}"
+                self._qlock.notify_all()
+            log.error("LossNetServer: the persister stopped: %s", self.persist_fatal, exc_info=True)
+
+    def wait_persisted(self, stall_s: float) -> None:
+        """Block until every applied version is persisted, the persister failed, or none was persisted for
+        ``stall_s`` (storage still down)."""
+        with self._qlock:
+            last, progress = len(self.queue), time.monotonic()
+            while self.queue and self.persist_fatal is None:
+                left = stall_s - (time.monotonic() - progress)
+                if left <= 0:
+                    return
+                self._qlock.wait(left)
+                if len(self.queue) < last:
+                    last, progress = len(self.queue), time.monotonic()
+
     def restore(self) -> bool:
         sd = self.versions.load_latest(warn=log.warning)
         if sd is None:
             return False
+        if sd.get("state_sha256"):
+            self.hashes[int(sd["version"])] = sd["state_sha256"]
         self.opt.load_state_dict(sd)
         self.opt.stats.version = int(sd["version"])
         self.stats.update({k: v for k, v in sd.get("stats", {}).items() if k in self.stats and k not in ("restored_from",)})
@@ -192,14 +267,12 @@ class LossNetServerCore:
         replay = self._replay(sender, round_)
         if replay is not None:
             return replay
-        self.opt.stats.rejected_nonfinite += int(nonfinite)
-        if nonfinite:
-            self.stats["rejected_reasons"]["non-finite"] = self.stats["rejected_reasons"].get("non-finite", 0) + int(nonfinite)
+        self.opt.stats.rejected_nonfinite += int(nonfinite)  # ranks dropped from the round's mean (a breakdown)
         if grad is None:
             if round_ is not None:
                 self.last_round[sender] = round_
             self.stats["rounds"] += 1
-            return {"accepted": False, "reason": "non-finite: every rank", "version": self.version}
+            return self._reject("non-finite: every rank")
         checked, why = self._check(grad, lr_scale)
         if checked is None:
             return self._reject(why)
@@ -259,43 +332,53 @@ class LossNetServerCore:
                 self._enqueue()
         return out
 
-    def es_report(self, particle: int, round_: int, loss: float) -> dict:
-        """ES: one particle's quiz loss for round ``round_`` (= the centre's version it perturbed)."""
+    @property
+    def es_round(self) -> int:
+        return self.es.rounds if self.es is not None else 0
+
+    def es_report(self, particle: int, round_: int, loss: float, lr_scale: float = 1.0) -> dict:
+        """ES: one particle's quiz loss for round ``round_`` (the noise it perturbed with). A round closes when
+        every particle reported: the estimate becomes one update (at the particles' ``lr_scale``, the meta lr
+        schedule), and the round advances whether or not a usable pair made an update — so rounds and versions
+        are counted apart and ``version == accepted`` holds, as in one process (``ESStrategy``)."""
         self.stats["submitted"] += 1
         if self.es is None:
             return self._reject("wrong mode: this server is not running ES")
         if not isinstance(particle, int) or not 0 <= particle < self.es.particles:
             return self._reject(f"unknown particle: {particle!r} ({self.es.particles} particles)")
-        if round_ != self.version:
-            if round_ < self.version:
+        if round_ != self.es_round:
+            if round_ < self.es_round:
                 self.stats["duplicates"] += 1
-                return {"accepted": True, "duplicate": True, "version": self.version}
-            return self._reject(f"wrong round: {round_} (server at {self.version})")
+                return {"accepted": True, "duplicate": True, "version": self.version, "round": self.es_round}
+            return self._reject(f"wrong round: {round_} (server at round {self.es_round})")
+        _, why = self._check(torch.zeros(self.opt.numel), lr_scale)
+        if why is not None:
+            return self._reject(why)
         self.es_losses[particle] = float(loss)
+        self.es_lr_scale = float(lr_scale)
         closed = False
         if len(self.es_losses) == self.es.particles:
-            g, used = self.es.gradient(self.version, self.es_losses)
+            g, used = self.es.gradient(round_, self.es_losses)
             full = torch.zeros(self.opt.numel)
             full[self.es_index] = g
             losses = list(self.es_losses.values())
             self.es_losses = {}
             finite = [v for v in losses if math.isfinite(v)]
-            if used and self._apply([full], 1.0, 0, sum(finite) / len(finite) if finite else None):
+            if used and self._apply([full], self.es_lr_scale, 0, sum(finite) / len(finite) if finite else None):
                 self.stats["accepted"] += 1
-            else:
-                self.opt.stats.version += 1  # the round closes even without a usable pair: particles move on
             self.stats["rounds"] += 1
             self._enqueue()
             closed = True
-        return {"accepted": True, "version": self.version, "closed": closed}
+        return {"accepted": True, "version": self.version, "closed": closed, "round": self.es_round}
 
     def get(self, newer_than: int = -1) -> tuple[int, torch.Tensor | None]:
         return self.version, (flatten(list(self.lossnets.parameters())) if self.version > newer_than else None)
 
     def report(self) -> dict:
         return {**self.stats, **{f"meta_{k}": v for k, v in self.opt.counters().items()}, "version": self.version,
-                "persisted_version": self.persisted_version, "persist_pending": self.persist_pending(),
-                "persist_failures": self.persist_failures, "persist_error": self.persist_error}
+                "es_round": self.es_round, "persisted_version": self.persisted_version,
+                "persist_pending": self.persist_pending(), "persist_failures": self.persist_failures,
+                "persist_error": self.persist_error, "persist_fatal": self.persist_fatal}
 
 
 try:
@@ -316,22 +399,8 @@ if ray is not None:
             self.cond = asyncio.Condition(self.lock)
             self.pending: list[tuple[dict, asyncio.Future]] = []
             self._batcher: asyncio.Task | None = None
-            self._persister = threading.Thread(target=self._persist_loop, daemon=True, name="lossnet-persist")
+            self._persister = threading.Thread(target=self.core.persist_forever, daemon=True, name="lossnet-persist")
             self._persister.start()
-
-        def _persist_loop(self) -> None:
-            delay = 0.5
-            while True:
-                with self.core._qlock:
-                    while not self.core.queue:
-                        self.core._qlock.wait()
-                if self.core.drain_once():
-                    delay = 0.5
-                    continue
-                log.warning("LossNetServer: saving version %s failed (%s); retrying in %.1fs",
-                            self.core.queue[0][0] if self.core.queue else "?", self.core.persist_error, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
 
         async def submit(self, sender: str, round_: int | None, grad, base_version: int, lr_scale: float = 1.0,
                          from_snapshot: int = 0, quiz_loss: float | None = None, nonfinite: int = 0,
@@ -361,14 +430,15 @@ if ray is not None:
                     if not fut.done():
                         fut.set_result(res)
 
-        async def es_report(self, particle: int, round_: int, loss: float, timeout_s: float = 600.0) -> dict:
+        async def es_report(self, particle: int, round_: int, loss: float, lr_scale: float = 1.0,
+                            timeout_s: float = 600.0) -> dict:
             async with self.cond:
-                res = self.core.es_report(particle, round_, loss)
+                res = self.core.es_report(particle, round_, loss, lr_scale)
                 if res.get("closed"):
                     self.cond.notify_all()
                 elif res.get("accepted") and not res.get("duplicate"):
-                    await asyncio.wait_for(self.cond.wait_for(lambda: self.core.version > round_), timeout_s)
-                res["version"] = self.core.version
+                    await asyncio.wait_for(self.cond.wait_for(lambda: self.core.es_round > round_), timeout_s)
+                res["version"], res["round"] = self.core.version, self.core.es_round
                 res["phi"] = self.core.get(-1)[1]
                 return res
 
@@ -382,14 +452,15 @@ if ray is not None:
         async def report(self) -> dict:
             return self.core.report()
 
+        async def version_hashes(self) -> dict[int, str]:
+            return self.core.version_hashes()
+
         async def flush(self, stall_s: float = 135.0) -> dict:
             """Wait until every applied version is persisted, or until none was for ``stall_s`` (storage still
-            down: a long backlog after an outage drains however long it takes); report the outcome."""
-            last, progress = self.core.persist_pending(), time.monotonic()
-            while self.core.persist_pending() and time.monotonic() - progress < stall_s:
-                await asyncio.sleep(0.05)
-                if self.core.persist_pending() < last:
-                    last, progress = self.core.persist_pending(), time.monotonic()
+            down: a long backlog after an outage drains however long it takes); report the outcome. Raises
+            ``LossNetPersistError`` when the persister failed for a reason other than storage."""
+            await asyncio.to_thread(self.core.wait_persisted, stall_s)
+            self.core.raise_if_fatal()
             return self.core.report()
 
         async def ping(self) -> bool:

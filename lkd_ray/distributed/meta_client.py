@@ -3,7 +3,9 @@
 **sync**: the ranks of one trainer all-reduce their meta-gradients over the Train process group
 (gloo on CPU, NCCL on GPU), the leader (rank 0) submits the round — one message, one Adam step,
 whatever the rank count — and broadcasts the new φ (one flat buffer) back to every rank.
-**async**: each rank submits on its own (fire and forget) and picks up newer φ when it arrives.
+**async**: each rank submits on its own (fire and forget) and picks up newer φ when it arrives; finished
+calls are collected as they complete, so what the server refused (and any error of the call) is counted
+per rank (``client_counters``) and reaches the run's result.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class RemoteMetaUpdater:
         self._server_counters: dict = {}
         self._inflight: list = []
         self._pending_get = None
+        self.client = {"submitted": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "errors": 0, "rejected_reasons": {}}
         self.pull(blocking=True)
 
     @property
@@ -39,7 +42,34 @@ class RemoteMetaUpdater:
         return self._version
 
     def counters(self) -> dict:
-        return dict(self._server_counters, version=self._version)
+        return dict(self._server_counters, version=self._version,
+                    **{f"client_{k}": v for k, v in self.client.items() if isinstance(v, int)})
+
+    def client_counters(self) -> dict:
+        return {"sender": self.sender, "rank": self.rank, "mode": self.mode, **self.client,
+                "rejected_reasons": dict(self.client["rejected_reasons"])}
+
+    def _collect(self, refs: list) -> None:
+        """Count the outcome of finished async submissions (the server's answer, or the call's error)."""
+        for ref in refs:
+            try:
+                res = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                from .lossnet_server import LossNetPersistError
+
+                if isinstance(getattr(e, "cause", None), LossNetPersistError):
+                    raise
+                self.client["errors"] += 1
+                log.warning("async meta-gradient submission from %s failed: %s", self.sender, str(e).splitlines()[0])
+                continue
+            if res.get("duplicate"):
+                self.client["duplicates"] += 1
+            elif res.get("accepted"):
+                self.client["accepted"] += 1
+            else:
+                self.client["rejected"] += 1
+                why = str(res.get("reason", "?")).split(":")[0]
+                self.client["rejected_reasons"][why] = self.client["rejected_reasons"].get(why, 0) + 1
 
     def refresh_counters(self) -> dict:
         self._server_counters = {k[len("meta_"):]: v for k, v in ray.get(self.server.report.remote()).items()
@@ -74,15 +104,20 @@ class RemoteMetaUpdater:
         return int(head[0].item()), bool(head[1].item()), body.cpu()
 
     def submit(self, grad: torch.Tensor, *, lr_scale: float = 1.0, from_snapshot: bool = False,
-               quiz_loss: float | None = None) -> bool:
+               quiz_loss: float | None = None) -> bool | None:
+        """Sync: the round's outcome. Async: None — the submission is on its way; its outcome is counted when the
+        call completes (``client_counters``)."""
         grad = grad.detach().float().cpu()
         if self.mode != "sync":
-            self._inflight = [r for r in self._inflight if not ray.wait([r], timeout=0)[0]]
+            if self._inflight:
+                done, self._inflight = ray.wait(self._inflight, num_returns=len(self._inflight), timeout=0)
+                self._collect(done)
             self._inflight.append(self.server.submit_async.remote(self.sender, self.round, grad, self._version, lr_scale,
                                                                   int(from_snapshot), quiz_loss))
+            self.client["submitted"] += 1
             self.round += 1
             self.pull(blocking=False)
-            return True
+            return None
         finite = bool(torch.isfinite(grad).all())
         nonfinite = 0
         if self.world > 1:  # average over the ranks that produced a finite meta-gradient
@@ -127,9 +162,10 @@ class RemoteMetaUpdater:
         return res
 
     def flush(self) -> None:
+        """Wait for every async submission and count its outcome."""
         if self._inflight:
-            ray.get(self._inflight)
-            self._inflight = []
+            refs, self._inflight = self._inflight, []
+            self._collect(refs)
 
 
 class ESParticle:
@@ -145,13 +181,13 @@ class ESParticle:
         self.es = ESEstimator(len(self.index), m.es_particles, m.es_sigma, m.es_persistent, seed=cfg.run.seed)
         self._quiz = None
         v, flat = ray.get(server.get.remote(-1))
-        self._take(v, flat)
+        self._take(v, ray.get(server.report.remote())["es_round"], flat)
 
-    def _take(self, version: int, center: torch.Tensor) -> None:
+    def _take(self, version: int, round_: int, center: torch.Tensor) -> None:
         from ..train.es import perturbed
 
-        self.version = int(version)
-        _load(self.lossnets, perturbed(center, self.index, self.es, self.version, self.particle))
+        self.version, self.round = int(version), int(round_)
+        _load(self.lossnets, perturbed(center, self.index, self.es, self.round, self.particle))
 
     def step(self, trainer) -> dict:
         from ..data import cycle
@@ -161,6 +197,6 @@ class ESParticle:
             self._quiz = cycle(trainer.data.quiz)
         b = next(self._quiz)
         loss = particle_quiz_loss(trainer, b[0].to(trainer.device), b[1].to(trainer.device))
-        res = ray.get(self.server.es_report.remote(self.particle, self.version, loss))
-        self._take(res["version"], res["phi"])
+        res = ray.get(self.server.es_report.remote(self.particle, self.round, loss, trainer.meta_lr_scale()))
+        self._take(res["version"], res["round"], res["phi"])
         return {"meta_quiz_loss": loss, "meta_accepted": float(bool(res.get("accepted")))}

@@ -2,7 +2,9 @@
 from Ray's object store.
 
 A recorded snapshot goes to storage once (durability: ``<run>/snapshots/<step>.pt``, in a sharded
-manifest with sizes and sha256) and into the object store once (speed): the index actor puts it there
+manifest with sizes and sha256; the recording rank writes it from a background thread, and the index
+writes its manifest shards from one, so neither a training step nor any rank's draw waits on a storage
+PUT, however long an outage lasts) and into the object store once (speed): the index actor puts it there
 itself, so the copy outlives the worker that recorded it, keeps at most ``object_bytes`` of them (the
 oldest references are dropped beyond that; Ray spills to disk under memory pressure) and hands out
 references with each draw. A worker reads a drawn snapshot straight from its node's object store;
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -60,7 +64,55 @@ class SnapshotIndex:
         self.draws = 0
         self.draw_log: dict[int, list[tuple[int, int]]] = {}  # rank → [(drawn position, live count)]
         self.manifest_writes = 0
+        self.manifest_failures = 0
+        self._pending: dict[int, dict] = {}   # manifest shard → its newest content, waiting for the writer
+        self._deletes: list[str] = []
+        self._wlock = threading.Condition()
         self._load()
+        threading.Thread(target=self._write_forever, daemon=True, name="snapshot-manifest").start()
+
+    def _write_forever(self) -> None:
+        """Write manifest shards (newest content per shard) and delete evicted objects, off the draw path;
+        a storage failure keeps them pending and retries with backoff."""
+        delay = 0.5
+        while True:
+            with self._wlock:
+                while not self._pending and not self._deletes:
+                    self._wlock.wait()
+                shards, self._pending = self._pending, {}
+                deletes, self._deletes = self._deletes, []
+            try:
+                for shard, payload in sorted(shards.items()):
+                    self.storage.put_json(self._shard_key(shard), payload)
+                    self.manifest_writes += 1
+                delay = 0.5
+            except Exception as exc:  # keep the newest content of every unwritten shard and retry
+                self.manifest_failures += 1
+                log.warning("snapshot manifest write failed (%s); retrying in %.1fs", exc, delay)
+                with self._wlock:
+                    self._pending = {**shards, **self._pending}
+                    self._deletes = deletes + self._deletes
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
+                continue
+            for key in deletes:
+                try:
+                    self.storage.delete(key)
+                except Exception as exc:  # an orphaned object is harmless: the index no longer names it
+                    log.warning("could not delete evicted snapshot %s: %s", key, exc)
+            with self._wlock:
+                self._wlock.notify_all()
+
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Wait until the manifest is written (tests, shutdown); False if storage did not take it in time."""
+        deadline = time.monotonic() + timeout_s
+        with self._wlock:
+            while self._pending or self._deletes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wlock.wait(left)
+        return True
 
     def _shard_key(self, i: int) -> str:
         return safe_key(self.run, "snapshots", "manifest", f"{i:05d}.json")
@@ -85,6 +137,8 @@ class SnapshotIndex:
 
     def _keep(self, key: str, size: int, state) -> None:
         """Put the state in the object store (owned by this actor), within ``object_bytes``."""
+        if key in self.refs:  # a resumed run records the same snapshot again: replace, do not count twice
+            self.object_used -= self.refs.pop(key)[0]
         if size > self.object_bytes:
             return
         self.refs[key] = (size, ray.put(state))
@@ -106,15 +160,13 @@ class SnapshotIndex:
         shard = position // MANIFEST_SHARD
         first = shard * MANIFEST_SHARD
         live = [e for k, e in enumerate(self.entries) if self.evicted + k >= first]
-        self.storage.put_json(self._shard_key(shard), {"snapshots": live, "evicted": self.evicted, "first": first})
-        self.manifest_writes += 1
-        for e in gone:  # bounded: the objects leave storage (and the object store) too
+        for e in gone:  # bounded: the objects leave the object store now, and storage in the background
             if e["key"] in self.refs:
                 self.object_used -= self.refs.pop(e["key"])[0]
-            try:
-                self.storage.delete(e["key"])
-            except Exception as exc:  # storage hiccup: an orphaned object is harmless, the index no longer names it
-                log.warning("could not delete evicted snapshot %s: %s", e["key"], exc)
+        with self._wlock:
+            self._pending[shard] = {"snapshots": live, "evicted": self.evicted, "first": first}
+            self._deletes += [e["key"] for e in gone]
+            self._wlock.notify_all()
         return len(self.entries)
 
     def sample(self, rank: int = 0) -> dict | None:
@@ -142,7 +194,8 @@ class SnapshotIndex:
     def stats(self) -> dict:
         return {"snapshots": len(self.entries), "evicted": self.evicted, "corrupt_skipped": len(self.skipped),
                 "draws": self.draws, "draws_per_rank": {r: len(v) for r, v in self.draw_log.items()},
-                "manifest_writes": self.manifest_writes, "object_store_snapshots": len(self.refs),
+                "manifest_writes": self.manifest_writes, "manifest_pending": len(self._pending),
+                "manifest_failures": self.manifest_failures, "object_store_snapshots": len(self.refs),
                 "object_store_bytes": self.object_used, "object_store_limit": self.object_bytes}
 
     def draw_history(self) -> dict[int, list[tuple[int, int]]]:
@@ -204,15 +257,36 @@ class RaySnapshotStore:
         self.pool = ActorPool(loaders)
         self._next = None  # the prefetched draw: a Future of (_request + _resolve) running in a background thread
         self._executor = None
+        self._recorder = None  # one background thread storing and registering recorded snapshots, in order
+        self._recording: list = []
         self.corrupt_seen = self.transient_seen = 0
         self.from_object_store = self.from_storage = self.lost_copies = 0
         self._n = ray.get(index.stats.remote())["snapshots"]
 
     def record(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        """Queue the snapshot: a background thread stores it (durable first) and then registers it with the
+        index, so the training step never waits on a storage PUT. Snapshots are recorded in order."""
         if not self.record_enabled:
             return
-        entry = self.storage.put_torch(safe_key(self.run, "snapshots", f"{step}.pt"), state)  # durable first
+        if self._recorder is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._recorder = ThreadPoolExecutor(1, thread_name_prefix="snapshot-record")
+        self._recording.append(self._recorder.submit(self._store, step, state))
+        self._recording = [f for f in self._recording if not f.done() or f.exception() is not None]
+        for f in self._recording:
+            if f.done():
+                raise f.exception()
+
+    def _store(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        entry = self.storage.put_torch(safe_key(self.run, "snapshots", f"{step}.pt"), state)  # retried over outages
         self._n = ray.get(self.index.record.remote({**entry, "step": step}, state))
+
+    def flush(self) -> None:
+        """Wait for queued recordings (end of an epoch, before a checkpoint names them); raise their errors."""
+        for f in self._recording:
+            f.result()
+        self._recording = []
 
     def _request(self) -> dict | None:
         """Draw now and start moving the state: a pull into the local object store, or a loader's fetch

@@ -21,7 +21,6 @@ from ..data import build_data
 from ..models import build_model, load_teacher, load_weights
 from ..storage import OUTAGE_ENV, open_storage
 from ..train import build_run
-from ..train.outputs import MetricsLog
 from .meta_client import ESParticle, RemoteMetaUpdater
 from .snapshot_pool import RaySnapshotStore
 
@@ -40,15 +39,19 @@ def _teacher(cfg: Config, config: dict, storage, data):
     return None
 
 
-def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> tuple[dict | None, bool]:
-    """The resumable state with the most epochs, and whether Ray Train registered it: the registered
-    checkpoint, or one uploaded to ``<run>/ray/checkpoint_*/`` whose registration a crash or a storage
-    outage cut short (the controller registers a report only once every rank's report arrived, and
-    writes its registry after the upload). A file that does not load is skipped."""
-    best, is_registered = None, registered is not None
+def _load_registered(registered, device) -> dict:
+    with registered.as_directory() as d:
+        return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
+
+
+def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> tuple[dict | None, bool, str | None]:
+    """The resumable state with the most epochs, whether Ray Train registered it, and its storage key when it
+    did not: the registered checkpoint, or one uploaded to ``<run>/ray/checkpoint_*/`` whose registration a
+    crash or a storage outage cut short (the controller registers a report only once every rank's report
+    arrived, and writes its registry after the upload). A file that does not load is skipped."""
+    best, is_registered, best_key = None, registered is not None, None
     if registered is not None:
-        with registered.as_directory() as d:
-            best = torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
+        best = _load_registered(registered, device)
     try:
         keys = [k for k in storage.list(f"{run_key}/ray") if k.endswith(f"/{CHECKPOINT_FILE}") and "/checkpoint_" in k]
     except Exception as e:  # listing is an optimisation: the registered checkpoint still works
@@ -63,8 +66,63 @@ def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> t
         if best is None or int(sd.get("epoch", 0)) > int(best.get("epoch", 0)):
             log.warning("resuming from %s (epoch %s): newer than the registered checkpoint (%s), whose registration "
                         "a failure cut short", key, sd.get("epoch"), f"epoch {best.get('epoch')}" if best else "none")
-            best, is_registered = sd, False
-    return best, is_registered
+            best, is_registered, best_key = sd, False, key
+    return best, is_registered, best_key
+
+
+def resume_state(storage, run_key: str, registered, rank: int, world: int, device) -> tuple[dict | None, bool]:
+    """Rank 0 chooses the checkpoint to resume from and every rank loads exactly that one: after a transient
+    error, ranks choosing on their own could resume from different epochs. A rank that cannot load the chosen
+    checkpoint fails (the worker group restarts) instead of silently training from another state."""
+    import torch.distributed as dist
+
+    choice = [None]
+    if rank == 0:
+        state, is_registered, key = newest_checkpoint(storage, run_key, registered, device)
+        choice = [None if state is None else {"registered": is_registered, "key": key, "epoch": int(state.get("epoch", 0))}]
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    pick = choice[0]
+    if pick is None:
+        return None, False
+    if rank != 0:
+        state = _load_registered(registered, device) if pick["registered"] else storage.get_torch(pick["key"], map_location=str(device))
+        if int(state.get("epoch", 0)) != pick["epoch"]:
+            raise RuntimeError(f"rank {rank} loaded epoch {state.get('epoch')} where rank 0 chose epoch {pick['epoch']}")
+    return state, pick["registered"]
+
+
+class EpochLogs:
+    """Rank 0's metrics and TensorBoard events, next to the run: one ``logs/metrics/epoch-NNNNN.jsonl`` line and one
+    TensorBoard event file per epoch, each uploaded once (a resumed epoch overwrites its own objects), so an
+    epoch costs its own bytes, not the whole history's. ``read_metrics`` reads them back in order."""
+
+    def __init__(self, storage, run_key: str):
+        self.storage, self.run_key = storage, run_key
+
+    def on_epoch_end(self, rec) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from ..train.outputs import dumps
+
+        line = dumps({"step": rec.step, "rank": rec.rank, **rec.metrics}) + "\n"
+        self.storage.put_bytes(f"{self.run_key}/logs/metrics/epoch-{rec.epoch:05d}.jsonl", line.encode())
+        with tempfile.TemporaryDirectory() as d:
+            tb = SummaryWriter(d, filename_suffix=f".epoch{rec.epoch:05d}")
+            for k, v in rec.metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf"):
+                    tb.add_scalar(k, v, rec.step)
+            tb.close()
+            for f in Path(d).iterdir():
+                self.storage.put_bytes(f"{self.run_key}/logs/tb/{f.name}", f.read_bytes())
+
+
+def read_metrics(storage, run_key: str) -> list[dict]:
+    """A distributed run's per-epoch metrics (rank 0), in epoch order."""
+    import json
+
+    keys = sorted(k for k in storage.list(f"{run_key}/logs/metrics") if k.endswith(".jsonl"))
+    return [json.loads(line) for k in keys for line in storage.get_bytes(k).decode().splitlines() if line]
 
 
 def _resume(trainer, sd: dict, server, updater, rank: int) -> None:
@@ -137,12 +195,10 @@ def train_loop_per_worker(config: dict) -> None:
                     log=lambda *_: None)
     trainer = run.trainer
     updater = updaters[0] if updaters else None
-    state, registered = newest_checkpoint(storage, run_key, ray.train.get_checkpoint(), device)
+    state, registered = resume_state(storage, run_key, ray.train.get_checkpoint(), rank, world, device)
     if state is not None:
         _resume(trainer, state, server, updater, rank)
-    metrics_log = MetricsLog(Path(tempfile.mkdtemp(prefix=f"lkd-{run_key}-logs-"))) if rank == 0 else None
-    if metrics_log is not None and storage.exists(f"{run_key}/logs/metrics.jsonl"):  # earlier attempts' lines are kept
-        (metrics_log.out_dir / "metrics.jsonl").write_bytes(storage.get_bytes(f"{run_key}/logs/metrics.jsonl"))
+    metrics_log = EpochLogs(storage, run_key) if rank == 0 else None
     progress = ray.get_actor(config["progress_name"], namespace=ns) if config.get("progress_name") and rank == 0 else None
     callbacks = list(config.get("callbacks") or [])  # extra per-epoch callbacks (the tests' fault injection lives there)
     steps_per_epoch = len(trainer.data.train)
@@ -185,17 +241,19 @@ def train_loop_per_worker(config: dict) -> None:
         if updater is not None:
             updater.flush()
             updater.refresh_counters()
+        if store is not None:
+            store.flush()  # this epoch's snapshots are stored and indexed before its checkpoint is
         rec = trainer.end_epoch(train_metrics, time.perf_counter() - t0)
         metrics = epoch_metrics(rec.metrics)
         if streaming and config.get("record_sample_ids"):
             storage.put_json(f"{run_key}/seen_ids/epoch{rec.epoch}-rank{rank}.json", trainer.data.train.seen)
         if rank == 0:
             metrics_log.on_epoch_end(rec)
-            for f in metrics_log.out_dir.rglob("*"):  # metrics.jsonl and TensorBoard events, next to the run
-                if f.is_file():
-                    storage.put_bytes(f"{run_key}/logs/{f.relative_to(metrics_log.out_dir).as_posix()}", f.read_bytes())
             if progress is not None:
                 ray.get(progress.epoch.remote(metrics))
         report(metrics, rec.epoch)
         for cb in callbacks:
             cb.on_epoch_end(rec)
+    if updater is not None and updater.mode != "sync":  # what the server refused this rank, for the run's result
+        updater.flush()
+        storage.put_json(f"{run_key}/clients/rank{rank}.json", updater.client_counters())

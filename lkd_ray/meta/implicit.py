@@ -45,8 +45,8 @@ def implicit_gradient(module: nn.Module, hyper: SGDHyper, objective, batches: Se
                       quiz_y: torch.Tensor, phi: Sequence[torch.Tensor], steps: int, alpha: float | None = None,
                       quiz_kind: str = "ce"):
     """The trainer-facing form: θ is ``module``'s trainable parameters, the training loss is the
-    student's objective on ``batches`` plus SGD's weight decay (½·wd·‖θ‖², whose gradient SGD adds),
-    α defaults to the student's current lr. Side-effect free: BatchNorm buffers are restored."""
+    student's objective on ``batches`` plus SGD's weight decay (½·wd·‖θ‖², whose gradient SGD adds).
+    α defaults to ``neumann_step(hyper)``. Side-effect free: BatchNorm buffers are restored."""
     from torch.func import functional_call
 
     names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -65,4 +65,11 @@ def implicit_gradient(module: nn.Module, hyper: SGDHyper, objective, batches: Se
 
     with preserved_buffers(module):
         return neumann_hypergradient(theta, train_loss, lambda params: quiz_loss(run(params, quiz_inputs), quiz_y, quiz_kind), phi,
-                                     steps, hyper.lr if alpha is None else alpha)
+                                     steps, neumann_step(hyper) if alpha is None else alpha)
+
+
+def neumann_step(hyper: SGDHyper) -> float:
+    """The series' step: lr/(1 + momentum). SGD with heavy-ball momentum β trains stably while lr·λ_max < 2(1 + β)
+    (3.8 at β = 0.9), but the series needs α·λ_max < 2; this α meets it wherever the student's own training is
+    stable (at α = lr it diverges for 2 < lr·λ_max < 3.8). Nesterov momentum: the same bound, the same step."""
+    return hyper.lr / (1.0 + hyper.momentum)

@@ -40,10 +40,14 @@ class MetaCounters:
 
 
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]) if tensors else torch.zeros(0)
+    """One float32 CPU vector (torch's ``parameters_to_vector``, detached): the message format."""
+    if not tensors:
+        return torch.zeros(0)
+    return torch.nn.utils.parameters_to_vector([t.detach().float().cpu() for t in tensors])
 
 
 def unflatten(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like ``like`` (for gradients: ``vector_to_parameters`` only sets parameters)."""
     sizes = [p.numel() for p in like]
     if flat.numel() != sum(sizes):
         raise ValueError(f"flat buffer has {flat.numel()} values, the loss networks {sum(sizes)}")
@@ -65,7 +69,8 @@ class MetaUpdater(Protocol):
     def version(self) -> int: ...
 
     def submit(self, grad: torch.Tensor, *, lr_scale: float = 1.0, from_snapshot: bool = False,
-               quiz_loss: float | None = None) -> bool: ...
+               quiz_loss: float | None = None) -> bool | None:
+        """True/False: applied or refused; None: sent, the outcome arrives later (an async server)."""
 
     def counters(self) -> dict: ...
 
@@ -119,9 +124,10 @@ class LossNetOptimizer:
         return True
 
     def load_flat(self, flat: torch.Tensor) -> None:
+        if flat.numel() != self.numel:
+            raise ValueError(f"flat buffer has {flat.numel()} values, the loss networks {self.numel}")
         with torch.no_grad():
-            for p, v in zip(self.params, unflatten(flat, self.params)):
-                p.copy_(v)
+            torch.nn.utils.vector_to_parameters(flat.to(self.params[0].device, self.params[0].dtype).clone(), self.params)
 
     def state_dict(self) -> dict:
         return {"lossnets": self.lossnets.state_dict(), "adam": self.adam.state_dict(), "counters": self.stats.as_dict()}

@@ -8,14 +8,49 @@ stored, pointer not yet) is not lost.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from typing import Any
+
+import torch
 
 from ..storage import ChecksumMismatch, Storage, StorageError
 
 log = logging.getLogger(__name__)
 _VERSION = re.compile(r"v(\d+)\.pt$")
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=str):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def content_sha256(payload: dict[str, Any]) -> str:
+    """A hash of what a loss-network version *is*: φ (and ψ), the optimizer's state and the version number —
+    computed from the tensors' values, so a file whose tensors changed after the hash was taken fails it."""
+    h = hashlib.sha256()
+    _feed(h, {k: payload.get(k) for k in ("lossnets", "adam", "version")})
+    return h.hexdigest()
+
+
+class VersionContentMismatch(ChecksumMismatch):
+    """A version file whose φ or optimizer state is not the one recorded when it was queued."""
 
 
 class VersionStore:
@@ -59,6 +94,9 @@ class VersionStore:
             expect = pointer["sha256"] if pointer and pointer.get("key") == key else None
             try:
                 sd = self.storage.get_torch(key, expect_sha256=expect)
+                if isinstance(sd, dict) and sd.get("state_sha256") and content_sha256(sd) != sd["state_sha256"]:
+                    raise VersionContentMismatch(f"{key}: its φ/optimizer state does not hash to the value recorded "
+                                                 "when the version was applied")
             except ChecksumMismatch as e:
                 warn(f"loss-network version {version} is corrupt ({e}); falling back to an earlier intact version")
                 continue

@@ -75,7 +75,7 @@ class ESTrainer:
     def _perturb(self) -> None:
         center = flatten(list(self.lossnets.parameters()))
         for p, tr in enumerate(self.particles):
-            flat = perturbed(center, self.index, self.es, self.optimizer.version, p)
+            flat = perturbed(center, self.index, self.es, self.es.rounds, p)
             LossNetOptimizer(tr.lossnets, 0.0, 1.0).load_flat(flat)
 
     def es_update(self) -> dict[str, float]:
@@ -86,7 +86,7 @@ class ESTrainer:
         x, y = b[0].to(self.device), b[1].to(self.device)
         losses = {p: particle_quiz_loss(tr, x, y) for p, tr in enumerate(self.particles)}
         self.last_losses = losses
-        g, used = self.es.gradient(self.optimizer.version, losses)
+        g, used = self.es.gradient(self.es.rounds, losses)
         full = torch.zeros(self.optimizer.numel)
         full[self.index] = g
         scale = 1.0 if self.cfg.meta.lr_schedule == "constant" else (

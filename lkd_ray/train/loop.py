@@ -157,7 +157,9 @@ class Trainer:
         self.meta_updater: MetaUpdater | None = None
         if adapts:
             self.meta_updater = meta_updater or LossNetOptimizer(self.lossnets, cfg.meta.lr, cfg.meta.clip_norm)
-        self.snapshots = snapshots if snapshots is not None else InMemorySnapshotStore(cfg.meta.sampling, cfg.meta.max_snapshots)
+        mb = cfg.meta.snapshot_memory_mb
+        self.snapshots = snapshots if snapshots is not None else InMemorySnapshotStore(
+            cfg.meta.sampling, cfg.meta.max_snapshots, None if mb is None else mb << 20, cfg.run.cache_dir)
         self.snap_rng = random.Random(cfg.run.seed * 7919 + 1 + 104729 * rank)
         self.particle = particle  # an ES particle (under Ray): reports its quiz loss every meta_every steps
         self.state = TrainState()
@@ -294,7 +296,10 @@ class Trainer:
         accepted = self.meta_updater.submit(flatten(grads), lr_scale=self.meta_lr_scale(), from_snapshot=start is not None,
                                             quiz_loss=q.item())
         self.meta_time += time.perf_counter() - t0
-        return {"meta_quiz_loss": q.item(), "meta_accepted": float(accepted), "meta_from_snapshot": float(start is not None)}
+        out = {"meta_quiz_loss": q.item(), "meta_from_snapshot": float(start is not None)}
+        if accepted is not None:  # None: an async submission whose outcome arrives later
+            out["meta_accepted"] = float(accepted)
+        return out
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, on_step: Callable[[dict], None] | None = None) -> dict[str, float]:

@@ -39,27 +39,69 @@ def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-class InMemorySnapshotStore:
-    """Keeps every recorded state (or the newest ``max_snapshots``) in host memory."""
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
-    def __init__(self, sampling: str = "uniform", max_snapshots: int | None = None):
+
+class InMemorySnapshotStore:
+    """Every recorded state (or the newest ``max_snapshots``): the newest in host memory up to ``max_bytes``,
+    older ones spilled to files in ``spill_dir`` (weights-only loads), so a long run's history does not fill
+    RAM (the CIFAR recipe records ~19 GB of students) and the draw stays uniform over all of it."""
+
+    def __init__(self, sampling: str = "uniform", max_snapshots: int | None = None, max_bytes: int | None = 1 << 30,
+                 spill_dir: str | None = None):
         if sampling not in SAMPLING:
             raise ValueError(f"unknown sampling {sampling!r}; valid: {', '.join(SAMPLING)}")
-        self.sampling, self.max_snapshots = sampling, max_snapshots
+        self.sampling, self.max_snapshots, self.max_bytes = sampling, max_snapshots, max_bytes
         self.steps: list[int] = []
-        self.states: list[dict[str, torch.Tensor]] = []
+        self.states: list[dict[str, torch.Tensor] | str] = []  # a state in memory, or the path of its spill file
+        self.in_memory = 0
+        self.spilled = 0
+        self._spill_parent, self._spill_dir = spill_dir, None
+
+    def _spill(self, state: dict[str, torch.Tensor], step: int) -> str:
+        import os
+        import tempfile
+        import weakref
+
+        if self._spill_dir is None:
+            if self._spill_parent:
+                os.makedirs(self._spill_parent, exist_ok=True)
+            self._spill_dir = tempfile.mkdtemp(prefix="lkd-snapshots-", dir=self._spill_parent)
+            import shutil
+
+            weakref.finalize(self, shutil.rmtree, self._spill_dir, True)
+        path = os.path.join(self._spill_dir, f"{step}.pt")
+        torch.save(state, path)
+        self.spilled += 1
+        return path
 
     def record(self, step: int, state: dict[str, torch.Tensor]) -> None:
         self.steps.append(step)
         self.states.append(state)
+        self.in_memory += state_bytes(state)
         if self.max_snapshots is not None and len(self.states) > self.max_snapshots:
             self.steps.pop(0)
-            self.states.pop(0)
+            gone = self.states.pop(0)
+            if isinstance(gone, dict):
+                self.in_memory -= state_bytes(gone)
+            else:
+                import os
+
+                os.unlink(gone)
+        if self.max_bytes is not None:
+            i = 0
+            while self.in_memory > self.max_bytes and i < len(self.states) - 1:  # the newest stays in memory
+                if isinstance(self.states[i], dict):
+                    self.in_memory -= state_bytes(self.states[i])
+                    self.states[i] = self._spill(self.states[i], self.steps[i])
+                i += 1
 
     def sample(self, rng: random.Random) -> dict[str, torch.Tensor] | None:
         if not self.states:
             return None
-        return self.states[draw_index(len(self.states), self.sampling, rng)]
+        s = self.states[draw_index(len(self.states), self.sampling, rng)]
+        return s if isinstance(s, dict) else torch.load(s, map_location="cpu", weights_only=True)
 
     def __len__(self) -> int:
         return len(self.states)
