@@ -96,7 +96,7 @@ def learned_artifact(base_sections: dict, teacher, data, folder: str) -> str:
     from lkd_ray.meta.versions import VersionStore
     from lkd_ray.storage import open_storage
 
-    VersionStore(open_storage(folder), "lossnet").save(tr.meta_updater.version, {"lossnets": tr.lossnets.state_dict(),
+    VersionStore(open_storage(folder), "lossnet").save(tr.meta.version(), {"lossnets": tr.lossnets.state_dict(),
                                                                                "config": cfg.to_dict()})
     return folder
 
@@ -171,12 +171,12 @@ def units_mode(args, base_sections, teacher, data) -> None:
         for name, ov in est.items():
             tr = trainer_for(make_cfg(base_sections, ov + ["meta.p_snapshot=0"]), teacher, data)
             tr.train_step(batch)  # momentum buffers exist, as in training
-            t_out = tr.teacher_outputs(x, batch.t_logits) or TeacherOutputs(None)
+            t_out = tr.teacher.outputs(x, batch) or TeacherOutputs(None)
             mb = MetaBatch(x, y, t_out.logits, t_out.features)
             times = []
             for _ in range(6):
                 t = time.perf_counter()
-                tr.meta_update(mb, tr.student_state())
+                tr.meta.meta_update(tr, mb, tr.student_state())
                 times.append(time.perf_counter() - t)
             rows.append({"estimator": name, "rep": rep, "meta_step_s": statistics.median(times), "unit_s": unit,
                          "units": statistics.median(times) / unit})

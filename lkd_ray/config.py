@@ -14,6 +14,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
+# The model vocabulary (``lkd_ray.models.registry`` implements exactly these names and checks so at import):
+# kept here so a config is validated without building or importing any model.
+MODEL_NAMES = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet8x4",
+               "resnet32x4", "ResNet50", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16",
+               "vgg19", "MobileNetV2", "ShuffleV1", "ShuffleV2", "resnet18", "resnet34", "resnet50", "mobilenet_v2",
+               "mobilenet_v1", "cnn_teacher", "cnn_student")
+
+
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
 
@@ -41,8 +49,6 @@ class ModelCfg(_Section):
     @field_validator("teacher", "student")
     @classmethod
     def _known(cls, v: str) -> str:
-        from .models import MODEL_NAMES
-
         if v not in MODEL_NAMES:
             raise ValueError(f"unknown model {v!r}; valid models: {', '.join(MODEL_NAMES)}")
         return v
@@ -207,6 +213,8 @@ class RunCfg(_Section):
     cache_dir: str = ".cache/lkd_ray"
     progress: bool = True
     threads: int | None = Field(None, ge=1, description="torch CPU threads; None leaves torch's default")
+    log_every: int = Field(50, ge=1, description="student steps between host syncs: the loss scalars for progress and "
+                           "the divergence check (a GPU step otherwise never waits for the host)")
 
     @field_validator("name")
     @classmethod

@@ -212,7 +212,7 @@ def test_one_ray_worker_reproduces_the_single_process_trainer(tmp_path, monkeypa
         run.fit(progress=False)
     finally:
         torch.set_num_threads(2)
-    assert ptr["version"] == run.trainer.meta_updater.version > 0
+    assert ptr["version"] == run.trainer.meta.version() > 0
     for k, v in run.trainer.lossnets.state_dict().items():
         torch.testing.assert_close(ray_phi[k], v, rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(v, torch.zeros_like(v)) for v in ray_phi.values())

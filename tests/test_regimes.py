@@ -86,12 +86,12 @@ def test_fashion_regimes_build_the_right_sets_and_the_teacher_key_says_which(fas
 
 def test_evaluation_covers_the_whole_quiz_split_in_order(fashion_available, tmp_path):
     """quiz_top1 is over every quiz image, every time (it used to be a random 98 %: a shuffled, drop_last loader)."""
-    from lkd_ray.train.loop import Trainer
+    from lkd_ray.train import build_run
 
-    cfg = build_config("fashion_mnist", data={"quiz_per_class": 13, "labels_per_class": 20}, loss={"method": "ce"},
-                       run={"cache_dir": str(tmp_path), "progress": False})
+    cfg = build_config("fashion_mnist", data={"quiz_per_class": 13, "labels_per_class": 20, "batch_size": 32},
+                       loss={"method": "ce"}, run={"cache_dir": str(tmp_path), "progress": False})
     data = build_data(cfg.data, 0)
-    tr = Trainer(cfg, data, None)
+    tr = build_run(cfg, data=data).trainer
     ids = np.concatenate([b.ids.numpy() for b in data.quiz_eval])
     assert np.array_equal(ids, data.quiz_indices) and len(ids) == 130
     x = torch.cat([b.x for b in data.quiz_eval])

@@ -10,7 +10,8 @@ import torch
 from lkd_ray.config import build_config
 from lkd_ray.data import Batch, build_data
 from lkd_ray.models import build_model
-from lkd_ray.train import TrainingDiverged, build_run
+from lkd_ray.train import ESPopulation, Trainer, TrainingDiverged, build_run
+from lkd_ray.train.teacher_source import CachedTeacher
 from lkd_ray.train.outputs import default_outputs
 from lkd_ray.train.snapshots import InMemorySnapshotStore, draw_index
 from lkd_ray.train.teacher import prepare_teacher, teacher_cache_path
@@ -43,7 +44,7 @@ def test_lkd_on_fashion_mnist_learns_the_loss_and_the_student(fashion_setup, tmp
     steps = res["steps"]
     assert res["meta"]["accepted"] == steps // 8 and res["meta"]["rejected_nonfinite"] == 0
     assert res["meta"]["from_snapshot"] > 0
-    assert len(run.trainer.snapshots) == steps // 25
+    assert len(run.trainer.meta.snapshots) == steps // 25
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["test_top1"] == res["test_top1"] and saved["epochs"] == 2
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -179,7 +180,7 @@ def test_meta_lr_follows_the_student_schedule_when_asked(schedule, expected_rati
     run = build_run(cfg, data=data, teacher=build_model(cfg.model.teacher, data.num_classes, data.in_channels))
     res = run.fit(progress=False)
     assert res["meta"]["accepted"] > 0
-    assert run.trainer.meta_updater.adam.param_groups[0]["lr"] == pytest.approx(cfg.meta.lr * expected_ratio)
+    assert run.trainer.meta.updater.adam.param_groups[0]["lr"] == pytest.approx(cfg.meta.lr * expected_ratio)
 
 
 def test_freeze_after_epoch_stops_meta_updates_and_fresh_batches_are_other_batches():
@@ -187,13 +188,13 @@ def test_freeze_after_epoch_stops_meta_updates_and_fresh_batches_are_other_batch
                                                        "batch_source": "fresh"})
     run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
     seen = []
-    compute = run.trainer.meta_step.compute
+    compute = run.trainer.meta.step_fn.compute
 
     def spy(bundle, opt, batches, *a, **k):  # records what the meta-step unrolls on; computes as usual
         seen.append(batches[0].inputs.clone())
         return compute(bundle, opt, batches, *a, **k)
 
-    run.trainer.meta_step.compute = spy
+    run.trainer.meta.step_fn.compute = spy
     last = []
     step = run.trainer.train_step
 
@@ -254,7 +255,7 @@ def test_a_step_with_cached_teacher_outputs_equals_a_step_with_the_live_teacher(
     cached_cfg.model.teacher_cache = True
     live = build_run(cfg, teacher=teacher, teacher_info={"key": "t0"})
     cached = build_run(cached_cfg, teacher=teacher, teacher_info={"key": "t0"})
-    assert cached.trainer.teacher is None and cached.info["teacher_cache"]["built"]
+    assert isinstance(cached.trainer.teacher, CachedTeacher) and cached.info["teacher_cache"]["built"]
     assert cached.info["teacher_cache"]["slots"] == 50  # every view of pad-2 crop + flip
     a, b = next(iter(live.data.train)), next(iter(cached.data.train))
     assert a.t_logits is None and torch.equal(a.x, b.x) and torch.equal(a.ids, b.ids)  # the same view ...
@@ -292,7 +293,7 @@ def test_a_learned_loss_is_reused_frozen_from_a_run_folder(tmp_path):
     reuse = cfg.model_copy(deep=True)
     reuse.lossnet.init_from, reuse.lossnet.frozen, reuse.run.seed = str(tmp_path / "learn"), True, 5
     run = build_run(reuse, data=data, teacher=teacher)
-    assert run.trainer.meta_step is None and run.info["lossnet"]["version"] == first.trainer.meta_updater.version
+    assert run.trainer.meta is None and run.info["lossnet"]["version"] == first.trainer.meta.version()
     res = run.fit(progress=False)
     assert res["meta"] is None
     for k, v in run.trainer.lossnets.state_dict().items():
@@ -307,20 +308,23 @@ def test_a_learned_loss_is_reused_frozen_from_a_run_folder(tmp_path):
         build_run(missing, data=data, teacher=teacher)
 
 
-def test_es_runs_particles_in_one_process_and_moves_the_centre():
+def test_es_runs_particles_in_one_process_through_the_same_trainer_and_moves_the_centre():
     cfg, data = _synthetic(meta={"estimator": "es", "es_particles": 4, "meta_every": 2, "es_sigma": 0.5, "lr": 0.05})
     run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
     tr = run.trainer
-    assert len(tr.particles) == 4
-    last0 = tr.lossnets.logit.g[-1].weight.detach().clone()
-    p0 = [t.lossnets.logit.g[-1].weight.detach().clone() for t in tr.particles]
+    assert isinstance(tr, Trainer) and isinstance(tr.meta, ESPopulation) and len(tr.meta.particles) == 3
+    particles = [tr] + tr.meta.particles  # this trainer's student is particle 0
+    center = tr.meta.lossnets
+    last0 = center.logit.g[-1].weight.detach().clone()
+    p0 = [t.lossnets.logit.g[-1].weight.detach().clone() for t in particles]
     torch.testing.assert_close(p0[0] - last0, -(p0[1] - last0))  # antithetic pair
     res = run.fit(progress=False)
     assert res["meta"]["version"] == res["steps"] // 2 and len(res["particles"]) == 4
-    assert not torch.equal(tr.lossnets.logit.g[-1].weight, last0)  # the centre moved ...
-    assert torch.equal(tr.lossnets.logit.g[0].weight, build_run(cfg, data=data, teacher=build_model(
-        "cnn_teacher", 10, 1)).trainer.lossnets.logit.g[0].weight)  # ... only in the perturbed (last) layer
-    students = [t.bundle.net.fc.weight for t in tr.particles]
+    assert res["test_top1"] == pytest.approx(sum(p["test_top1"] for p in res["particles"]) / 4)  # the population's mean
+    assert not torch.equal(center.logit.g[-1].weight, last0)  # the centre moved ...
+    assert torch.equal(center.logit.g[0].weight, build_run(cfg, data=data, teacher=build_model(
+        "cnn_teacher", 10, 1)).trainer.meta.lossnets.logit.g[0].weight)  # ... only in the perturbed (last) layer
+    students = [t.bundle.net.fc.weight for t in particles]
     assert not torch.equal(students[0], students[1])  # each particle trained its own student
 
 

@@ -72,8 +72,12 @@ class InMemoryLoader:
         return slots, self.cached_views[torch.as_tensor(rows), torch.as_tensor(slots)].numpy()
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, first_batch: int):
+        """This epoch's batches from batch ``first_batch`` on (a resumed stream seeks instead of replaying)."""
         idx = np.fromiter(iter(self.sampler), dtype=np.int64) if self.shuffle or self.world_size > 1 else np.arange(len(self.labels))
-        for start in range(0, len(idx), self.batch_size):
+        for start in range(first_batch * self.batch_size, len(idx), self.batch_size):
             rows = idx[start:start + self.batch_size]
             if self.drop_last and len(rows) < self.batch_size:
                 break
@@ -89,16 +93,23 @@ class InMemoryLoader:
             yield Batch(x, y, t, torch.from_numpy(self.ids[rows]))
 
 
-def cycle(loader):
-    """Endless iteration over a loader (quiz batches for meta-steps), reshuffling each pass."""
-    epoch = 0
+def cycle(loader, start: int = 0):
+    """Endless iteration over a loader (quiz batches for meta-steps), reshuffling each pass; ``start`` batches
+    are skipped without being produced when the loader can seek (``iter_from``): pass ``start // len`` is
+    shuffled as it was, and its first ``start % len`` batches are never built."""
+    n = len(loader)
+    if n == 0:
+        raise ValueError("a loader yielded no batch (split smaller than one batch?); lower the batch size or raise the split")
+    epoch, skip = divmod(int(start), n)
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("a loader yielded no batch (split smaller than one batch?); lower the batch size or raise the split")
+        if skip and hasattr(loader, "iter_from"):
+            it = loader.iter_from(skip)
+        else:
+            it = iter(loader)
+            for _ in range(skip):  # a loader that cannot seek (a stream): skip by reading
+                next(it)
+        skip = 0
+        yield from it
         epoch += 1

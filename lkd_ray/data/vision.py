@@ -14,7 +14,7 @@ from .fashion import DataNotFound
 
 def _specs(cfg: DataCfg):
     """(train spec, eval spec, mean, std, size): the recipes' augmentation, shared with the other data paths."""
-    from . import CIFAR_STATS, IMAGENET_STATS
+    from .bundle import CIFAR_STATS, IMAGENET_STATS
     from .transforms import CropFlip, ResizeCenterCrop, ResizedCropFlip
 
     if cfg.dataset in CIFAR_STATS:
@@ -89,15 +89,21 @@ class _ShardedLoader:
         return n // self.batch if self.drop_last else -(-n // self.batch)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, first_batch: int):
+        """This epoch's batches from batch ``first_batch`` on, without loading the ones before."""
         from .loaders import Batch
 
-        for x, y in DataLoader(self.subset, batch_size=self.batch, sampler=self.sampler, num_workers=self.cfg.num_workers,
-                               pin_memory=torch.cuda.is_available(), drop_last=self.drop_last, persistent_workers=False):
+        order = list(iter(self.sampler))[first_batch * self.batch:]
+        for x, y in DataLoader(Subset(self.subset, order), batch_size=self.batch, shuffle=False,
+                               num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                               drop_last=self.drop_last, persistent_workers=False):
             yield Batch(x, y)
 
 
 def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int, role: str = "student"):
-    from . import DataBundle, _audited, split_for
+    from .bundle import DataBundle, audited, split_for
 
     train_spec, test_spec, mean, std, size = _specs(cfg)
     train_raw, quiz_raw, test_raw = _datasets(cfg, None, None)
@@ -119,4 +125,4 @@ def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int, role:
     ident = hashlib.sha256(repr((os.path.realpath(cfg.root), cfg.dataset, len(train_raw), len(test_raw))).encode()
                            + np.asarray(sp.labels).tobytes() + tr_idx.tobytes()).hexdigest()[:16]
     return DataBundle(tr, qz, te, num_classes, 3, size, len(tr_idx), len(sp.quiz), len(test_ds), sp.quiz, identity=ident,
-                      quiz_eval=qe, regime=sp if _audited(cfg) else None)
+                      quiz_eval=qe, regime=sp if audited(cfg) else None)

@@ -184,19 +184,18 @@ class ESParticle:
         self._take(v, ray.get(server.report.remote())["es_round"], flat)
 
     def _take(self, version: int, round_: int, center: torch.Tensor) -> None:
-        from ..train.es import perturbed
+        from ..train.meta_learning import perturbed
 
         self.version, self.round = int(version), int(round_)
         _load(self.lossnets, perturbed(center, self.index, self.es, self.round, self.particle))
 
     def step(self, trainer) -> dict:
-        from ..data import cycle
-        from ..train.es import particle_quiz_loss
+        from ..train.meta_learning import Stream, particle_quiz_loss
 
         if self._quiz is None:
-            self._quiz = cycle(trainer.data.quiz)
-        b = next(self._quiz)
-        loss = particle_quiz_loss(trainer, b[0].to(trainer.device), b[1].to(trainer.device))
+            self._quiz = Stream(trainer.data.quiz)
+        b = self._quiz.next()
+        loss = particle_quiz_loss(trainer, b[0].to(trainer.device), b[1].to(trainer.device), self.cfg.meta.quiz_objective)
         res = ray.get(self.server.es_report.remote(self.particle, self.round, loss, trainer.meta_lr_scale()))
         self._take(res["version"], res["round"], res["phi"])
         return {"meta_quiz_loss": loss, "meta_accepted": float(bool(res.get("accepted")))}

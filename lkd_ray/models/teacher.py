@@ -99,7 +99,7 @@ def load_teacher(arch: str, source: str, num_classes: int, in_channels: int = 3,
                  build: Callable[..., nn.Module] | None = None) -> nn.Module:
     """Build ``arch``, load weights from ``source`` and freeze it (eval mode, no grad)."""
     if build is None:
-        from . import build_model as build
+        from .registry import build_model as build
     model = build(arch, num_classes, in_channels)
     state = extract_state_dict(_fetch_state(source, arch))
     load_weights(model, state, arch, what=f"teacher checkpoint {source!r}")

@@ -1,11 +1,13 @@
-"""``build_run(cfg)``: everything a training run needs, built once from the typed config — used by the
-CLI, the Ray driver and workers, and the benchmarks, so they cannot drift apart.
+"""``build_run(cfg)``: every part of a training run, built once from the typed config — for the CLI, the Ray
+driver and workers, and the benchmarks alike, so they cannot drift apart.
 
-    data → teacher (loaded, or trained once and cached) → teacher-output cache (optional)
-         → loss networks (fresh, or learned earlier: ``lossnet.init_from``) → Trainer | ESTrainer
+    data → teacher (loaded, or trained once and cached) → where its outputs come from (live or cached)
+         → loss networks (fresh, or learned earlier: ``lossnet.init_from``) → method
+         → student, optimizer, lr schedule → meta-learner (gradient, ES particle, ES population) → Trainer
 """
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +17,17 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data import DataBundle, build_data
-from ..losses import LossNetworks, build_lossnets
+from ..losses import LossNetworks, build_lossnets, build_method
 from ..losses.methods import METHODS
+from ..meta import LossNetOptimizer
 from ..storage import Storage, open_storage
-from .loop import Trainer, fit, resolve_device
+from .loop import LoopSettings, Trainer, autocast_for, fit
+from .meta_learning import ESParticleLearner, ESPopulation, GradientMetaLearner
 from .outputs import Callback, default_outputs
+from .parts import build_optimizer, build_scheduler, build_student, check_teacher, resolve_device, seed_everything
 from .progress import Progress
+from .snapshots import InMemorySnapshotStore
+from .teacher_source import CachedTeacher, LiveTeacher, NoTeacher
 
 
 class LossNetArtifactError(ValueError):
@@ -74,6 +81,13 @@ def load_lossnets_from(lossnets: LossNetworks, cfg: Config) -> dict[str, Any]:
     return {"init_from": cfg.lossnet.init_from, "version": sd.get("version"), "learned_with": sd.get("config", {}).get("meta")}
 
 
+def describe(cfg: Config, data: DataBundle) -> dict[str, Any]:
+    """What a run is, for its result record."""
+    return {"method": cfg.loss.method, "student": cfg.model.student, "teacher": cfg.model.teacher,
+            "dataset": cfg.data.dataset, "synthetic_data": bool(data.synthetic), "seed": cfg.run.seed,
+            "config": cfg.to_dict()}
+
+
 @dataclass
 class Run:
     """A built run: data, teacher, the trainer, and how to fit it with the standard outputs."""
@@ -82,7 +96,7 @@ class Run:
     data: DataBundle
     teacher: torch.nn.Module | None
     teacher_info: dict
-    trainer: Any
+    trainer: Trainer
     info: dict = field(default_factory=dict)
 
     def fit(self, out_dir: str | Path | None = None, callbacks: list[Callback] | tuple = (), progress: bool | None = None,
@@ -97,10 +111,42 @@ class Run:
             atomic_write_bytes(Path(out_dir) / "labels.parquet", label_table_parquet(table))
         show = self.cfg.run.progress if progress is None else progress
         label = progress_label or f"{self.cfg.run.name} ({self.cfg.loss.method})"
-        res = fit(self.trainer, cbs, Progress(label, self.cfg.optim.epochs, enabled=show))
+        res = fit(self.trainer, cbs, Progress(label, self.cfg.optim.epochs, enabled=show), describe(self.cfg, self.data))
         res.update({"teacher_info": self.teacher_info, **({"run_info": self.info} if self.info else {})})
         res["_trainer"] = self.trainer
         return res
+
+
+def student_trainer(cfg: Config, data: DataBundle, teacher: torch.nn.Module | None, device: torch.device, *,
+                    lossnets: LossNetworks | None = None, wrap_student: Callable | None = None, rank: int = 0,
+                    world_size: int = 1) -> Trainer:
+    """A student with its optimizer, schedule, method and teacher source, in a Trainer without a meta-learner
+    (``build_run`` attaches one; an ES population builds its particles with this)."""
+    method = build_method(cfg.loss, lossnets)
+    cached = bool(cfg.model.teacher_cache) and getattr(data.train, "teacher_logits", None) is not None
+    if method.needs_teacher and teacher is None and not cached:
+        raise ValueError(f"method {cfg.loss.method!r} distils from a teacher; none was given")
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        check_teacher(teacher, data.num_classes, data.in_channels, data.image_size, device, cfg.model.teacher,
+                      cfg.data.dataset, cfg.model.student)
+    seed_everything(cfg.run.seed)
+    bundle = build_student(cfg.model.student, data.num_classes, data.in_channels, data.image_size, device, teacher,
+                           features=method.uses_features, channels_last=cfg.run.channels_last)
+    if teacher is not None and cfg.run.channels_last:
+        teacher.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(bundle, cfg.optim)
+    settings = LoopSettings.from_config(cfg)
+    source = NoTeacher()
+    if cached:
+        source = CachedTeacher(device)
+    elif teacher is not None:
+        source = LiveTeacher(teacher, method.uses_features, autocast_for(settings, device))
+    if lossnets is not None:
+        lossnets.to(device).requires_grad_(False)
+    return Trainer(settings, data, bundle, optimizer, build_scheduler(optimizer, cfg.optim), method, source, device=device,
+                   student=wrap_student(bundle) if wrap_student else bundle, lossnets=lossnets, rank=rank,
+                   world_size=world_size)
 
 
 def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
@@ -110,9 +156,9 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
               es_particle: Callable[[LossNetworks], Any] | None = None, log: Callable[[str], None] = print) -> Run:
     """Build every part of a run from ``cfg``. Parts already at hand (data, a teacher loaded by the Ray
     driver) are passed in; ``meta_updater`` is a factory given the loss networks (the Ray worker's
-    remote updater); ``cache_storage`` holds the teacher-output cache (default: ``run.cache_dir``);
-    ``es_particle``: a factory given the loss networks when this process is one ES particle (a Ray worker),
-    not the whole population."""
+    remote updater); ``snapshots`` a ``SnapshotStore`` (the Ray pool); ``cache_storage`` holds the
+    teacher-output cache (default: ``run.cache_dir``); ``es_particle``: a factory given the loss networks when
+    this process is one ES particle (a Ray worker), not the whole population."""
     from .teacher import prepare_teacher, teacher_key
 
     if cfg.run.threads:
@@ -136,17 +182,28 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
     lossnets = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
     if lossnets is not None and cfg.lossnet.init_from:
         info["lossnet"] = load_lossnets_from(lossnets, cfg)
-    if lossnets is not None and cfg.meta.estimator == "es" and not cfg.lossnet.frozen and es_particle is None:
-        if world_size > 1:
-            raise ConfigError("meta.estimator=es runs one particle per Ray worker (the LossNetServer combines them); "
-                              "in one process it runs every particle itself: do not shard it")
-        from .es import ESTrainer
-
-        trainer = ESTrainer(cfg, data, teacher, lossnets, device)
-    else:
-        trainer = Trainer(cfg, data, teacher, device=device, lossnets=lossnets,
-                          meta_updater=meta_updater(lossnets) if (meta_updater and lossnets is not None) else None,
-                          snapshots=snapshots, wrap_student=wrap_student, rank=rank, world_size=world_size,
-                          particle=es_particle(lossnets) if (es_particle and lossnets is not None) else None)
+    adapts = lossnets is not None and not cfg.lossnet.frozen
+    es = adapts and cfg.meta.estimator == "es"
+    if es and es_particle is None and world_size > 1:
+        raise ConfigError("meta.estimator=es runs one particle per Ray worker (the LossNetServer combines them); "
+                          "in one process it runs every particle itself: do not shard it")
+    if es and es_particle is None:  # the whole population here: this trainer is particle 0
+        center, lossnets = lossnets, copy.deepcopy(lossnets)
+    trainer = student_trainer(cfg, data, teacher, device, lossnets=lossnets, wrap_student=wrap_student, rank=rank,
+                              world_size=world_size)
+    if es and es_particle is not None:
+        trainer.meta = ESParticleLearner(cfg.meta, lossnets, es_particle(lossnets))
+    elif es:
+        particles = [student_trainer(cfg, data, teacher, device, lossnets=copy.deepcopy(center))
+                     for _ in range(cfg.meta.es_particles - 1)]
+        trainer.meta = ESPopulation(cfg.meta, cfg.run.seed, center, particles, data)
+    elif adapts:
+        updater = meta_updater(lossnets) if meta_updater else LossNetOptimizer(lossnets, cfg.meta.lr, cfg.meta.clip_norm)
+        mb = cfg.meta.snapshot_memory_mb
+        store = snapshots if snapshots is not None else InMemorySnapshotStore(
+            cfg.meta.sampling, cfg.meta.max_snapshots, None if mb is None else mb << 20, cfg.run.cache_dir)
+        trainer.meta = GradientMetaLearner(cfg.meta, trainer.method, lossnets, updater, store, data, trainer.teacher,
+                                           trainer.to_device, cfg.run.seed, rank)
+    if trainer.meta is not None and hasattr(trainer.meta, "attach"):
+        trainer.meta.attach(trainer)
     return Run(cfg, data, teacher, teacher_info, trainer, info)
-

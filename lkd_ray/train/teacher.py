@@ -57,25 +57,29 @@ def teacher_cache_path(cfg: Config, data: DataBundle) -> Path:
     return Path(cfg.run.cache_dir) / "teachers" / f"{cfg.model.teacher}-{cfg.data.dataset}-{teacher_key(cfg, data)}.pt"
 
 
-def teacher_run_config(cfg: Config) -> Config:
-    """The CE run that trains a teacher here: the run's data and optimiser recipe, the teacher as the model,
-    ``model.teacher_epochs`` epochs, nothing learned or distilled."""
-    d = cfg.to_dict()
-    return Config.model_validate({
-        "model": {"teacher": cfg.model.teacher, "student": cfg.model.teacher},
-        "data": {**d["data"], "batch_size": cfg.model.teacher_batch_size or cfg.data.batch_size},
-        "optim": {**d["optim"], "epochs": cfg.model.teacher_epochs},
-        "loss": {"method": "ce"}, "run": d["run"]})
-
-
 def train_teacher(cfg: Config, data: DataBundle, device=None, label: str | None = None) -> dict[str, Any]:
-    """Train the teacher on ``data`` (the teacher's data) with CE; returns the run's result with ``_trainer``."""
-    from .loop import Trainer, fit
+    """The teacher's own run, built here: ``model.teacher`` from the seed, trained with CE on ``data`` (the
+    teacher's data) for ``model.teacher_epochs`` epochs with the run's optimiser recipe. Returns the result with
+    ``_trainer``."""
+    from ..losses import build_method
+    from ..losses.methods import CE
+    from .loop import LoopSettings, Trainer, fit
+    from .parts import build_optimizer, build_scheduler, build_student, resolve_device, seed_everything
     from .progress import Progress
+    from .teacher_source import NoTeacher
 
-    tcfg = teacher_run_config(cfg)
-    trainer = Trainer(tcfg, data, None, device=device)
-    res = fit(trainer, (), Progress(label or f"teacher {cfg.model.teacher}", tcfg.optim.epochs, enabled=tcfg.run.progress))
+    device = device or resolve_device(cfg.run.device)
+    epochs = cfg.model.teacher_epochs
+    seed_everything(cfg.run.seed)
+    bundle = build_student(cfg.model.teacher, data.num_classes, data.in_channels, data.image_size, device,
+                           channels_last=cfg.run.channels_last)
+    optimizer = build_optimizer(bundle, cfg.optim)
+    settings = LoopSettings(epochs, cfg.optim.lr, bf16=cfg.run.bf16, channels_last=cfg.run.channels_last,
+                            log_every=cfg.run.log_every)
+    method = build_method(cfg.loss.model_copy(update={"method": CE.name, "w_ce": 1.0, "label_smoothing": 0.0, "w_feat": 0.0}))
+    trainer = Trainer(settings, data, bundle, optimizer, build_scheduler(optimizer, cfg.optim, epochs), method, NoTeacher(),
+                      device=device)
+    res = fit(trainer, (), Progress(label or f"teacher {cfg.model.teacher}", epochs, enabled=cfg.run.progress))
     res["_trainer"] = trainer
     return res
 
