@@ -1,41 +1,36 @@
-"""Shared helpers for benchmarks: machine description, summary statistics, a local moto_server."""
+"""Shared helpers for benchmarks: records with provenance, summary statistics, a local moto_server."""
 from __future__ import annotations
 
-import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict:
-    import torch
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def summary(xs: list[float]) -> dict:
+    """Median, spread and (from 100 samples on) the 99th percentile; fewer samples cannot give a p99."""
     xs = sorted(xs)
     q = lambda p: xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]  # noqa: E731
-    return {"n": len(xs), "p50": statistics.median(xs), "p99": q(0.99), "min": xs[0], "max": xs[-1],
-            "iqr": q(0.75) - q(0.25)}
+    return {"n": len(xs), "p50": statistics.median(xs), "p99": q(0.99) if len(xs) >= 100 else None, "min": xs[0],
+            "max": xs[-1], "iqr": q(0.75) - q(0.25)}
 
 
-def write(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write(name: str, payload: dict, jobs_beside: int = 0, started: str | None = None, load_start: float | None = None,
+          configs: list[dict] | None = None) -> Path:
+    """A benchmark's record: its provenance (command, commit, machine, how many jobs ran beside it, the load
+    when it started and ended) and the configs it ran (by sha, kept in ``results/configs.json``)."""
+    import records
+
+    shas = records.keep_configs(configs, RESULTS / "configs.json") if configs else []
     path = RESULTS / name
-    path.write_text(json.dumps({"machine": machine(), "command": " ".join([Path(sys.executable).name, *sys.argv]), **payload},
-                               indent=1, default=float) + "\n")
+    records.write_json(path, {**records.provenance(jobs_beside), "started": started, "finished": records.now(),
+                              "load_1m_start": load_start, "load_1m_end": records.load_1m(), "config_shas": shas, **payload})
     return path
 
 

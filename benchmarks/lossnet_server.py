@@ -3,11 +3,16 @@
 * **sync**: real Ray Train ranks (2, 4, 8 workers on gloo) run the worker's own ``RemoteMetaUpdater``:
   all-reduce of the meta-gradient over the Train process group, one submission by the leader, the
   new φ broadcast back. Measured on rank 0 per round; one row per rank count (``clients`` = ranks).
-* **async**: 2 … 64 client threads in the driver submit one flat buffer each (``submit_async``); the
-  server applies every batch of arrivals with one Adam step. Throughput and per-submit latency.
-* **naive**: the same clients calling an actor whose method only receives the message.
+* **async**: 2 … 64 clients in the driver, each the shipped ``RemoteMetaUpdater`` in async mode — fire and
+  forget: ``submit`` returns without waiting, finished calls are collected later. Reported: what the client
+  sees per ``submit`` (latency), and what the server got through per second (accepted + rejected, from the
+  first submission until the last was answered), with its accepted/rejected counts.
+* **naive**: the same clients firing the same message at an actor whose method only receives it (the floor
+  of one Ray actor call), the same way (fire and forget, collected at the end).
 
-    .venv/bin/python benchmarks/lossnet_server.py [--rounds 40] [--ranks 2 4 8] [--clients 2 8 32 64]
+Percentiles come only from ≥ 100 samples (``p99`` is null otherwise).
+
+    .venv/bin/python benchmarks/lossnet_server.py [--rounds 100] [--ranks 2 4 8] [--clients 2 8 32 64]
 """
 from __future__ import annotations
 
@@ -104,40 +109,62 @@ def sync_rounds(ranks: int, rounds: int, cfg, store: str) -> dict:
 
 
 def async_clients(clients: int, rounds: int, cfg, store: str, naive: bool) -> dict:
+    """``clients`` fire-and-forget clients, ``rounds`` submissions each: the shipped async client, or the same calls
+    at the naive actor."""
+    from lkd_ray.distributed.meta_client import RemoteMetaUpdater
+
     name = f"bench-{'naive' if naive else 'async'}-{clients}"
     actor = NaiveReceiver.remote() if naive else LossNetServer.options(name=name).remote(cfg, store, name, "async", 10**9)
     n = sum(p.numel() for p in build_lossnets(cfg.loss, cfg.lossnet).parameters())
     grad = torch.randn(n) * 1e-3
-    call = actor.submit if naive else actor.submit_async
 
-    def client(i: int) -> list[float]:
+    def client(i: int) -> tuple[list[float], dict]:
         lat = []
-        for r in range(rounds):
+        if naive:
+            refs = []
+            for r in range(rounds):
+                t = time.perf_counter()
+                refs.append(actor.submit.remote(f"c{i}", r, grad, 0))
+                lat.append(time.perf_counter() - t)
+            ray.get(refs)
+            return lat, {}
+        up = RemoteMetaUpdater(actor, i, clients, "async", build_lossnets(cfg.loss, cfg.lossnet), sender=f"c{i}")
+        for _ in range(rounds):
             t = time.perf_counter()
-            ray.get(call.remote(f"c{i}", r, grad, 0))
+            up.submit(grad)
             lat.append(time.perf_counter() - t)
-        return lat
+        up.flush()  # every call answered and counted
+        return lat, up.client_counters()
 
-    ray.get(call.remote("warm", 0, grad, 0))
+    ray.get(actor.ping.remote()) if not naive else ray.get(actor.submit.remote("warm", 0, grad, 0))
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as ex:
-        lats = [x for lst in ex.map(client, range(clients)) for x in lst]
+        out = list(ex.map(client, range(clients)))
     wall = time.perf_counter() - t0
+    lats = [x for lst, _ in out for x in lst]
     extra = {}
     if not naive:
         rep = ray.get(actor.report.remote())
+        done = rep["accepted"] + rep["rejected"]
         extra = {"versions": rep["version"], "batches": rep["batches"], "accepted": rep["accepted"], "rejected": rep["rejected"],
-                 "mean_batch": rep["accepted"] / max(rep["batches"], 1)}
+                 "processed_per_s": done / wall, "mean_batch": rep["accepted"] / max(rep["batches"], 1),
+                 "client_counted": {k: sum(c[k] for _, c in out) for k in ("submitted", "accepted", "rejected", "errors")}}
     ray.kill(actor)
-    return _row("naive" if naive else "async", clients, lats, wall, clients * rounds, extra)
+    row = _row("naive" if naive else "async", clients, lats, wall, clients * rounds, extra)
+    row["submit_latency_ms"] = row.pop("latency_ms")  # what the client waits in submit (fire and forget)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=100, help="per client (sync: rounds; ≥ 100 for a p99)")
     ap.add_argument("--ranks", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--clients", type=int, nargs="+", default=[2, 8, 32, 64])
+    ap.add_argument("--jobs-beside", type=int, default=0, help="other jobs running on the machine meanwhile (recorded)")
     args = ap.parse_args()
+    from records import load_1m, now
+
+    started, load0 = now(), load_1m()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False)
     cfg = build_config("fashion_mnist")
@@ -150,11 +177,14 @@ def main() -> None:
             for naive in (True, False):  # side by side, naive first
                 rows.append(async_clients(c, args.rounds, cfg, store, naive))
     for r in rows:
-        lat = r["latency_ms"]
-        extra = f"  all-reduce p50 {r['allreduce_ms']['p50']:.2f} ms, added {r['added_latency_ms_p50']:.2f} ms" if r["mode"] == "sync" else ""
+        lat = r.get("latency_ms") or r["submit_latency_ms"]
+        p99 = f"{lat['p99']:7.2f}" if lat["p99"] is not None else "   n/a"
+        extra = (f"  all-reduce p50 {r['allreduce_ms']['p50']:.2f} ms, added {r['added_latency_ms_p50']:.2f} ms"
+                 if r["mode"] == "sync" else f"  processed {r['processed_per_s']:.0f}/s" if r["mode"] == "async" else "")
         print(f"{r['mode']:5} clients={r['clients']:3d}  {r['throughput_per_s']:8.1f}/s  p50 {lat['p50']:7.2f} ms  "
-              f"p99 {lat['p99']:7.2f} ms{extra}", flush=True)
-    path = write("lossnet_server.json", {"lossnet_params": n_params, "rounds": args.rounds, "rows": rows})
+              f"p99 {p99} ms{extra}", flush=True)
+    path = write("lossnet_server.json", {"lossnet_params": n_params, "rounds": args.rounds, "rows": rows},
+                 jobs_beside=args.jobs_beside, started=started, load_start=load0, configs=[cfg.to_dict()])
     print(f"wrote {path}")
 
 

@@ -12,7 +12,7 @@
 
 Real Fashion-MNIST batches of 128, cnn_teacher → cnn_student (the offline recipe).
 
-    .venv/bin/python benchmarks/overhead.py [--steps 200] [--reps 5] [--configs default control ...]
+    .venv/bin/python benchmarks/overhead.py [--steps 800] [--reps 3] [--configs default control ...]
     .venv/bin/python benchmarks/overhead.py --units
     .venv/bin/python benchmarks/overhead.py --teacher-cache
 """
@@ -39,6 +39,8 @@ from lkd_ray.train import build_run  # noqa: E402
 # name → overrides on top of the shipped LKD defaults
 SETTINGS: dict[str, list[str]] = {
     "default": [],
+    "kind=sample": ["lossnet.kind=sample"],
+    "kind=sample,lock=none,meta_every=10": ["lossnet.kind=sample", "lossnet.lock=none", "meta.meta_every=10"],
     "control": ["loss.method=control"],
     "lock=norm": ["lossnet.lock=norm"],
     "lock=nontarget": ["lossnet.lock=nontarget"],
@@ -106,6 +108,11 @@ def settings_mode(args, base_sections, teacher, data) -> None:
     unknown = set(names) - set(SETTINGS)
     if unknown:
         raise SystemExit(f"unknown settings {sorted(unknown)}; valid: {', '.join(SETTINGS)}")
+    for name in names:  # a window must hold enough meta-steps for their cost to show at its true rate
+        every = make_cfg(base_sections, SETTINGS[name]).meta.meta_every
+        if args.steps < 20 * every:
+            raise SystemExit(f"--steps {args.steps} holds fewer than 20 meta-steps of {name!r} (meta_every {every}): "
+                             f"use --steps {20 * every} or more")
     with tempfile.TemporaryDirectory() as tmp:
         artifact = learned_artifact(base_sections, teacher, data, tmp)
         kd = make_cfg(base_sections, ["loss.method=kd"])
@@ -132,12 +139,10 @@ def settings_mode(args, base_sections, teacher, data) -> None:
                         "spread": [min(r), max(r)], "ratios": r, "seconds": seconds[name], "steps": args.steps,
                         "reps": args.reps, "kd_reference": "neighbours"})
         print(f"{name:40} {records[-1]['lkd_over_kd']:.2f}x  (per-rep {min(r):.2f}–{max(r):.2f})")
-    prev = json.loads((RESULTS / "overhead.json").read_text()).get("records", []) if (RESULTS / "overhead.json").is_file() else []
-    measured = {r["config"] for r in records}
-    records = [r for r in prev if r.get("config") not in measured and r.get("overrides") is not None] + records
     write("overhead.json", {"pair": "cnn_teacher->cnn_student", "batch_size": 128, "kd_seconds": kd_all,
                             "default_meta": {"estimator": default.estimator, "meta_every": default.meta_every,
-                                             "scope": default.scope, "backend": default.backend}, "records": records})
+                                             "scope": default.scope, "backend": default.backend}, "records": records},
+          **provenance_args(args), configs=[make_cfg(base_sections, SETTINGS[n], artifact).to_dict() for n in names])
 
 
 def units_mode(args, base_sections, teacher, data) -> None:
@@ -189,14 +194,15 @@ def units_mode(args, base_sections, teacher, data) -> None:
         print(f"{name:28} {out[-1]['units_median']:.1f} student passes per meta-step (per-rep {min(u):.1f}–{max(u):.1f})")
     write("meta_cost.json", {"pair": "cnn_teacher->cnn_student", "batch_size": 128, "unit": "one CE forward+backward of the student",
                              "estimators": out, "es": "no meta-step: es_particles students train side by side "
-                                                      "(cost = es_particles × a KD run)", "rows": rows})
+                                                      "(cost = es_particles × a KD run)", "rows": rows},
+          **provenance_args(args), configs=[make_cfg(base_sections, ov + ["meta.p_snapshot=0"]).to_dict() for ov in est.values()])
 
 
 def teacher_cache_mode(args, base_sections, teacher, data) -> None:
     rows = {k: [] for k in ("kd_live", "kd_cached", "lkd_live", "lkd_cached")}
     with tempfile.TemporaryDirectory() as tmp:
-        # 4 views per image: a step reads one cached row whatever K is, so K changes the build time, not the step
-        cached_sections = {**base_sections, "model": {"teacher_cache": True, "teacher_cache_views": 4},
+        # every distinct view (50), as the accuracy benchmark caches them
+        cached_sections = {**base_sections, "model": {"teacher_cache": True, "teacher_cache_views": 0},
                            "run": {"cache_dir": tmp, "progress": False}}
         cached_data = build_data(make_cfg(cached_sections, []).data)  # the cache attaches to its own loader
         trainer_for(make_cfg(cached_sections, ["loss.method=kd"]), teacher, cached_data)  # build the cache once, untimed
@@ -213,22 +219,27 @@ def teacher_cache_mode(args, base_sections, teacher, data) -> None:
              "lkd_step_speedup_spread": [min(lkd), max(lkd)]}
     print(f"teacher-output cache: KD steps {speed['kd_step_speedup']:.2f}x faster (per-rep {min(kd):.2f}–{max(kd):.2f}), "
           f"LKD {speed['lkd_step_speedup']:.2f}x")
-    path = RESULTS / "teacher_cache.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {}
-    prev.pop("machine", None)
-    prev.pop("command", None)
-    write("teacher_cache.json", {**prev, "speed": speed, "kd_step_speedup": speed["kd_step_speedup"]})
+    write("teacher_cache.json", {"views": "all (50)", "speed": speed, "kd_step_speedup": speed["kd_step_speedup"]},
+          **provenance_args(args), configs=[make_cfg(cached_sections, ["loss.method=kd"]).to_dict()])
+
+
+def provenance_args(args) -> dict:
+    return {"jobs_beside": args.jobs_beside, "started": args.started, "load_start": args.load_start}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=800, help="student steps per measurement (≥ 20 meta-steps of each setting)")
+    ap.add_argument("--jobs-beside", type=int, default=0, help="other jobs running on the machine meanwhile (recorded)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--configs", nargs="+", metavar="NAME", help=f"settings to time (default all): {', '.join(SETTINGS)}")
     ap.add_argument("--units", action="store_true", help="meta-step cost per estimator in student forward+backward passes")
     ap.add_argument("--teacher-cache", action="store_true", help="KD/LKD step time with and without the teacher-output cache")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args()
+    from records import load_1m, now
+
+    args.started, args.load_start = now(), load_1m()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     base_sections = {"data": {"train_subset": 20000}, "run": {"progress": False}}
     data = build_data(build_config("fashion_mnist", **base_sections).data)

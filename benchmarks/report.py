@@ -33,6 +33,12 @@ REGIME_TEXT = {
     "noisy-sym40": "40 % symmetric label noise on the training split (teacher trained on it too), 50-per-class clean quiz, 12 epochs",
     "noisy-pair30": "30 % pair-flip label noise (class c → c + 1) on the training split (teacher too), 50-per-class clean quiz, 12 epochs",
 }
+TEACHER_TEXT = {
+    "full": "the clean training split (54 000 images)",
+    "scarce": "the clean training split (the `full` teacher)",
+    "noisy-sym40": "the training split with its 40 % symmetric label noise",
+    "noisy-pair30": "the training split with its 30 % pair-flip label noise",
+}
 WIN_MARGIN, TIE_MARGIN, COST_BOUND = 0.5, 0.2, 1.25  # issue 15's bars: ≥ +0.5 at ≥ 2 SE; never below −0.2; ≤ 1.25× KD
 
 
@@ -169,7 +175,134 @@ def cost_headline() -> str:
             f"{row['recipe']}).\n")
 
 
+def _prov(rec: dict) -> str:
+    m = rec["machine"]
+    return (f"`{rec['command']}` — commit {str(rec.get('commit'))[:7]}{' (dirty)' if rec.get('dirty') else ''}, "
+            f"{rec.get('finished', '')[:10]}, {m['cores']} cores, torch {m['torch']}, Ray {m.get('ray')}, "
+            f"{rec['jobs_beside']} other job(s) beside it (load {rec.get('load_1m_start')} → {rec.get('load_1m_end')})")
+
+
+def _ms(d: dict | None, k: str) -> str:
+    v = (d or {}).get(k)
+    return "—" if v is None else f"{v:.1f}"
+
+
+def overhead_table() -> str:
+    rec = load("overhead.json")
+    if not rec:
+        return "_Not measured yet._\n"
+    lines = ["| setting | LKD / KD per step (median) | per-rep spread | steps per window |", "|---|---|---|---|"]
+    for r in rec["records"]:
+        lines.append(f"| `{r['config']}` | {r['lkd_over_kd']:.2f} | {r['spread'][0]:.2f}–{r['spread'][1]:.2f} | {r['steps']} |")
+    return "\n".join(lines) + f"\n\n{_prov(rec)}.\n"
+
+
+def units_table() -> str:
+    rec = load("meta_cost.json")
+    if not rec:
+        return "_Not measured yet._\n"
+    lines = ["| estimator | student passes per meta-step (median) | per-rep spread | ms (median) |", "|---|---|---|---|"]
+    for r in rec["estimators"]:
+        lines.append(f"| {r['estimator']} | {r['units_median']:.1f} | {r['units_spread'][0]:.1f}–{r['units_spread'][1]:.1f} | "
+                     f"{r['meta_step_ms_median']:.0f} |")
+    return "\n".join(lines) + f"\n\n{_prov(rec)}.\n"
+
+
+def teacher_cache_table() -> str:
+    rec = load("teacher_cache.json")
+    if not rec:
+        return "_Not measured yet._\n"
+    sp = rec["speed"]
+    sec = {k: statistics.median(v) for k, v in sp["seconds"].items()}
+    return (f"| | live teacher (s / {sp['steps']} steps, median) | cached, {rec['views']} views (s) | speed-up (median, spread) |\n"
+            f"|---|---|---|---|\n"
+            f"| KD | {sec['kd_live']:.2f} | {sec['kd_cached']:.2f} | {sp['kd_step_speedup']:.2f}× "
+            f"({sp['kd_step_speedup_spread'][0]:.2f}–{sp['kd_step_speedup_spread'][1]:.2f}) |\n"
+            f"| LKD (default) | {sec['lkd_live']:.2f} | {sec['lkd_cached']:.2f} | {sp['lkd_step_speedup']:.2f}× "
+            f"({sp['lkd_step_speedup_spread'][0]:.2f}–{sp['lkd_step_speedup_spread'][1]:.2f}) |\n\n{_prov(rec)}.\n")
+
+
+def server_table() -> str:
+    rec = load("lossnet_server.json")
+    if not rec:
+        return "_Not measured yet._\n"
+    lines = ["| mode | clients | submissions/s (client side) | processed/s (server) | p50 ms | p99 ms | samples | notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        lat = r.get("latency_ms") or r.get("submit_latency_ms")
+        if r["mode"] == "sync":
+            note = f"round trip; all-reduce p50 {r['allreduce_ms']['p50']:.1f} ms, added {r['added_latency_ms_p50']:.1f} ms"
+            proc = f"{r['rounds_per_s']:.0f} rounds"
+        elif r["mode"] == "async":
+            note = (f"submit latency (fire and forget); accepted {r['accepted']}, rejected {r['rejected']}, "
+                    f"mean batch {r['mean_batch']:.1f}")
+            proc = f"{r['processed_per_s']:.0f}"
+        else:
+            note, proc = "submit latency (fire and forget)", "—"
+        lines.append(f"| {r['mode']} | {r['clients']} | {r['throughput_per_s']:.0f} | {proc} | {_ms(lat, 'p50')} | "
+                     f"{_ms(lat, 'p99')} | {lat['n']} | {note} |")
+    return "\n".join(lines) + f"\n\n{_prov(rec)}.\n"
+
+
+def snapshot_table() -> str:
+    rec = load("snapshot_pool.json")
+    if not rec:
+        return "_Not measured yet._\n"
+    lines = ["| path | p50 ms | p99 ms | samples | p50 / raw GET |", "|---|---|---|---|---|"]
+    for k, v in rec["latency_ms"].items():
+        lines.append(f"| {k} | {_ms(v, 'p50')} | {_ms(v, 'p99')} | {v['n']} | {rec['ratio_to_raw_get_p50'][k]:.2f} |")
+    mem = rec["memory"]
+    return ("\n".join(lines) + f"\n\nObject store: {mem['object_store_snapshots']} snapshots, {mem['object_store_bytes']} of "
+            f"{mem['object_store_limit']} bytes allowed. {_prov(rec)}.\n")
+
+
+def ray_epoch_table() -> str:
+    rec = load("ray_epoch.json")
+    if not rec:
+        return "_Not measured yet._\n"
+    reps = " | ".join(f"{a:.1f} / {b:.1f}" for a, b in zip(rec["single_process_s"], rec["ray_2_workers_epoch_s"]))
+    return (f"Epoch seconds, single process / Ray 2 workers, per rep: {reps}. Ratio of medians: "
+            f"**{rec['ratio_median']:.2f}×**; {rec['steps_per_rank']} steps and {rec['meta_steps_per_rank']} meta-steps per "
+            f"rank. {_prov(rec)}.\n")
+
+
+def teachers_table() -> str:
+    recs = load("accuracy_regimes.json") or []
+    tun = load("accuracy_regimes_tuning.json") or []
+    lines = ["| regime | teacher (key) | test top-1 | trained on |", "|---|---|---|---|"]
+    for regime in REGIME_ORDER:
+        t = next((r.get("teacher") for r in recs + tun if r["regime"] == regime and r.get("teacher")), None)
+        if t:
+            lines.append(f"| {regime} | `{t['key']}` | {t['test_top1']:.2f} | {TEACHER_TEXT[regime]} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_sample_text() -> str:
+    recs = load("accuracy_regimes.json") or []
+    lines = ["| regime | images | CE weight | KD weight | temperature |", "|---|---|---|---|---|"]
+    any_ = False
+    for regime in REGIME_ORDER:
+        rs = [r for r in recs if r["regime"] == regime and r["method"] == "lkd-sample-tuned" and r.get("per_sample")]
+        for g in ("clean", "flipped", "agree", "disagree"):
+            vals = {o: [r["per_sample"][o][g]["mean"] for r in rs if r["per_sample"][o][g]["n"]] for o in ("w_ce", "w_kd", "tau")}
+            if not vals["w_ce"]:
+                continue
+            any_ = True
+            lines.append(f"| {regime} | {g} | " + " | ".join(f"{statistics.mean(vals[o]):.2f}" for o in ("w_ce", "w_kd", "tau"))
+                         + " |")
+    return ("\n".join(lines) + "\n\nMean over the seeds of each group's mean output (base: 1, 1 and the base τ).\n"
+            if any_ else "_No per-sample runs recorded yet._\n")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "overhead": overhead_table,
+    "units": units_table,
+    "teacher-cache": teacher_cache_table,
+    "server": server_table,
+    "snapshot-pool": snapshot_table,
+    "ray-epoch": ray_epoch_table,
+    "teachers": teachers_table,
+    "per-sample": per_sample_text,
     "verdicts": verdicts,
     "cost": cost_table,
     "cost-headline": cost_headline,
@@ -192,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="fail when a committed block differs from the records")
     ap.add_argument("--no-figures", action="store_true", help="rewrite the text only")
+    ap.add_argument("--results", default=None, help="read the records from this folder (default benchmarks/results)")
     args = ap.parse_args(argv)
+    global RESULTS
+    if args.results:
+        RESULTS = Path(args.results)
     sys.path.insert(0, str(ROOT))
     bad = 0
     for name, path in DOCS.items():

@@ -30,9 +30,13 @@ from lkd_ray.train.snapshots import cpu_state  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="resnet8x4")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=100, help="draws per path (≥ 100 for a p99)")
     ap.add_argument("--train-ms", type=float, default=300.0, help="simulated training time between draws (prefetch case)")
+    ap.add_argument("--jobs-beside", type=int, default=0, help="other jobs running on the machine meanwhile (recorded)")
     args = ap.parse_args()
+    from records import load_1m, now
+
+    started, load0 = now(), load_1m()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     with moto_server() as endpoint:
         s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
@@ -46,6 +50,7 @@ def main() -> None:
                                              namespace_name="cold", object_bytes=0)
         store = RaySnapshotStore(uri, "one", index, loaders, record=True, endpoint_url=endpoint, prefetch=False)
         store.record(1, state)
+        store.flush()  # recording is asynchronous: stored and indexed now
         key = "pool/one/snapshots/1.pt"
         size = s3.head_object(Bucket="bench", Key=key)["ContentLength"]
         raw = []
@@ -64,6 +69,7 @@ def main() -> None:
                                      namespace_name="warm")
         warm_store = RaySnapshotStore(uri, "warm", wi, wl, record=True, endpoint_url=endpoint, prefetch=False)
         warm_store.record(1, state)
+        warm_store.flush()
         warm_store.sample()
         warm = []
         for _ in range(args.reps):
@@ -77,6 +83,7 @@ def main() -> None:
         pre_store = RaySnapshotStore(uri, "pre", pi, pl, record=True, endpoint_url=endpoint, prefetch=True)
         for step in range(1, 5):
             pre_store.record(step, state)
+        pre_store.flush()
         pre_store.sample()
         pre = []
         for _ in range(args.reps):
@@ -90,18 +97,20 @@ def main() -> None:
         mem_store = RaySnapshotStore(uri, "mem", mi, ml, record=True, endpoint_url=endpoint)
         for step in range(1, 9):
             mem_store.record(step, state)
+        mem_store.flush()
         memory = ray.get(mi.stats.remote())
         ray.shutdown()
-    ms = {k: {kk: (vv * 1e3 if kk != "n" else vv) for kk, vv in v.items()} for k, v in rows.items()}
+    ms = {k: {kk: (vv * 1e3 if kk != "n" and vv is not None else vv) for kk, vv in v.items()} for k, v in rows.items()}
     for k, v in ms.items():
-        print(f"{k:16} p50 {v['p50']:8.2f} ms  p99 {v['p99']:8.2f} ms  (n={v['n']})")
+        print(f"{k:16} p50 {v['p50']:8.2f} ms  p99 {v['p99'] if v['p99'] is None else round(v['p99'], 2)} ms  (n={v['n']})")
     print(f"memory: {memory['object_store_snapshots']} of 8 snapshots in the object store, "
           f"{memory['object_store_bytes']} of {memory['object_store_limit']} bytes allowed")
     path = write("snapshot_pool.json", {"model": args.model, "object_bytes": size, "train_ms": args.train_ms, "latency_ms": ms,
                                         "ratio_to_raw_get_p50": {k: v["p50"] / ms["raw_boto3_get"]["p50"] for k, v in ms.items()},
                                         "memory": {k: memory[k] for k in ("object_store_snapshots", "object_store_bytes",
                                                                           "object_store_limit")},
-                                        "targets": {"warm_p50_ms": 5.0, "prefetched_p99_ms": 0.0, "cold_over_raw_get": 1.2}})
+                                        "targets": {"warm_p50_ms": 5.0, "prefetched_p99_ms": 0.0, "cold_over_raw_get": 1.2}},
+                 jobs_beside=args.jobs_beside, started=started, load_start=load0)
     print(f"wrote {path}")
 
 

@@ -118,18 +118,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_gradcheck)
     p = sub.add_parser("plot", help="figures: the learned logit loss vs KD over training, and every method's training curves")
-    p.add_argument("--lossnet", nargs="*", default=[f"benchmarks/results/lossnet_long/{m}" for m in
-                                                  ("lkd", "lkd-unlocked", "lkd-implicit-cal-norm", "lkd-es-learn")],
-                   metavar="RUN_URI", help="run locations holding lossnet/v<version>.pt (local path or s3://bucket/prefix/run)")
-    p.add_argument("--accuracy", default="benchmarks/results/accuracy_long.json",
-                   help="records written by benchmarks/accuracy.py ('none' to skip the training curves)")
+    p.add_argument("--lossnet", nargs="*", default=[], metavar="RUN_URI",
+                   help="run locations holding lossnet/v<version>.pt (local path or s3://bucket/prefix/run)")
+    p.add_argument("--accuracy", default="none",
+                   help="records written by benchmarks/accuracy.py for the training curves ('none': skip them); the "
+                        "benchmark's own figures are drawn by `python -m benchmarks.report`")
     p.add_argument("--out", default="docs/figures")
     p.add_argument("--max-versions", type=int, default=5, help="loss-network versions drawn per run (evenly spaced)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for s3:// locations")
-    p.add_argument("--methods", nargs="+", default=["ce", "kd", "dkd", "dist", "control", "lkd", "lkd-unlocked",
-                                                    "lkd-implicit-cal-norm", "lkd-es"],
-                   help="methods drawn in the training curves ('all': every method in the records, ablations included)")
-    p.add_argument("--tag", default="_long", help="suffix for the figure files (e.g. _long for the long-horizon benchmark)")
+    p.add_argument("--methods", nargs="+", default=["all"],
+                   help="methods drawn in the training curves ('all': every method in the records)")
+    p.add_argument("--tag", default="", help="suffix for the figure files")
     p.set_defaults(func=cmd_plot)
     args = parser.parse_args(argv)
     try:

@@ -243,10 +243,10 @@ MAIN_METHODS = ("ce", "kd", "dkd", "dist", "control", "lkd", "lkd-full", "lkd-he
 
 
 def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] | None = MAIN_METHODS,
-                         tag: str = "") -> list[Path]:
+                         tag: str = "", ref: str = "kd", title: str | None = None) -> list[Path]:
     """Quiz and test top-1 per epoch, mean ± std over seeds, one line per method; and the paired
-    difference of every method to KD per seed. ``methods=None`` draws every method in the records
-    (the accuracy benchmark's ablation variants included)."""
+    difference of every method to ``ref`` (KD, or e.g. the best tuned hand-crafted loss) per seed.
+    ``methods=None`` draws every method in the records (the accuracy benchmark's variants included)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -275,11 +275,13 @@ def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] 
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 (%), mean ± std over seeds")
     axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     paths = [_savefig(fig, out / f"training_curves{tag}.png")]
     plt.close(fig)
 
-    kd = {r["seed"]: r["test_top1"] for r in records if r["method"] == "kd"}
-    others = [m for m in methods if m != "kd"]
+    kd = {r["seed"]: r["test_top1"] for r in records if r["method"] == ref}
+    others = [m for m in methods if m != ref]
     if kd and others:
         fig, ax = plt.subplots(figsize=(1.2 * len(others) + 2, 4))
         for i, m in enumerate(others):
@@ -291,9 +293,9 @@ def plot_training_curves(records: list[dict], out: Path, methods: Sequence[str] 
             ax.errorbar(i + 0.15, statistics.mean(d), yerr=se, fmt="D", color="k", capsize=4)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(others)), others, rotation=20)
-        ax.set_ylabel("test top-1 − KD's, same seed (pp)")
-        ax.set_title("paired difference to KD (dots: seeds; ◆: mean ± SE)")
-        paths.append(_savefig(fig, out / f"paired_vs_kd{tag}.png"))
+        ax.set_ylabel(f"test top-1 − {ref}'s, same seed (pp)")
+        ax.set_title(f"paired difference to {ref} (dots: seeds; ◆: mean ± SE)" + (f"\n{title}" if title else ""), fontsize=9)
+        paths.append(_savefig(fig, out / f"paired_vs_{'kd' if ref == 'kd' else 'best'}{tag}.png"))
         plt.close(fig)
     return paths
 

@@ -32,8 +32,12 @@ def test_paired_difference_and_its_standard_error_match_scipy():
     assert d["mean"] == pytest.approx(sum(b - a for a, b in zip(kd, lkd)) / 6)
     assert d["mean"] / d["se"] == pytest.approx(t.statistic)
     rows = {r["method"]: r for r in acc.summarise(recs[:-1])}
-    assert rows["kd"]["vs_kd"] is None and rows["lkd-full"]["vs_kd"]["n"] == 6
+    assert rows["kd"]["vs_ref"] is None and rows["lkd-full"]["vs_ref"]["n"] == 6
     assert rows["lkd-full"]["test_std"] == pytest.approx(stats.tstd(lkd))
+    from benchmarks import report
+
+    r = report.paired(recs, "lkd-full", "kd")  # the report's own statistics agree
+    assert (r["mean"], r["se"], r["n"]) == pytest.approx((d["mean"], d["se"], d["n"]))
 
 
 @pytest.mark.slow

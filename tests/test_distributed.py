@@ -18,6 +18,7 @@ from lkd_ray.config import build_config  # noqa: E402
 from lkd_ray.data import build_data  # noqa: E402
 from lkd_ray.distributed.launch import LaunchOptions, RunConflict, run_distributed  # noqa: E402
 from lkd_ray.distributed.snapshot_pool import MANIFEST_SHARD, RaySnapshotStore, SnapshotIndex, start_snapshot_pool  # noqa: E402
+from lkd_ray.distributed.worker import read_metrics  # noqa: E402
 from lkd_ray.models import build_model, load_weights  # noqa: E402
 from lkd_ray.storage import LocalStorage, S3Settings, S3Storage, StorageError  # noqa: E402
 from lkd_ray.train import build_run  # noqa: E402
@@ -161,9 +162,19 @@ def test_two_worker_lkd_run_on_s3(tmp_path, s3_bucket, moto_endpoint):
     assert st.get_json("e2e/lossnet/latest.json")["version"] == rounds  # every version persisted
     assert any(k.startswith("e2e/ray/checkpoint_") and k.endswith("trainer.pt") for k in keys)
     assert any(k.endswith("student.pt") for k in keys)
-    assert any(k.startswith("e2e/logs/tb/events.out.tfevents") for k in keys)  # TensorBoard-readable, in the bucket
-    lines = st.get_bytes("e2e/logs/metrics.jsonl").decode().splitlines()
-    assert len(lines) == 2 and json.loads(lines[-1])["epoch"] == 2
+    tb = sorted(k for k in keys if k.startswith("e2e/logs/tb/events.out.tfevents"))  # TensorBoard-readable, in the bucket
+    assert len(tb) == 2 and tb[0].endswith(".epoch00001") and tb[1].endswith(".epoch00002")  # one new file per epoch
+    metrics = read_metrics(st, "e2e")  # one object per epoch, each written once: no re-upload of the history
+    assert [m["epoch"] for m in metrics] == [1, 2] and sorted(k for k in keys if "/logs/metrics/" in k) == [
+        "e2e/logs/metrics/epoch-00001.jsonl", "e2e/logs/metrics/epoch-00002.jsonl"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for k in tb:
+        (tmp_path / "tb").mkdir(exist_ok=True)
+        (tmp_path / "tb" / k.rsplit("/", 1)[1]).write_bytes(st.get_bytes(k))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert len(acc.Scalars("test_top1")) == 2  # TensorBoard reads both epochs' files as one run
     result = json.loads(st.get_bytes("e2e/result.json"))  # strict JSON
     assert result["server_accepted"] == rounds and result["run"] == "e2e" and result["server_rejected"] == 0
     assert result["server"]["meta_from_snapshot"] > 0  # counted where the update is applied, from every rank's starts
@@ -251,8 +262,7 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     for k, v in a["lossnets"].items():
         assert torch.equal(v, b["lossnets"][k]), k
     assert whole["metrics"]["test_top1"] == resumed["metrics"]["test_top1"]
-    lines = (tmp_path / "b" / "cut" / "logs" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]  # the second attempt appended to the first
+    assert [m["epoch"] for m in read_metrics(LocalStorage(tmp_path / "b"), "cut")] == [1, 2, 3]  # both attempts' epochs
 
 
 def test_async_mode_end_to_end_on_two_workers(tmp_path):
@@ -266,6 +276,20 @@ def test_async_mode_end_to_end_on_two_workers(tmp_path):
     # arrivals batched into steps: one Adam step (= one version) per batch of one or more submissions
     assert 0 < srv["version"] == srv["meta_accepted"] == srv["batches"] <= srv["accepted"]
     assert srv["max_staleness_seen"] <= 8 or srv["rejected_reasons"].get("stale", 0) > 0
+    # each rank collected its calls: together they saw every submission and its outcome, as the server did
+    assert res["client_submitted"] == submitted and res["client_errors"] == 0
+    assert (res["client_accepted"], res["client_rejected"]) == (srv["accepted"], srv["rejected"])
+    assert len(res["clients"]) == 2
+
+
+def test_an_async_client_counts_what_the_server_refused_it(tmp_path):
+    """Staleness 0 with two ranks submitting on their own: the server refuses the late ones, and the ranks know."""
+    cfg = small_cfg("async0", tmp_path, meta={"meta_every": 1, "p_snapshot": 0.0}, optim={"epochs": 1})
+    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=2, mode="async", max_staleness=0))
+    srv = res["server"]
+    assert srv["rejected"] > 0 and res["client_rejected"] == srv["rejected"] > 0
+    assert sum(c["rejected_reasons"].get("stale", 0) for c in res["clients"]) == srv["rejected_reasons"]["stale"]
+    assert res["server_rejected"] == srv["rejected"]  # each refusal counted once
 
 
 def test_es_particles_are_workers_and_the_server_turns_losses_into_updates(tmp_path):
@@ -282,6 +306,33 @@ def test_es_particles_are_workers_and_the_server_turns_losses_into_updates(tmp_p
     vn = st.get_torch(f"es/lossnet/v{srv['version']}.pt")["lossnets"]
     moved = [k for k in v0 if not torch.equal(v0[k], vn[k])]
     assert moved == ["logit.g.4.weight"]  # only the perturbed last layer moves
+
+
+def test_es_on_ray_follows_the_same_phi_trajectory_as_es_in_one_process(tmp_path):
+    """Two particles as Ray workers and the same two particles in one process, same seed and one thread: every
+    version of the centre φ is the same (same rounds, same noise, the meta lr schedule applied alike)."""
+    cfg = small_cfg("esq", tmp_path, meta={"estimator": "es", "es_particles": 2, "meta_every": 3, "es_sigma": 0.5,
+                                           "lr": 0.05, "lr_schedule": "student"},
+                    run={"threads": 1}, optim={"epochs": 2})
+    res = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "ray"), num_workers=2))
+    st = LocalStorage(tmp_path / "ray")
+    data = build_data(cfg.data, cfg.run.seed)
+    teacher = build_model(cfg.model.teacher, data.num_classes, data.in_channels)
+    load_weights(teacher, st.get_torch("esq/teacher.pt"), cfg.model.teacher)
+    try:
+        local = build_run(cfg, data=data, teacher=teacher)
+        local.fit(tmp_path / "local", progress=False)
+    finally:
+        torch.set_num_threads(2)
+    assert res["server"]["version"] == local.trainer.meta.version() == res["server"]["meta_accepted"] > 0
+    ray_v = {v: st.get_torch(f"esq/lossnet/v{v}.pt")["lossnets"] for v in range(res["server"]["version"] + 1)}
+    final = local.trainer.meta.lossnets.state_dict()
+    for k, v in final.items():
+        assert torch.equal(ray_v[res["server"]["version"]][k], v), k
+    for f in sorted((tmp_path / "local" / "lossnet").glob("v*.pt")):  # the per-epoch versions saved in one process
+        v = int(f.stem[1:])
+        mine = torch.load(f, weights_only=True)["lossnets"]
+        assert all(torch.equal(mine[k], ray_v[v][k]) for k in mine), f.name
 
 
 def test_a_changed_config_under_an_existing_run_name_stops_and_an_unchanged_one_reuses(tmp_path, capsys):

@@ -24,7 +24,7 @@ ray = pytest.importorskip("ray")
 from lkd_ray.distributed.launch import LaunchOptions, run_distributed  # noqa: E402
 from lkd_ray.distributed.lossnet_server import LossNetServerCore  # noqa: E402
 from lkd_ray.distributed.snapshot_pool import RaySnapshotStore, start_snapshot_pool  # noqa: E402
-from lkd_ray.meta.versions import VersionStore  # noqa: E402
+from lkd_ray.meta.versions import VersionStore, content_sha256  # noqa: E402
 from lkd_ray.storage import S3Settings, S3Storage, StorageError, StorageUnavailable  # noqa: E402
 from tests.faults import ProbeServer  # noqa: E402
 from tests.proxy import FaultProxy  # noqa: E402
@@ -77,8 +77,10 @@ def assert_consistent(st: S3Storage, run_name: str, res: dict, meta_every: int =
     assert res["server_rejected"] == 0 and srv["persist_pending"] == 0 and srv["persisted_version"] == rounds, srv
     ptr = st.get_json(f"{run_name}/lossnet/latest.json")
     assert ptr["version"] == rounds and sha(st.get_bytes(ptr["key"])) == ptr["sha256"]
-    for v, key in VersionStore(st, f"{run_name}/lossnet").versions():  # each stored version holds its own number
-        assert int(st.get_torch(key)["version"]) == v, key
+    hashes = st.get_json(f"{run_name}/lossnet/hashes.json")  # what the server held at each version, hashed then
+    for v, key in VersionStore(st, f"{run_name}/lossnet").versions():  # each stored version holds exactly its own state
+        sd = st.get_torch(key)
+        assert int(sd["version"]) == v and content_sha256(sd) == sd["state_sha256"] == hashes[str(v)], key
     shards = [k for k in st.list(f"{run_name}/snapshots/manifest") if k.endswith(".json")]
     entries = [e for k in shards for e in st.get_json(k)["snapshots"]]
     assert entries and all(sha(st.get_bytes(e["key"])) == e["sha256"] for e in entries)
@@ -296,5 +298,38 @@ def test_a_transient_snapshot_read_error_is_retried_and_never_marks_it_corrupt(f
         assert seen == {1.0, 2.0, 3.0}  # none was dropped
         assert ray.get(index.stats.remote())["corrupt_skipped"] == 0
     finally:
+        for a in [index, *loaders]:
+            ray.kill(a)
+
+
+def test_snapshot_draws_never_wait_on_a_storage_put_and_accounting_survives_a_re_record(faults, s3_bucket):
+    """Storage black-holes every PUT: recording a snapshot returns at once (stored and indexed in the
+    background), and every rank's draws keep being served from what the index holds. A resumed run records a
+    snapshot again: the object-store bytes count it once."""
+    uri = f"s3://{s3_bucket}/lkd"
+    index, loaders = start_snapshot_pool(uri, "np", "uniform", 0, num_loaders=1, endpoint_url=faults.url,
+                                         namespace_name="np-test", outage_s=30)
+    store = RaySnapshotStore(uri, "np", index, loaders, record=True, endpoint_url=faults.url, prefetch=False, outage_s=30)
+    try:
+        for step in (1, 2):
+            store.record(step, {"w": torch.full((256,), float(step))})
+        store.flush()
+        size = ray.get(index.entries_list.remote())[0]["size"]
+        faults.arm(r"^PUT\s", "blackhole", 600)  # every upload from now on hangs
+        t0 = time.monotonic()
+        store.record(3, {"w": torch.full((256,), 3.0)})  # queued: the step goes on
+        draws = [store.sample()["w"][0].item() for _ in range(20)]
+        assert time.monotonic() - t0 < 5 and set(draws) <= {1.0, 2.0}
+        again = ray.get(index.record.remote({"key": "np/snapshots/2.pt", "size": size, "sha256": "x", "step": 2},
+                                            {"w": torch.full((256,), 2.0)}))  # the index answers while its PUTs hang
+        assert again == 2
+        st = ray.get(index.stats.remote())
+        assert st["object_store_bytes"] == 2 * size and st["object_store_snapshots"] == 2  # re-recorded: counted once
+        assert time.monotonic() - t0 < 10
+        faults.clear()
+        store.flush()  # once storage is back, the queued snapshot is stored and indexed
+        assert len(store) == 3 and ray.get(index.flush.remote(30))
+    finally:
+        faults.clear()
         for a in [index, *loaders]:
             ray.kill(a)

@@ -141,7 +141,7 @@ def test_plot_errors_say_what_to_do(tmp_path, capsys):
     assert "not a list of accuracy records" in capsys.readouterr().err
     other = tmp_path / "other.json"
     other.write_text(json.dumps([{"method": "lkd-x", "seed": 0, "test_top1": 1.0, "curve": [{"epoch": 1, "quiz_top1": 1.0, "test_top1": 1.0}]}]))
-    assert main(["plot", "--lossnet", "--accuracy", str(other), "--out", str(tmp_path / "f")]) == 2
+    assert main(["plot", "--lossnet", "--accuracy", str(other), "--out", str(tmp_path / "f"), "--methods", "kd", "lkd"]) == 2
     assert "pass --methods all" in capsys.readouterr().err
-    assert main(["plot", "--lossnet", "--accuracy", str(other), "--out", str(tmp_path / "f"), "--methods", "all"]) == 0  # default --tag _long
-    assert (tmp_path / "f" / "training_curves_long.png").is_file()
+    assert main(["plot", "--lossnet", "--accuracy", str(other), "--out", str(tmp_path / "f")]) == 0  # default: every method
+    assert (tmp_path / "f" / "training_curves.png").is_file()

@@ -359,3 +359,62 @@ def test_a_learned_loss_is_reused_from_s3(tmp_path, s3_bucket, moto_endpoint, mo
         assert run.info["lossnet"]["version"] == 7
         for k, v in run.trainer.lossnets.state_dict().items():
             assert torch.equal(v, first.trainer.lossnets.state_dict()[k])
+
+
+def test_student_steps_do_not_sync_with_the_host_and_divergence_names_its_step(monkeypatch):
+    """The step keeps loss terms on the device; the host reads them (and the divergence mark) once per
+    ``run.log_every`` steps. Counted here by every way a tensor becomes a Python number."""
+    cfg, data = _synthetic(loss={"method": "kd"}, run={"log_every": 4, "progress": False})
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    batches = iter([b for _, b in zip(range(3), data.train)])  # the loader's own shuffling happens before counting
+    calls = []
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    tr = run.trainer
+    for _ in range(3):
+        tr.train_step(next(batches))
+    assert calls == []  # three steps, not one host sync
+    monkeypatch.undo()
+    bad, _ = _synthetic(loss={"method": "kd"}, run={"log_every": 100, "progress": False})
+    data2 = build_data(bad.data)
+    first = next(iter(data2.train))  # the third batch of epoch 1 is poisoned: found at the epoch's end, named
+    data2.train.set_epoch(0)
+    ids = [b.ids for b in data2.train][2]
+    rows = torch.tensor([int((torch.from_numpy(data2.train.ids) == i).nonzero()) for i in ids])
+    data2.train.images[rows] = float("inf")
+    assert first is not None
+    with pytest.raises(TrainingDiverged, match="non-finite at step 3 "):
+        build_run(bad, data=data2, teacher=build_model("cnn_teacher", 10, 1)).fit(progress=False)
+
+
+def test_a_resumed_stream_seeks_instead_of_replaying():
+    from lkd_ray.data import cycle
+
+    _, data = _synthetic()
+    loader = data.train
+    n = len(loader)
+    assert n > 3
+    replayed = cycle(loader)
+    for _ in range(n + 2):
+        next(replayed)
+    expect = next(replayed)
+    built = []
+    orig = type(loader).iter_from
+
+    def spy(self, first):
+        built.append(first)
+        return orig(self, first)
+
+    type(loader).iter_from = spy
+    try:
+        got = next(cycle(loader, start=n + 2))
+    finally:
+        type(loader).iter_from = orig
+    assert torch.equal(got.x, expect.x) and torch.equal(got.y, expect.y)  # the batch the replay reaches ...
+    assert built == [2]  # ... reached by seeking into the second pass, not by building n + 2 batches

@@ -1,0 +1,78 @@
+"""The benchmark's figures, drawn from its records (``python -m benchmarks.report`` calls ``draw_all``):
+
+* ``training_curves_<regime>.png`` and ``paired_vs_best_<regime>.png``: quiz and test top-1 per epoch for the
+  main rows, and every seed's difference to the best tuned hand-crafted loss;
+* ``per_sample_<regime>.png``: what the per-sample loss network gives each training image at the end of
+  training — its weight on the CE and KD terms and its temperature — for images whose label was flipped or
+  kept, and where the teacher agrees with the label or not (mean over seeds, 10–90 % range).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+MAIN = ("ce", "kd", "lkd")
+
+
+def _best_tuned(recs: list[dict]) -> str | None:
+    from benchmarks.report import best_tuned
+
+    return best_tuned(recs)
+
+
+def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in recs if r["method"] == method and r.get("per_sample")]
+    if not rs:
+        return None
+    groups = [g for g in ("clean", "flipped", "agree", "disagree") if any(r["per_sample"]["w_ce"][g]["n"] for r in rs)]
+    outputs = ("w_ce", "w_kd", "tau")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for ax, o in zip(axes, outputs):
+        for i, g in enumerate(groups):
+            vals = [r["per_sample"][o][g] for r in rs if r["per_sample"][o][g]["n"]]
+            mean = statistics.mean(v["mean"] for v in vals)
+            lo = statistics.mean(v["q10"] for v in vals)
+            hi = statistics.mean(v["q90"] for v in vals)
+            ax.bar(i, mean, color=["tab:green", "tab:red", "tab:blue", "tab:orange"][i % 4], alpha=0.7)
+            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], color="k", capsize=4)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_title({"w_ce": "weight on CE (base 1)", "w_kd": "weight on KD (base 1)", "tau": "temperature"}[o])
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{regime}: what {method} gives each training image at the end (mean over {len(rs)} seeds; "
+                 "bars: mean, whiskers: 10–90 %)", fontsize=9)
+    path = out / f"per_sample_{regime}.png"
+    from lkd_ray.plot import _savefig
+
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def draw_all(results: Path, out: Path) -> list[Path]:
+    from lkd_ray.plot import plot_training_curves
+
+    from benchmarks.report import REGIME_ORDER, REGIME_TEXT
+
+    path = results / "accuracy_regimes.json"
+    recs = json.loads(path.read_text()) if path.is_file() else []
+    paths: list[Path] = []
+    out.mkdir(parents=True, exist_ok=True)
+    for regime in REGIME_ORDER:
+        rs = [r for r in recs if r["regime"] == regime]
+        if not rs:
+            continue
+        best = _best_tuned(rs)
+        present = {r["method"] for r in rs}
+        methods = [m for m in (*MAIN, best, "lkd-sample-tuned") if m and m in present]
+        paths += plot_training_curves(rs, out, list(dict.fromkeys(methods)), tag=f"_{regime}", ref=best or "kd",
+                                      title=f"{regime}: {REGIME_TEXT[regime]}")
+        p = per_sample_figure(rs, "lkd-sample-tuned", out, regime)
+        if p is not None:
+            paths.append(p)
+    return paths
