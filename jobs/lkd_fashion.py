@@ -9,7 +9,7 @@ from _common import build, dump, launch, parser, smoke_overrides, summarize
 
 def main(argv=None) -> int:
     p = parser(__doc__, "fashion_mnist")
-    p.add_argument("--methods", nargs="+", default=["kd", "lkd"], choices=["ce", "kd", "dkd", "dist", "lkd", "control"])
+    p.add_argument("--methods", nargs="+", default=["kd", "lkd"], choices=["ce", "kd", "dkd", "dist", "wsl", "lkd", "control"])
     args = p.parse_args(argv)
     cfgs = []
     for method in args.methods:  # validate every config before any cluster work

@@ -1,6 +1,7 @@
 """The benchmark scripts themselves: their statistics against scipy, and the GPU script on tiny shapes
 (so it still runs the day a GPU is lent)."""
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,22 @@ def test_gpu_script_runs_every_setting_on_tiny_shapes():
     for name, _ in gpu.SETTINGS:
         for mode in ("eager", "compiled"):
             assert f"resnet32x4->resnet8x4    {mode:8} {name}" in r.stdout
+
+
+def test_percentiles_need_a_hundred_samples():
+    util = _load("_util")
+    assert util.summary([float(i) for i in range(99)])["p99"] is None
+    s = util.summary([float(i) for i in range(100)])
+    assert s["p99"] == 98.0 and s["p50"] == 49.5 and s["n"] == 100
+
+
+def test_a_cost_pair_runs_each_side_in_a_fresh_process_and_records_what_ran(tmp_path):
+    from lkd_ray.config import build_config
+
+    cost = _load("cost")
+    sections = {"data": {"dataset": "synthetic", "synthetic_size": 128, "batch_size": 32, "image_size": 16},
+                "optim": {"epochs": 1}, "run": {"progress": False, "threads": 1}}
+    kd = build_config("fashion_mnist", loss={"method": "ce"}, **sections).to_dict()
+    wall, proc = cost.one_run(kd, tmp_path / "kd")
+    res = json.loads((tmp_path / "kd" / "result.json").read_text())
+    assert res["wall_s"] == wall and proc > wall > 0 and res["config"] == kd  # the run's own time, and the process's

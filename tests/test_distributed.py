@@ -175,7 +175,7 @@ def test_two_worker_lkd_run_on_s3(tmp_path, s3_bucket, moto_endpoint):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     assert len(acc.Scalars("test_top1")) == 2  # TensorBoard reads both epochs' files as one run
-    result = json.loads(st.get_bytes("e2e/result.json"))  # strict JSON
+    result = json.loads(st.get_bytes("e2e/result.json"), parse_constant=lambda c: pytest.fail(f"result.json holds {c}"))
     assert result["server_accepted"] == rounds and result["run"] == "e2e" and result["server_rejected"] == 0
     assert result["server"]["meta_from_snapshot"] > 0  # counted where the update is applied, from every rank's starts
 
@@ -275,7 +275,6 @@ def test_async_mode_end_to_end_on_two_workers(tmp_path):
     assert srv["accepted"] + srv["rejected"] == submitted and srv["accepted"] > 0  # per submission
     # arrivals batched into steps: one Adam step (= one version) per batch of one or more submissions
     assert 0 < srv["version"] == srv["meta_accepted"] == srv["batches"] <= srv["accepted"]
-    assert srv["max_staleness_seen"] <= 8 or srv["rejected_reasons"].get("stale", 0) > 0
     # each rank collected its calls: together they saw every submission and its outcome, as the server did
     assert res["client_submitted"] == submitted and res["client_errors"] == 0
     assert (res["client_accepted"], res["client_rejected"]) == (srv["accepted"], srv["rejected"])

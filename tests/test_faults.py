@@ -56,8 +56,9 @@ def direct(bucket, moto_endpoint) -> S3Storage:
     return S3Storage(bucket, "lkd", S3Settings(endpoint_url=moto_endpoint))
 
 
-def run(cfg, bucket, proxy, **opts) -> dict:
-    return run_distributed(cfg, LaunchOptions(storage=f"s3://{bucket}/lkd", endpoint_url=proxy.url, num_workers=1, **opts))
+def run(cfg, bucket, proxy, num_workers: int = 1, **opts) -> dict:
+    return run_distributed(cfg, LaunchOptions(storage=f"s3://{bucket}/lkd", endpoint_url=proxy.url, num_workers=num_workers,
+                                              **opts))
 
 
 def put(key_regex: str) -> str:
@@ -181,11 +182,12 @@ def test_an_outage_over_a_checkpoint_registration_is_ridden_out(tmp_path, faults
 
 
 def test_a_30s_outage_during_training_costs_a_pause_not_the_run(tmp_path, faults, s3_bucket, moto_endpoint):
-    """The endpoint refuses every connection for 30 s from the moment Ray Train uploads the epoch-1
-    checkpoint (its pyarrow filesystem retries), so the registration and our own calls meet it too."""
+    """Two workers; the endpoint refuses every connection for 30 s from the moment Ray Train uploads the epoch-1
+    checkpoint (its pyarrow filesystem retries), so the registration and our own calls (saves of loss-network
+    versions falling behind) meet it too. Every version file holds exactly its own state (its hash)."""
     faults.arm(put(r"thirty/ray/checkpoint_[^/]+/\S*"), "refuse", 30)
     t0 = time.monotonic()
-    res = run(small_cfg("thirty", tmp_path), s3_bucket, faults)
+    res = run(small_cfg("thirty", tmp_path), s3_bucket, faults, num_workers=2)
     assert faults.faulted("/ray/checkpoint_") and time.monotonic() - t0 > 30
     assert res["metrics"]["epoch"] == 2
     assert_consistent(direct(s3_bucket, moto_endpoint), "thirty", res)

@@ -115,8 +115,16 @@ def test_logit_lossnet_is_class_count_generic_and_moves_when_trained():
         assert torch.isfinite(net(zs, zt, y, torch.tensor([0.5, 0.8])))
     with torch.no_grad():
         net.g[-1].weight.fill_(0.1)
-    zs, zt, y = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
-    assert net(zs, zt, y) != handcrafted.kd(zs, zt, 2.0)
+    g = torch.Generator().manual_seed(3)
+    zs, zt, y = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g), torch.randint(0, 10, (4,), generator=g)
+    state = torch.tensor([0.5, 0.8])
+    # the residual by its definition: τ²·mean_i Σ_c 0.1·Σ_j h_j(v_ic), v = [log p_s, log p_t, p_s, p_t, onehot, state]
+    ls, lt = torch.log_softmax(zs / 2.0, 1), torch.log_softmax(zt / 2.0, 1)
+    v = torch.stack([ls, lt, ls.exp(), lt.exp(), torch.nn.functional.one_hot(y, 10).float()], -1)
+    v = torch.cat([v, state.expand(4, 10, 2)], -1)
+    h = torch.nn.functional.silu(torch.nn.functional.linear(v, net.g[0].weight, net.g[0].bias))
+    expect = handcrafted.kd(zs, zt, 2.0) + 4.0 * (0.1 * h.sum(-1)).sum(1).mean()
+    assert net(zs, zt, y, state).item() == pytest.approx(expect.item(), rel=1e-5)
 
 
 def test_feature_lossnet_equals_mse_at_init():

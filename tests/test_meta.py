@@ -150,6 +150,15 @@ def test_snapshot_start_changes_the_meta_gradient():
     snap = {k: (v * 0.5 if v.is_floating_point() else v) for k, v in bundle.state_dict().items()}
     _, g_snap = step.compute(bundle, opt, [batch], xq, yq, start_state=snap)
     assert not all(torch.allclose(a, b) for a, b in zip(g_now, g_snap))
+    # and it is exactly the meta-gradient of a student that *is* that snapshot, with no momentum yet (independently built)
+    import copy
+
+    twin = copy.deepcopy(bundle)
+    twin.load_state_dict(snap)
+    fresh = torch.optim.SGD(twin.parameters(), **{k: opt.param_groups[0][k] for k in ("lr", "momentum", "weight_decay")})
+    _, g_twin = step.compute(twin, fresh, [batch], xq, yq)
+    for a, b in zip(g_snap, g_twin):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_non_finite_meta_gradient_is_rejected_and_counted():
