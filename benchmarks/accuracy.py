@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -37,7 +36,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -173,15 +171,7 @@ def record_from(out: Path, task: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- statistics and tables
-def paired(recs: list[dict], method: str, ref: str, key: str = "test_top1") -> dict | None:
-    """Mean paired difference (method − ref over shared seeds), its standard error and the worst seed."""
-    a = {r["seed"]: r[key] for r in recs if r["method"] == method}
-    b = {r["seed"]: r[key] for r in recs if r["method"] == ref}
-    seeds = sorted(set(a) & set(b))
-    if len(seeds) < 2:
-        return None
-    d = [a[s] - b[s] for s in seeds]
-    return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d)}
+paired = records.paired
 
 
 def summarise(recs: list[dict], ref: str = "kd") -> list[dict]:

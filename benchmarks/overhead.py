@@ -19,7 +19,6 @@ Real Fashion-MNIST batches of 128, cnn_teacher → cnn_student (the offline reci
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -30,7 +29,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
-from _util import RESULTS, write  # noqa: E402
+from _util import write  # noqa: E402
 from lkd_ray.config import build_config, parse_override  # noqa: E402
 from lkd_ray.data import build_data, cycle  # noqa: E402
 from lkd_ray.models import build_model  # noqa: E402

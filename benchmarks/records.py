@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -111,3 +113,15 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} → {vb!r}")
     return out
+
+
+def paired(recs: list[dict[str, Any]], method: str, ref: str, key: str = "test_top1") -> dict | None:
+    """Mean paired difference (method − ref over the seeds both have), its standard error, the worst and best seed."""
+    a = {r["seed"]: r[key] for r in recs if r["method"] == method}
+    b = {r["seed"]: r[key] for r in recs if r["method"] == ref}
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d),
+            "best": max(d)}

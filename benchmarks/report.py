@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import re
 import statistics
 import sys
@@ -22,6 +21,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.records import paired  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
 DOCS = {"BENCHMARKS.md": ROOT / "BENCHMARKS.md", "README.md": ROOT / "README.md"}
@@ -48,17 +50,6 @@ def load(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- statistics
-def paired(recs: list[dict], a: str, b: str, key: str = "test_top1") -> dict | None:
-    x = {r["seed"]: r[key] for r in recs if r["method"] == a}
-    y = {r["seed"]: r[key] for r in recs if r["method"] == b}
-    seeds = sorted(set(x) & set(y))
-    if len(seeds) < 2:
-        return None
-    d = [x[s] - y[s] for s in seeds]
-    return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d),
-            "best": max(d)}
-
-
 def rows(recs: list[dict]) -> list[dict]:
     out = []
     for m in dict.fromkeys(r["method"] for r in recs):

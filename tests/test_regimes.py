@@ -1,6 +1,5 @@
 """Data regimes (scarce and noisy labels, a small trusted quiz), the per-sample loss network, per-sample
 locks, whole-split evaluation, and the benchmark's refusal to mix configs."""
-import io
 import json
 import subprocess
 import sys

@@ -120,4 +120,4 @@ def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, 
     return build_torchvision_data(cfg, seed, rank, world_size, role)
 
 
-__all__ = ["Batch", "CropFlip", "train_augmentation", "DataBundle", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]
+__all__ = ["CIFAR_STATS", "IMAGENET_STATS", "FASHION_MEAN", "FASHION_STD", "Batch", "CropFlip", "train_augmentation", "DataBundle", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]
