@@ -50,6 +50,7 @@ def test_uniform_sampling_passes_chi_square_and_index_persists(tmp_path):
     idx = SnapshotIndex.remote(str(tmp_path), "u", "uniform", 3)
     for step in range(12):
         ray.get(idx.record.remote({"key": f"u/snapshots/{step}.pt", "size": 1, "sha256": "x", "step": step}))
+    assert ray.get(idx.flush.remote(30))  # the manifest is written in the background: wait for it
     draws = ray.get([idx.sample.remote() for _ in range(2400)])
     counts = [sum(d["step"] == s for d in draws) for s in range(12)]
     assert chisquare(counts).pvalue > 1e-3, counts
@@ -68,6 +69,7 @@ def test_manifest_is_sharded_so_writes_stay_constant_and_max_snapshots_bounds_th
     n = 2 * MANIFEST_SHARD + 10
     for step in range(n):
         ray.get(idx.record.remote({"key": f"m/snapshots/{step}.pt", "size": 1, "sha256": "x", "step": step}))
+    assert ray.get(idx.flush.remote(30))
     shards = sorted((tmp_path / "m" / "snapshots" / "manifest").glob("*.json"))
     assert len(shards) == 3
     sizes = [len(json.loads(p.read_text())["snapshots"]) for p in shards]
@@ -79,6 +81,7 @@ def test_manifest_is_sharded_so_writes_stay_constant_and_max_snapshots_bounds_th
     b = SnapshotIndex.remote(str(tmp_path), "b", "uniform", 0, None, 4)
     for step in range(6):
         ray.get(b.record.remote({"key": f"b/snapshots/{step}.pt", "size": 1, "sha256": "x", "step": step}))
+    assert ray.get(b.flush.remote(30))
     assert ray.get(b.stats.remote())["snapshots"] == 4 and ray.get(b.stats.remote())["evicted"] == 2
     assert sorted(p.name for p in (tmp_path / "b" / "snapshots").glob("*.pt")) == ["2.pt", "3.pt", "4.pt", "5.pt"]
     assert {d["step"] for d in ray.get([b.sample.remote() for _ in range(100)])} == {2, 3, 4, 5}
@@ -91,6 +94,7 @@ def test_corrupted_snapshot_is_skipped_with_a_warning(tmp_path, caplog):
     store = RaySnapshotStore(str(tmp_path), "c", index, loaders, record=True)
     for step in range(1, 5):
         store.record(step, {"w": torch.full((4,), float(step))})
+    store.flush()  # recorded in the background: stored and indexed now
     assert len(store) == 4
     path = tmp_path / "c" / "snapshots" / "2.pt"
     path.write_bytes(path.read_bytes()[:-8] + b"corrupt!")
@@ -110,6 +114,7 @@ def test_draws_come_from_the_object_store_within_its_bound_and_a_lost_copy_falls
     store = RaySnapshotStore(str(tmp_path), "o", index, loaders, record=True)
     for step in range(1, 4):
         store.record(step, {"w": torch.full((1000,), float(step))})
+    store.flush()
     assert all(store.sample()["w"][0].item() in (1.0, 2.0, 3.0) for _ in range(10))
     assert store.stats()["from_object_store"] == 10 and store.stats()["from_storage"] == 0
     size = ray.get(index.entries_list.remote())[0]["size"]
@@ -119,6 +124,7 @@ def test_draws_come_from_the_object_store_within_its_bound_and_a_lost_copy_falls
     bounded = RaySnapshotStore(str(tmp_path), "ob", bi, bl, record=True)
     for step in range(1, 6):
         bounded.record(step, {"w": torch.full((1000,), float(step))})
+    bounded.flush()
     st = ray.get(bi.stats.remote())
     assert st["object_store_snapshots"] == 2 and st["object_store_bytes"] <= st["object_store_limit"]
     seen = {bounded.sample()["w"][0].item() for _ in range(60)}
@@ -127,6 +133,7 @@ def test_draws_come_from_the_object_store_within_its_bound_and_a_lost_copy_falls
     li, ll = start_snapshot_pool(str(tmp_path), "ol", "uniform", 0, num_loaders=1, namespace_name="ol-test")
     lost = RaySnapshotStore(str(tmp_path), "ol", li, ll, record=True, copy_timeout_s=1.0)
     lost.record(7, {"w": torch.full((1000,), 7.0)})
+    lost.flush()
     entry = ray.get(li.sample.remote(0))
 
     @ray.remote(num_cpus=0)

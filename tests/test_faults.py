@@ -78,10 +78,13 @@ def assert_consistent(st: S3Storage, run_name: str, res: dict, meta_every: int =
     assert res["server_rejected"] == 0 and srv["persist_pending"] == 0 and srv["persisted_version"] == rounds, srv
     ptr = st.get_json(f"{run_name}/lossnet/latest.json")
     assert ptr["version"] == rounds and sha(st.get_bytes(ptr["key"])) == ptr["sha256"]
-    hashes = st.get_json(f"{run_name}/lossnet/hashes.json")  # what the server held at each version, hashed then
-    for v, key in VersionStore(st, f"{run_name}/lossnet").versions():  # each stored version holds exactly its own state
+    store = VersionStore(st, f"{run_name}/lossnet")
+    hashes = store.hashes()  # what the server(s) held at each version, hashed when it was applied
+    versions = store.versions()
+    assert sorted(hashes) == sorted(v for v, _ in versions)
+    for v, key in versions:  # each stored version holds exactly its own state
         sd = st.get_torch(key)
-        assert int(sd["version"]) == v and content_sha256(sd) == sd["state_sha256"] == hashes[str(v)], key
+        assert int(sd["version"]) == v and content_sha256(sd) == sd["state_sha256"] == hashes[v], key
     shards = [k for k in st.list(f"{run_name}/snapshots/manifest") if k.endswith(".json")]
     entries = [e for k in shards for e in st.get_json(k)["snapshots"]]
     assert entries and all(sha(st.get_bytes(e["key"])) == e["sha256"] for e in entries)
@@ -288,6 +291,7 @@ def test_a_transient_snapshot_read_error_is_retried_and_never_marks_it_corrupt(f
     try:
         for step in (1, 2, 3):
             store.record(step, {"w": torch.full((4,), float(step))})
+        store.flush()
         faults.set_mode("reset", 1.0)  # shorter than the loader's bound: retried, loaded
         assert store.sample() is not None and faults.faulted("/tr/snapshots/")
         faults.set_mode("refuse")  # longer: this draw starts from the current student

@@ -160,6 +160,7 @@ def test_every_saved_version_holds_exactly_its_own_phi_and_adam_state_when_saves
     assert core.drain_once()
     store = VersionStore(open_storage(str(tmp_path)), "run/lossnet")
     hashes = core.version_hashes()
+    assert store.hashes() == hashes  # the durable hash manifest says the same
     for v in range(6):
         sd = store.storage.get_torch(store.key(v))
         assert sd["version"] == v and content_sha256(sd) == sd["state_sha256"] == hashes[v]

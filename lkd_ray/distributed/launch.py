@@ -289,9 +289,6 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
             if summary["server"]["persist_pending"]:
                 raise StorageError(f"the loss network's last {summary['server']['persist_pending']} version(s) could not be "
                                    f"saved to {storage.uri}/{run}/lossnet ({summary['server']['persist_error']})")
-            # what each version held when it was applied: anyone can check every v<N>.pt against it
-            storage.put_json(safe_key(run, "lossnet", "hashes.json"),
-                             {str(v): h for v, h in sorted(ray.get(server.version_hashes.remote()).items())})
             for k in ("version", "accepted", "rejected", "rounds"):
                 summary[f"server_{k}"] = summary["server"].get(k)
             summary["server_accepted"] = summary["server"].get("meta_accepted")

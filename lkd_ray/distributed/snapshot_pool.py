@@ -67,6 +67,7 @@ class SnapshotIndex:
         self.manifest_failures = 0
         self._pending: dict[int, dict] = {}   # manifest shard → its newest content, waiting for the writer
         self._deletes: list[str] = []
+        self._writing = False  # the writer holds work it took from the queues
         self._wlock = threading.Condition()
         self._load()
         threading.Thread(target=self._write_forever, daemon=True, name="snapshot-manifest").start()
@@ -81,6 +82,7 @@ class SnapshotIndex:
                     self._wlock.wait()
                 shards, self._pending = self._pending, {}
                 deletes, self._deletes = self._deletes, []
+                self._writing = True
             try:
                 for shard, payload in sorted(shards.items()):
                     self.storage.put_json(self._shard_key(shard), payload)
@@ -92,6 +94,7 @@ class SnapshotIndex:
                 with self._wlock:
                     self._pending = {**shards, **self._pending}
                     self._deletes = deletes + self._deletes
+                    self._writing = False
                 time.sleep(delay)
                 delay = min(2 * delay, 10.0)
                 continue
@@ -101,13 +104,15 @@ class SnapshotIndex:
                 except Exception as exc:  # an orphaned object is harmless: the index no longer names it
                     log.warning("could not delete evicted snapshot %s: %s", key, exc)
             with self._wlock:
+                self._writing = False
                 self._wlock.notify_all()
 
     def flush(self, timeout_s: float = 60.0) -> bool:
-        """Wait until the manifest is written (tests, shutdown); False if storage did not take it in time."""
+        """Wait until the manifest is written and evicted objects deleted (tests, shutdown); False if storage did
+        not take it in time."""
         deadline = time.monotonic() + timeout_s
         with self._wlock:
-            while self._pending or self._deletes:
+            while self._pending or self._deletes or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False

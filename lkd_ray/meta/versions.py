@@ -1,5 +1,6 @@
-"""Loss-network versions in storage: ``<prefix>/v<N>.pt`` objects and a ``latest.json`` pointer
-(``{"key", "size", "sha256", "version"}``) written after the object it names.
+"""Loss-network versions in storage: ``<prefix>/v<N>.pt`` objects, a ``latest.json`` pointer
+(``{"key", "size", "sha256", "version"}``) written after the object it names, and a sharded manifest of each
+version's content hash (``hashes/NNNNN.json``), recorded when the version was applied.
 
 Reading takes the newest *intact* version: the pointer's target if its sha256 matches, else — with a
 warning that says what happened — the newest object that loads, so a truncated or overwritten
@@ -53,10 +54,14 @@ class VersionContentMismatch(ChecksumMismatch):
     """A version file whose φ or optimizer state is not the one recorded when it was queued."""
 
 
+HASH_SHARD = 256
+
+
 class VersionStore:
     def __init__(self, storage: Storage, prefix: str = "lossnet"):
         self.storage = storage
         self.prefix = prefix.strip("/") if prefix not in (".", "") else ""
+        self._shards: dict[int, dict[int, str]] = {}  # hash-manifest shards this process has read or written
 
     def key(self, version: int) -> str:
         return f"{self.prefix}/v{version}.pt" if self.prefix else f"v{version}.pt"
@@ -66,9 +71,30 @@ class VersionStore:
         return f"{self.prefix}/latest.json" if self.prefix else "latest.json"
 
     def save(self, version: int, payload: dict[str, Any]) -> dict[str, Any]:
+        """The object, then the pointer, then (when the payload carries one) its content hash in the sharded hash
+        manifest ``hashes/NNNNN.json`` (256 versions a shard: a save rewrites one small shard)."""
         entry = self.storage.put_torch(self.key(version), payload)
         self.storage.put_json(self.pointer, {**entry, "version": int(version)})
+        if payload.get("state_sha256"):
+            shard = int(version) // HASH_SHARD
+            if shard not in self._shards:
+                key = self._hash_key(shard)
+                self._shards[shard] = {int(k): v for k, v in self.storage.get_json(key).items()} \
+                    if self.storage.exists(key) else {}
+            self._shards[shard][int(version)] = payload["state_sha256"]
+            self.storage.put_json(self._hash_key(shard), {str(k): v for k, v in sorted(self._shards[shard].items())})
         return {**entry, "version": int(version)}
+
+    def _hash_key(self, shard: int) -> str:
+        return f"{self.prefix}/hashes/{shard:05d}.json" if self.prefix else f"hashes/{shard:05d}.json"
+
+    def hashes(self) -> dict[int, str]:
+        """Every saved version's content hash, as recorded when it was applied (from every server incarnation)."""
+        out: dict[int, str] = {}
+        hash_prefix = f"{self.prefix}/hashes" if self.prefix else "hashes"
+        for key in sorted(k for k in self.storage.list(hash_prefix) if k.endswith(".json")):
+            out.update({int(k): v for k, v in self.storage.get_json(key).items()})
+        return out
 
     def versions(self) -> list[tuple[int, str]]:
         """Stored versions, newest first."""
