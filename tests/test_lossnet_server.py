@@ -105,7 +105,9 @@ def test_every_version_is_persisted_and_a_restart_resumes_with_its_counters(tmp_
         core.submit("trainer", r, _grad(core), core.version)
     assert core.persist_pending() == 6 and core.drain_once() and core.persisted_version == 5
     names = sorted(p.name for p in (tmp_path / "run" / "lossnet").iterdir())
-    assert names == ["latest.json"] + [f"v{v}.pt" for v in range(6)]
+    assert names == ["hashes", "latest.json"] + [f"v{v}.pt" for v in range(6)]
+    manifest = json.loads((tmp_path / "run" / "lossnet" / "hashes" / "00000.json").read_text())
+    assert sorted(manifest) == [str(v) for v in range(6)]  # one hash per version, in its shard of the manifest
     phi = core.get()[1]
     again = LossNetServerCore(cfg, str(tmp_path), "run", "sync", 1)  # what a Ray restart does
     assert again.version == 5 and again.stats["restored_from"] == 5 and torch.equal(again.get()[1], phi)
