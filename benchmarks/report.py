@@ -145,7 +145,7 @@ def cost_table() -> str:
     rec = load("cost.json")
     if not rec:
         return "_Not measured yet._\n"
-    lines = ["| setting | recipe | pairs | LKD / KD, whole run (median) | range | whole process (median) | KD run (s) | "
+    lines = ["| setting | recipe | pairs | setting / KD, whole run (median) | range | whole process (median) | KD run (s) | "
              "measured | commit | jobs beside |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rec["rows"]:
         r, p = row["ratios"], row["process_ratios"]
@@ -285,7 +285,31 @@ def per_sample_text() -> str:
             if any_ else "_No per-sample runs recorded yet._\n")
 
 
+def presets_table() -> str:
+    """The shipped presets (lkd_ray.config.PRESETS), each with what its records say and its measured cost."""
+    from lkd_ray.config import PRESETS
+
+    if not PRESETS:
+        return "_No presets shipped._\n"
+    recs = load("accuracy_regimes.json") or []
+    cost = {r["setting"]: r for r in (load("cost.json") or {}).get("rows", [])}
+    lines = ["| `--preset` | regime | what it runs | test top-1 (mean ± std) | Δ vs kd (paired ± SE) | quiz top-1 | "
+             "whole run / KD (median, range) |", "|---|---|---|---|---|---|---|"]
+    for name, p in PRESETS.items():
+        src = p["source"]
+        rs = [r for r in recs if r["regime"] == src["regime"]]
+        row = next((r for r in rows(rs) if r["method"] == src["method"]), None)
+        c = cost.get(f"{src['regime']}:{src['method']}")
+        c_text = (f"{statistics.median(c['ratios']):.2f} ({min(c['ratios']):.2f}–{max(c['ratios']):.2f})" if c
+                  else "not measured")
+        lines.append(f"| `{name}` | {src['regime']} | {src['method']} ({src['trial']}) | "
+                     + (f"{row['test']:.2f} ± {row['std']:.2f} | {pm(paired(rs, src['method'], 'kd'))} | {row['quiz']:.2f}"
+                        if row else "— | — | —") + f" | {c_text} |")
+    return "\n".join(lines) + "\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "presets": presets_table,
     "overhead": overhead_table,
     "units": units_table,
     "teacher-cache": teacher_cache_table,

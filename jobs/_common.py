@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/x.py` from a checkout / ray working_dir
 
-from lkd_ray.config import ConfigError, build_config  # noqa: E402
+from lkd_ray.config import PRESETS, ConfigError, build_config  # noqa: E402
 from lkd_ray.storage import OUTAGE_ENV, StorageError  # noqa: E402
 
 
@@ -32,6 +32,8 @@ def parser(description: str, recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--config", help="YAML with sections model/data/optim/loss/lossnet/meta/run")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="loss settings tuned for a data regime (BENCHMARKS.md, 'Regimes'); applied before --config/--set")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     p.add_argument("--recipe", default=recipe, help=f"base recipe (default {recipe})")
     p.add_argument("--mode", choices=["sync", "async"], default="sync", help="LossNetServer update mode")
@@ -57,7 +59,7 @@ def build(args, extra: dict | None = None, smoke: dict | None = None):
         for k, v in part.items():
             sections.setdefault(k, {}).update(v)
     try:
-        return build_config(args.recipe, args.config, args.overrides, **sections)
+        return build_config(args.recipe, args.config, args.overrides, preset=args.preset, **sections)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -3,16 +3,19 @@ Fashion-MNIST, a teacher trained once and cached.
 
     python jobs/lkd_fashion.py                       # what `./dev run` runs
     ray job submit --working-dir . -- python jobs/lkd_fashion.py --num-workers 2
+    python jobs/lkd_fashion.py --preset noisy-sym40  # the loss the regimes benchmark picked there (BENCHMARKS.md)
 """
-from _common import build, dump, launch, parser, smoke_overrides, summarize
+from _common import PRESETS, build, dump, launch, parser, smoke_overrides, summarize
 
 
 def main(argv=None) -> int:
     p = parser(__doc__, "fashion_mnist")
-    p.add_argument("--methods", nargs="+", default=["kd", "lkd"], choices=["ce", "kd", "dkd", "dist", "wsl", "lkd", "control"])
+    p.add_argument("--methods", nargs="+", default=None, choices=["ce", "kd", "dkd", "dist", "wsl", "lkd", "control"],
+                   help="default: kd lkd; with --preset, the preset's own method (add kd to compare)")
     args = p.parse_args(argv)
+    methods = args.methods or ([PRESETS[args.preset]["sections"]["loss"]["method"]] if args.preset else ["kd", "lkd"])
     cfgs = []
-    for method in args.methods:  # validate every config before any cluster work
+    for method in methods:  # validate every config before any cluster work
         cfg = build(args, {"loss": {"method": method}}, smoke_overrides(10, 28, 1))
         cfg.run.name = f"{cfg.run.name}-{method}"
         cfgs.append(cfg)

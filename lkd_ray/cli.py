@@ -6,19 +6,21 @@ import json
 import sys
 from pathlib import Path
 
-from .config import RECIPES, ConfigError, build_config, save_config
+from .config import PRESETS, RECIPES, ConfigError, build_config, save_config
 from .train.run import LossNetArtifactError
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_recipe: str = "fashion_mnist") -> None:
     p.add_argument("--recipe", default=default_recipe, choices=sorted(RECIPES), help="base recipe")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="loss settings tuned for a data regime (BENCHMARKS.md, 'Regimes'); applied before --config/--set")
     p.add_argument("--config", help="YAML file with sections model/data/optim/loss/lossnet/meta/run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field, e.g. --set meta.scope=head (repeatable)")
 
 
 def cmd_train(args) -> int:
-    cfg = build_config(args.recipe, args.config, args.overrides)
+    cfg = build_config(args.recipe, args.config, args.overrides, preset=args.preset)
     return _train_one(cfg, args.out)
 
 
@@ -40,7 +42,7 @@ def cmd_demo(args) -> int:
     from .data import build_data
     from .train import build_run
 
-    base = build_config(args.recipe, args.config, args.overrides)
+    base = build_config(args.recipe, args.config, args.overrides, preset=args.preset)
     data = build_data(base.data, base.run.seed, cache_dir=base.run.cache_dir)
     rows = []
     info = {}

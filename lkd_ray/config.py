@@ -305,6 +305,20 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Presets: loss settings chosen for a data regime by ``benchmarks/accuracy.py --regime R --tune lkd-sample`` (picked
+# on the regime's clean quiz split only, never the test split). Each names the tuning record it came from;
+# tests/test_presets.py rebuilds every preset from benchmarks/results/accuracy_regimes_tuning.json, so a preset cannot
+# drift from what was measured. A preset sets the loss, loss network and meta-step; the data stay the user's.
+PRESETS: dict[str, dict[str, Any]] = {
+    "noisy-sym40": {
+        "summary": "40 % symmetric label noise, teacher trained on the noisy labels, a small clean quiz: DIST (τ = 2) "
+                   "won on quiz over five seeds; no learned loss came close (BENCHMARKS.md)",
+        "source": {"regime": "noisy-sym40", "method": "dist-tuned", "trial": "tau=2"},
+        "sections": {"loss": {"method": "dist", "tau": 2.0}},
+    },
+}
+
+
 def _deep_update(base: dict, upd: dict) -> dict:
     for k, v in upd.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -349,13 +363,18 @@ def _explain(err: ValidationError) -> str:
 
 
 def build_config(recipe: str | None = "fashion_mnist", file: str | Path | None = None,
-                 overrides: list[str] | tuple[str, ...] = (), **sections: dict[str, Any]) -> Config:
-    """recipe → YAML file → keyword sections → ``a.b=v`` overrides, validated once at the end."""
+                 overrides: list[str] | tuple[str, ...] = (), preset: str | None = None,
+                 **sections: dict[str, Any]) -> Config:
+    """recipe → preset → YAML file → keyword sections → ``a.b=v`` overrides, validated once at the end."""
     data: dict[str, Any] = {}
     if recipe is not None:
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {recipe!r}; valid recipes: {', '.join(RECIPES)}")
         data = copy.deepcopy(RECIPES[recipe])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESETS) or '(none)'}")
+        _deep_update(data, copy.deepcopy(PRESETS[preset]["sections"]))
     if file is not None:
         path = Path(file)
         if not path.is_file():

@@ -1,0 +1,81 @@
+"""Regime presets: each is exactly what its records pick — the tuned method (learned or hand-crafted) with the best mean
+quiz top-1 over the regime's seeds, with that method's tuned setting (rebuilt here from the records by the same rules
+the benchmark uses) — it reaches the config through the CLI and the jobs, and an unknown name is refused."""
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lkd_ray.config import PRESETS, ConfigError, build_config
+from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_trials, pick
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _tuning_pick(rows: list[dict], regime: str, family: str) -> dict:
+    mine = [r for r in rows if r["regime"] == regime and r["family"] == family]
+    assert mine, f"no {family} tuning records for {regime}"
+    return pick(mine)
+
+
+def test_there_is_a_preset_and_each_names_its_source():
+    assert PRESETS, "the regimes benchmark ships at least one preset"
+    for name, p in PRESETS.items():
+        assert set(p) == {"source", "sections", "summary"}, name
+        assert set(p["sections"]) <= {"loss", "lossnet", "meta"}, "a preset sets the loss only; the data stay the user's"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_is_what_its_records_pick(name):
+    src = PRESETS[name]["source"]
+    finals = [r for r in json.loads((RESULTS / "accuracy_regimes.json").read_text()) if r["regime"] == src["regime"]]
+    quiz = {m: statistics.mean(r["quiz_top1"] for r in finals if r["method"] == m)
+            for m in {r["method"] for r in finals if r["method"].endswith("-tuned")}}
+    assert len({r["seed"] for r in finals if r["method"] in quiz}) >= 5, "a preset is chosen over at least five seeds"
+    best = max(quiz, key=quiz.get)
+    assert src["method"] == best, f"{name}: the records pick {best} (quiz {quiz[best]:.2f}), the preset says {src['method']}"
+    tuning = json.loads((RESULTS / "accuracy_regimes_tuning.json").read_text())
+    family = best[:-len("-tuned")]
+    chosen = _tuning_pick(tuning, src["regime"], family)
+    assert src["trial"] == chosen["trial"], f"{name}: tuning picks {chosen['trial']}, the preset says {src['trial']}"
+    if family == "lkd-sample":
+        base = next(t for t in HANDCRAFTED["kd"] if t.name == _tuning_pick(tuning, src["regime"], "kd")["trial"])
+        trials = lkd_sample_trials(base)
+    else:
+        trials = HANDCRAFTED[family]
+    assert PRESETS[name]["sections"] == next(t for t in trials if t.name == chosen["trial"]).sections
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_preset_reaches_the_config_and_later_settings_override_it(name):
+    sections = PRESETS[name]["sections"]
+    cfg = build_config("fashion_mnist", preset=name)
+    for section, fields in sections.items():
+        for k, v in fields.items():
+            assert getattr(getattr(cfg, section), k) == v, (section, k)
+    again = build_config("fashion_mnist", preset=name, overrides=["run.seed=7", "loss.tau=3.5"])
+    assert again.run.seed == 7 and again.loss.tau == 3.5 and again.loss.method == cfg.loss.method
+
+
+def test_an_unknown_preset_is_refused_with_the_valid_names():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; valid presets: "):
+        build_config("fashion_mnist", preset="nope")
+    r = subprocess.run([sys.executable, "-m", "lkd_ray", "train", "--preset", "nope"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "--preset" in r.stderr and "invalid choice" in r.stderr
+
+
+def test_the_jobs_take_a_preset():
+    name = sorted(PRESETS)[0]
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import _common
+    finally:
+        sys.path.pop(0)
+    args = _common.parser("t", "fashion_mnist").parse_args(["--preset", name, "--set", "run.seed=3"])
+    cfg = _common.build(args)
+    assert cfg.loss.method == PRESETS[name]["sections"]["loss"]["method"] and cfg.run.seed == 3
