@@ -34,8 +34,9 @@ def _git(*args: str, cwd: Path | None = None) -> str | None:
 
 def commit() -> dict[str, Any]:
     """HEAD of the checkout these scripts run from, and whether tracked code differs from it."""
-    head = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "lkd_ray", "benchmarks/*.py", "jobs")
+    root = Path(__file__).resolve().parent.parent  # pathspecs are relative to the working directory: the repo root
+    head = _git("rev-parse", "HEAD", cwd=root)
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "lkd_ray", "benchmarks/*.py", "jobs", cwd=root)
     return {"commit": head, "dirty": bool(dirty) if dirty is not None else None}
 
 

@@ -251,6 +251,13 @@ class Config(_Section):
                              "none: use lossnet.base kd or dist, or lossnet.lock=none")
         if self.lossnet.kind == "sample" and self.lossnet.base != "kd" and self.loss.method == "lkd":
             raise ValueError("lossnet.kind=sample weighs the CE and KD terms per sample: it needs lossnet.base=kd")
+        if self.lossnet.kind == "sample" and self.loss.method == "lkd":
+            dead = [o for o, w in (("w_ce", self.loss.w_ce), ("w_kd", self.loss.w_logit)) if o in self.lossnet.sample_outputs and w == 0]
+            if dead:  # a per-sample weight multiplies its term's weight: on a zero term it gets no gradient and never moves
+                term = {"w_ce": "loss.w_ce (the CE term)", "w_kd": "loss.w_logit (the KD term)"}
+                raise ValueError(f"lossnet.sample_outputs has {', '.join(dead)}, a per-sample multiplier on "
+                                 f"{' and '.join(term[o] for o in dead)}, which is 0: it would never move. Give the term a "
+                                 f"positive weight, or drop {', '.join(dead)} from lossnet.sample_outputs")
         if self.meta.quiz_objective == "error" and self.meta.estimator != "es":
             raise ValueError("meta.quiz_objective=error has no gradient: use it with meta.estimator=es, or use 'calibrated'")
         if self.meta.estimator == "es" and self.meta.es_particles % 2:

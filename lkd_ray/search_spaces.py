@@ -55,9 +55,14 @@ HANDCRAFTED: dict[str, list[Trial]] = {
 
 def lkd_sample_trials(base: Trial | None = None) -> list[Trial]:
     """The per-sample loss network on ``base`` (a tuned KD trial; None: the recipe's KD), over the lock
-    (none, or the batch norm lock without a cone) × meta_every ∈ {10, 40} × meta lr ∈ {1e-3, 1e-2}."""
+    (none, or the batch norm lock without a cone) × meta_every ∈ {10, 40} × meta lr ∈ {1e-3, 1e-2}.
+    A KD pick with α = 1 has no CE term, and the network's per-sample CE weight multiplies it: the grid then
+    starts the CE term at weight 1, so every output can move (noisy-sym40's grid ran before this, with that
+    output dead: BENCHMARKS.md)."""
     base_loss = dict(base.sections["loss"]) if base is not None else {}
     base_loss["method"] = "lkd"
+    if base_loss.get("w_ce", 1.0) == 0:
+        base_loss["w_ce"] = 1.0
     out = []
     for lock in ("none", "norm"):
         for every in (10, 40):

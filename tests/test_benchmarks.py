@@ -70,3 +70,26 @@ def test_a_cost_pair_runs_each_side_in_a_fresh_process_and_records_what_ran(tmp_
     wall, proc = cost.one_run(kd, tmp_path / "kd")
     res = json.loads((tmp_path / "kd" / "result.json").read_text())
     assert res["wall_s"] == wall and proc > wall > 0 and res["config"] == kd  # the run's own time, and the process's
+
+
+def test_a_record_says_when_the_code_differed_from_its_commit(tmp_path):
+    """records.commit() looks at lkd_ray/, jobs/ and benchmarks/*.py of the checkout it sits in, from any working
+    directory (it once ran git from benchmarks/, where those pathspecs match nothing, and always said clean)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "lkd_ray").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "records.py", repo / "benchmarks" / "records.py")
+    (repo / "lkd_ray" / "x.py").write_text("A = 1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    spec = importlib.util.spec_from_file_location("records_copy", repo / "benchmarks" / "records.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert mod.commit() == {"commit": head, "dirty": False}
+    (repo / "lkd_ray" / "x.py").write_text("A = 2\n")
+    assert mod.commit() == {"commit": head, "dirty": True}

@@ -73,3 +73,21 @@ def test_a_scale_lock_needs_a_base_loss():
     with pytest.raises(ConfigError, match="lossnet.lock=norm keeps the base loss's gradient norm"):
         build_config("fashion_mnist", loss={"method": "lkd"}, lossnet={"base": "none", "lock": "norm"})
     assert build_config("fashion_mnist", loss={"method": "lkd"}, lossnet={"base": "none", "lock": "none"}).lossnet.base == "none"
+
+
+def test_a_per_sample_weight_on_a_zero_term_is_refused_and_the_grid_never_builds_one():
+    """A per-sample CE (KD) weight multiplies loss.w_ce (w_logit): on a term of weight 0 it has no gradient and stays
+    at its initial value (noisy-sym40's first per-sample grid ran so). The config refuses it; the grid avoids it."""
+    from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_trials
+
+    with pytest.raises(ConfigError, match=r"w_ce, a per-sample multiplier on loss.w_ce \(the CE term\), which is 0"):
+        build_config("fashion_mnist", loss={"method": "lkd", "w_ce": 0.0}, lossnet={"kind": "sample"})
+    with pytest.raises(ConfigError, match="w_kd"):
+        build_config("fashion_mnist", loss={"method": "lkd", "w_logit": 0.0}, lossnet={"kind": "sample"})
+    ok = build_config("fashion_mnist", loss={"method": "lkd", "w_ce": 0.0},
+                      lossnet={"kind": "sample", "sample_outputs": ["w_kd", "tau"]})
+    assert ok.loss.w_ce == 0.0  # dropping the dead output is the other way out
+    for base in HANDCRAFTED["kd"]:  # every KD pick, α = 1 (w_ce = 0) included
+        for t in lkd_sample_trials(base):
+            cfg = build_config("fashion_mnist", **t.sections)
+            assert cfg.loss.w_ce > 0 and cfg.loss.w_logit > 0 and cfg.loss.tau == base.sections["loss"]["tau"]
