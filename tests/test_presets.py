@@ -10,16 +10,19 @@ from pathlib import Path
 import pytest
 
 from lkd_ray.config import PRESETS, ConfigError, build_config
-from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_trials, pick
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _tuning_pick(rows: list[dict], regime: str, family: str) -> dict:
-    mine = [r for r in rows if r["regime"] == regime and r["family"] == family]
-    assert mine, f"no {family} tuning records for {regime}"
-    return pick(mine)
+def _accuracy():
+    """The benchmark's own rules (tuning pick, trial grids), so the test checks the preset, not a copy of them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_there_is_a_preset_and_each_names_its_source():
@@ -39,15 +42,11 @@ def test_a_preset_is_what_its_records_pick(name):
     best = max(quiz, key=quiz.get)
     assert src["method"] == best, f"{name}: the records pick {best} (quiz {quiz[best]:.2f}), the preset says {src['method']}"
     tuning = json.loads((RESULTS / "accuracy_regimes_tuning.json").read_text())
-    family = best[:-len("-tuned")]
-    chosen = _tuning_pick(tuning, src["regime"], family)
+    family, acc = best[:-len("-tuned")], _accuracy()
+    chosen = acc.tuning_pick(tuning, src["regime"], family)
     assert src["trial"] == chosen["trial"], f"{name}: tuning picks {chosen['trial']}, the preset says {src['trial']}"
-    if family == "lkd-sample":
-        base = next(t for t in HANDCRAFTED["kd"] if t.name == _tuning_pick(tuning, src["regime"], "kd")["trial"])
-        trials = lkd_sample_trials(base)
-    else:
-        trials = HANDCRAFTED[family]
-    assert PRESETS[name]["sections"] == next(t for t in trials if t.name == chosen["trial"]).sections
+    trial = next(t for t in acc.family_trials(src["regime"], family, tuning) if t.name == chosen["trial"])
+    assert PRESETS[name]["sections"] == trial.sections
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
