@@ -323,7 +323,19 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "cost-headline": cost_headline,
     **{f"regime-{r}": (lambda r=r: regime_table(r)) for r in REGIME_ORDER},
     **{f"tuning-{r}": (lambda r=r: tuning_table(r)) for r in REGIME_ORDER},
+    **{f"figures-{r}": (lambda r=r: figure_links(r)) for r in REGIME_ORDER},
 }
+
+
+def figure_links(regime: str) -> str:
+    """Links to the figures ``benchmarks/figures.py`` draws for a regime: only those its records produce."""
+    recs = [r for r in (load("accuracy_regimes.json") or []) if r["regime"] == regime]
+    if not recs:
+        return f"_No figures for `{regime}`: it has not run._\n"
+    names = ["training_curves", "paired_vs_best"]
+    if any(r["method"] == "lkd-sample-tuned" and r.get("per_sample") for r in recs):
+        names.append("per_sample")
+    return "".join(f"![](docs/figures/{n}_{regime}.png)\n" for n in names)
 
 
 def render(text: str, source: str) -> str:
