@@ -74,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setting", action="append", default=None, help="'lkd (default)' or <regime>:<method> (repeatable)")
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "lkd_ray"))
     ap.add_argument("--results", default=str(records.RESULTS))
+    ap.add_argument("--jobs-beside", type=int, default=0,
+                    help="other heavy jobs running on this machine meanwhile (the record says so; 0 for a quiet machine)")
     args = ap.parse_args(argv)
     if args.pairs < 3:
         ap.error("--pairs must be at least 3 (a median and a range need them)")
     results = Path(args.results)
+    load_start = records.load_1m()
     rows = []
     for setting in args.setting or ["lkd (default)"]:
         kd, lkd, recipe = configs(setting, args.cache_dir)
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     path = results / "cost.json"
     prev = json.loads(path.read_text()) if path.is_file() else {}
     kept = [r for r in prev.get("rows", []) if r["setting"] not in {r2["setting"] for r2 in rows}]
-    prov = {**records.provenance(jobs_beside=0), "measured": records.now(), "load_1m_end": records.load_1m()}
+    prov = {**records.provenance(jobs_beside=args.jobs_beside), "measured": records.now(),
+            "load_1m_start": load_start, "load_1m_end": records.load_1m()}
     records.write_json(path, {"rows": kept + [{**r, **prov} for r in rows]})
     return 0
 
