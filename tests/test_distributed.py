@@ -341,6 +341,35 @@ def test_es_on_ray_follows_the_same_phi_trajectory_as_es_in_one_process(tmp_path
         assert all(torch.equal(mine[k], ray_v[v][k]) for k in mine), f.name
 
 
+def test_a_resumed_es_run_gives_every_particle_back_its_own_student(tmp_path):
+    """ES on Ray, a particle killed after epoch 1 and the group restarted: every particle resumes from its own
+    checkpointed student, quiz position and perturbation, so the run ends exactly where an uninterrupted one
+    ends (one thread, same seed) — particle 1's student included, which it could not if it resumed from rank 0's."""
+    base = small_cfg("esw", tmp_path, meta={"estimator": "es", "es_particles": 2, "meta_every": 3, "es_sigma": 0.5,
+                                            "lr": 0.05}, run={"threads": 1}, optim={"epochs": 2})
+    whole = run_distributed(base, LaunchOptions(storage=str(tmp_path / "a"), num_workers=2))
+    cut = base.model_copy(deep=True)
+    cut.run.name = "esc"
+    marker = tmp_path / "crashed"
+    resumed = run_distributed(cut, LaunchOptions(storage=str(tmp_path / "b"), num_workers=2, max_failures=1,
+                                                 worker_callbacks=[CrashOnce(1, 1, str(marker))]))
+    assert marker.exists() and resumed["metrics"]["epoch"] == 2
+    for name in ("trainer.pt", "particle-001.pt"):
+        a = torch.load(Path(whole["checkpoint"]) / name, weights_only=True)
+        b = torch.load(Path(resumed["checkpoint"]) / name, weights_only=True)
+        assert a["epoch"] == b["epoch"] == 2
+        for k, v in a["student"].items():
+            assert torch.equal(v, b["student"][k]), (name, k)
+    s0 = torch.load(Path(resumed["checkpoint"]) / "trainer.pt", weights_only=True)["student"]
+    s1 = torch.load(Path(resumed["checkpoint"]) / "particle-001.pt", weights_only=True)["student"]
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0)  # the particles' students are their own
+    assert resumed["server"]["version"] == whole["server"]["version"] > 0
+    a_phi = LocalStorage(tmp_path / "a").get_torch(f"esw/lossnet/v{whole['server']['version']}.pt")["lossnets"]
+    b_phi = LocalStorage(tmp_path / "b").get_torch(f"esc/lossnet/v{resumed['server']['version']}.pt")["lossnets"]
+    for k, v in a_phi.items():
+        assert torch.equal(v, b_phi[k]), k
+
+
 def test_a_changed_config_under_an_existing_run_name_stops_and_an_unchanged_one_reuses(tmp_path, capsys):
     cfg = small_cfg("named", tmp_path, loss={"method": "kd"}, optim={"epochs": 1})
     first = run_distributed(cfg, LaunchOptions(storage=str(tmp_path / "store"), num_workers=1))

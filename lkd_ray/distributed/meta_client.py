@@ -179,7 +179,7 @@ class ESParticle:
         m = cfg.meta
         self.index = es_index(lossnets, m.es_params)
         self.es = ESEstimator(len(self.index), m.es_particles, m.es_sigma, m.es_persistent, seed=cfg.run.seed)
-        self._quiz = None
+        self._quiz, self._quiz_start = None, 0
         v, flat = ray.get(server.get.remote(-1))
         self._take(v, ray.get(server.report.remote())["es_round"], flat)
 
@@ -194,8 +194,20 @@ class ESParticle:
 
         if self._quiz is None:
             self._quiz = Stream(trainer.data.quiz)
+            self._quiz.seek(self._quiz_start)
         b = self._quiz.next()
         loss = particle_quiz_loss(trainer, b[0].to(trainer.device), b[1].to(trainer.device), self.cfg.meta.quiz_objective)
         res = ray.get(self.server.es_report.remote(self.particle, self.round, loss, trainer.meta_lr_scale()))
         self._take(res["version"], res["round"], res["phi"])
         return {"meta_quiz_loss": loss, "meta_accepted": float(bool(res.get("accepted")))}
+
+    def state_dict(self) -> dict:
+        """What this particle needs beyond its trainer's state to resume: how far it read its quiz stream."""
+        return {"quiz_consumed": self._quiz.consumed if self._quiz is not None else 0}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume: seek the quiz stream, and take the server's current centre with *this* particle's perturbation
+        (the loaded trainer state holds φ as it was at the checkpoint, which the server may have moved past)."""
+        self._quiz, self._quiz_start = None, int(sd.get("quiz_consumed", 0))
+        v, flat = ray.get(self.server.get.remote(-1))
+        self._take(v, ray.get(self.server.report.remote())["es_round"], flat)

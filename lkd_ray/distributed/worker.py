@@ -26,6 +26,7 @@ from .snapshot_pool import RaySnapshotStore
 
 CHECKPOINT_FILE = "trainer.pt"   # full resumable state (weights-only loadable)
 STUDENT_FILE = "student.pt"      # the student in the KD community's layout: {"model": state_dict, "epoch": …}
+PARTICLE_FILE = "particle-{:03d}.pt"  # under ES: particle r's own resumable state (rank 0's is CHECKPOINT_FILE)
 log = logging.getLogger(__name__)
 
 
@@ -70,10 +71,22 @@ def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> t
     return best, is_registered, best_key
 
 
-def resume_state(storage, run_key: str, registered, rank: int, world: int, device) -> tuple[dict | None, bool]:
+def _load_own(registered, storage, key: str | None, name: str, device) -> dict | None:
+    """``name`` from the chosen checkpoint (Ray merges every rank's files into one folder), or None if absent."""
+    if registered is not None and key is None:
+        with registered.as_directory() as d:
+            path = os.path.join(d, name)
+            return torch.load(path, map_location=device, weights_only=True) if os.path.exists(path) else None
+    own = key.rsplit("/", 1)[0] + "/" + name
+    return storage.get_torch(own, map_location=str(device)) if storage.exists(own) else None
+
+
+def resume_state(storage, run_key: str, registered, rank: int, world: int, device,
+                 own_file: str | None = None) -> tuple[dict | None, bool]:
     """Rank 0 chooses the checkpoint to resume from and every rank loads exactly that one: after a transient
     error, ranks choosing on their own could resume from different epochs. A rank that cannot load the chosen
-    checkpoint fails (the worker group restarts) instead of silently training from another state."""
+    checkpoint fails (the worker group restarts) instead of silently training from another state. With
+    ``own_file`` (ES: one student per particle) a rank other than 0 loads its own file from that checkpoint."""
     import torch.distributed as dist
 
     choice = [None]
@@ -86,7 +99,13 @@ def resume_state(storage, run_key: str, registered, rank: int, world: int, devic
     if pick is None:
         return None, False
     if rank != 0:
-        state = _load_registered(registered, device) if pick["registered"] else storage.get_torch(pick["key"], map_location=str(device))
+        state = _load_own(registered if pick["registered"] else None, storage, None if pick["registered"] else pick["key"],
+                          own_file, device) if own_file else None
+        if state is None:
+            if own_file:
+                log.warning("rank %s: the checkpoint of epoch %s holds no %s (written before per-particle checkpoints): "
+                            "resuming from rank 0's student", rank, pick["epoch"], own_file)
+            state = _load_registered(registered, device) if pick["registered"] else storage.get_torch(pick["key"], map_location=str(device))
         if int(state.get("epoch", 0)) != pick["epoch"]:
             raise RuntimeError(f"rank {rank} loaded epoch {state.get('epoch')} where rank 0 chose epoch {pick['epoch']}")
     return state, pick["registered"]
@@ -195,7 +214,8 @@ def train_loop_per_worker(config: dict) -> None:
                     log=lambda *_: None)
     trainer = run.trainer
     updater = updaters[0] if updaters else None
-    state, registered = resume_state(storage, run_key, ray.train.get_checkpoint(), rank, world, device)
+    state, registered = resume_state(storage, run_key, ray.train.get_checkpoint(), rank, world, device,
+                                     own_file=PARTICLE_FILE.format(rank) if es else None)
     if state is not None:
         _resume(trainer, state, server, updater, rank)
     metrics_log = EpochLogs(storage, run_key) if rank == 0 else None
@@ -216,9 +236,15 @@ def train_loop_per_worker(config: dict) -> None:
         return metrics
 
     def report(metrics: dict, epoch: int) -> None:
-        """Every rank reports (Ray Train V2); rank 0 attaches the resumable state and the student."""
+        """Every rank reports (Ray Train V2); rank 0 attaches the resumable state and the student. Under ES every
+        particle trains its own student, so ranks other than 0 attach theirs too (Ray merges the folders)."""
         if rank != 0:
-            ray.train.report(metrics)
+            if not es:
+                ray.train.report(metrics)
+                return
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(trainer.state_dict(), os.path.join(d, PARTICLE_FILE.format(rank)))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
             return
         with tempfile.TemporaryDirectory() as d:
             state = trainer.state_dict()

@@ -230,10 +230,14 @@ class ESParticleLearner:
         return {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"meta_s": self.meta_time}
+        own = self.particle.state_dict() if hasattr(self.particle, "state_dict") else {}
+        return {"meta_s": self.meta_time, "particle": own}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Runs after the trainer loaded φ from the checkpoint: the particle then sets its own φ and quiz position."""
         self.meta_time = float(sd.get("meta_s", 0.0))
+        if hasattr(self.particle, "load_state_dict"):
+            self.particle.load_state_dict(sd.get("particle") or {})
 
 
 class ESPopulation:
