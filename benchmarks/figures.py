@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 MAIN = ("ce", "kd", "lkd")
+COLOURS = {"clean": "tab:green", "flipped": "tab:red", "agree": "tab:blue", "disagree": "tab:orange"}  # one per group, every figure
 
 
 def _best_tuned(recs: list[dict]) -> str | None:
@@ -39,7 +40,7 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str) -> 
             mean = statistics.mean(v["mean"] for v in vals)
             lo = statistics.mean(v["q10"] for v in vals)
             hi = statistics.mean(v["q90"] for v in vals)
-            ax.bar(i, mean, color=["tab:green", "tab:red", "tab:blue", "tab:orange"][i % 4], alpha=0.7)
+            ax.bar(i, mean, color=COLOURS[g], alpha=0.7)
             ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], color="k", capsize=4)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title({"w_ce": "weight on CE (base 1)", "w_kd": "weight on KD (base 1)", "tau": "temperature"}[o])

@@ -41,6 +41,7 @@ TEACHER_TEXT = {
     "noisy-sym40": "the training split with its 40 % symmetric label noise",
     "noisy-pair30": "the training split with its 30 % pair-flip label noise",
 }
+SEEDS_FOR_VERDICT = 5
 WIN_MARGIN, TIE_MARGIN, COST_BOUND = 0.5, 0.2, 1.25  # issue 15's bars: ≥ +0.5 at ≥ 2 SE; never below −0.2; ≤ 1.25× KD
 
 
@@ -112,6 +113,10 @@ def verdicts() -> str:
             lines.append(f"| {regime} | _not run yet_ | | | | | |")
             continue
         bt = next(r for r in rows(rs) if r["method"] == best)
+        seeds = min((r["n"] for r in rows(rs)), default=0)
+        if seeds < SEEDS_FOR_VERDICT:  # a regime still running: its rows so far, no verdict
+            lines.append(f"| {regime} | _incomplete: {seeds} of {SEEDS_FOR_VERDICT} seeds for some rows_ | | | | | |")
+            continue
         lkd = paired(rs, "lkd", best)
         variants = {m: paired(rs, m, best) for m in {r["method"] for r in rs} if m.startswith("lkd-")}
         variants = {m: d for m, d in variants.items() if d}
@@ -300,7 +305,8 @@ def presets_table() -> str:
         rs = [r for r in recs if r["regime"] == src["regime"]]
         row = next((r for r in rows(rs) if r["method"] == src["method"]), None)
         c = cost.get(f"{src['regime']}:{src['method']}")
-        c_text = (f"{statistics.median(c['ratios']):.2f} ({min(c['ratios']):.2f}–{max(c['ratios']):.2f})" if c
+        c_text = (f"{statistics.median(c['ratios']):.2f} ({min(c['ratios']):.2f}–{max(c['ratios']):.2f})"
+                  + (f", with {c['jobs_beside']} other jobs on the machine" if c.get("jobs_beside") else "") if c
                   else "not measured")
         lines.append(f"| `{name}` | {src['regime']} | {src['method']} ({src['trial']}) | "
                      + (f"{row['test']:.2f} ± {row['std']:.2f} | {pm(paired(rs, src['method'], 'kd'))} | {row['quiz']:.2f}"
