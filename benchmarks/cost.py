@@ -102,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{setting}: LKD/KD median {statistics.median(row['ratios']):.3f} "
               f"(range {min(row['ratios']):.3f}–{max(row['ratios']):.3f})", flush=True)
     path = results / "cost.json"
-    prev = json.loads(path.read_text()) if path.is_file() else {}
-    kept = [r for r in prev.get("rows", []) if r["setting"] not in {r2["setting"] for r2 in rows}]
     prov = {**records.provenance(jobs_beside=args.jobs_beside), "measured": records.now(),
             "load_1m_start": load_start, "load_1m_end": records.load_1m()}
-    records.write_json(path, {"rows": kept + [{**r, **prov} for r in rows]})
+    with records.locked(path):
+        prev = json.loads(path.read_text()) if path.is_file() else {}
+        kept = [r for r in prev.get("rows", []) if r["setting"] not in {r2["setting"] for r2 in rows}]
+        records.write_json(path, {"rows": kept + [{**r, **prov} for r in rows]})
     return 0
 
 

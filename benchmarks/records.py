@@ -7,6 +7,8 @@ Records are appended, never edited: a row that is wrong is re-run or dropped (an
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -78,30 +80,45 @@ def config_sha(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def locked(path: Path):
+    """Hold an exclusive lock on ``path``'s lock file for a read-modify-write: two benchmarks appending to the same
+    records (or the same config store) at once would otherwise each write back the file without the other's rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(path.suffix + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def keep_configs(configs: list[dict[str, Any]], path: Path = CONFIGS) -> list[str]:
     """Add configs to the committed store (sha → config); returns their shas."""
-    store = json.loads(path.read_text()) if path.is_file() else {}
-    shas = []
-    for c in configs:
-        sha = config_sha(c)
-        store.setdefault(sha, c)
-        shas.append(sha)
-    write_json(path, dict(sorted(store.items())))
+    with locked(path):
+        store = json.loads(path.read_text()) if path.is_file() else {}
+        shas = []
+        for c in configs:
+            sha = config_sha(c)
+            store.setdefault(sha, c)
+            shas.append(sha)
+        write_json(path, dict(sorted(store.items())))
     return shas
 
 
 def write_json(path: Path, obj: Any) -> None:
     """Atomic: a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, default=float, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
 def append(path: Path, records: list[dict[str, Any]]) -> None:
-    """Append records to a JSON list file (atomic rewrite)."""
-    old = json.loads(path.read_text()) if path.is_file() else []
-    write_json(path, old + records)
+    """Append records to a JSON list file (atomic rewrite, under the file's lock)."""
+    with locked(path):
+        old = json.loads(path.read_text()) if path.is_file() else []
+        write_json(path, old + records)
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

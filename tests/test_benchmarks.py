@@ -93,3 +93,19 @@ def test_a_record_says_when_the_code_differed_from_its_commit(tmp_path):
     assert mod.commit() == {"commit": head, "dirty": False}
     (repo / "lkd_ray" / "x.py").write_text("A = 2\n")
     assert mod.commit() == {"commit": head, "dirty": True}
+
+
+def test_two_benchmarks_appending_to_the_same_records_lose_nothing(tmp_path):
+    """Two processes appending to one records file (and one config store) at once: every row and config arrives.
+    Without the lock each read-modify-write can write the file back without the other's rows."""
+    path, configs = tmp_path / "recs.json", tmp_path / "configs.json"
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import records; from pathlib import Path\n"
+            "for i in range(60):\n"
+            "    records.append(Path(sys.argv[2]), [{'who': sys.argv[4], 'i': i}])\n"
+            "    records.keep_configs([{'who': sys.argv[4], 'i': i}], Path(sys.argv[3]))\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ROOT / "benchmarks"), str(path), str(configs), who])
+             for who in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    rows = json.loads(path.read_text())
+    assert sorted((r["who"], r["i"]) for r in rows) == [(w, i) for w in ("a", "b") for i in range(60)]
+    assert len(json.loads(configs.read_text())) == 120
