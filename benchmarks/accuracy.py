@@ -333,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with --threads torch threads)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--other-jobs", type=int, default=0,
+                    help="heavy jobs outside this command running on the machine meanwhile (the records count them)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "accuracy_regimes"), help="folder for the per-run outputs")
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "lkd_ray"), help="teachers and teacher-output caches")
     ap.add_argument("--results", default=str(RESULTS), help="where the records go (default benchmarks/results)")
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     records.keep_configs([t["config"] for t in todo], results / "configs.json")
     info = prepare(args.regime, args.cache_dir)
     print(f"teacher {info.get('key')}: test top-1 {info.get('test_top1')}", flush=True)
-    prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1), "threads": args.threads,
+    prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1 + args.other_jobs), "threads": args.threads,
             "teacher": {"key": info.get("key"), "test_top1": info.get("test_top1")}}
     for t in todo:
         t["provenance"] = prov
