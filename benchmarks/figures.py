@@ -41,7 +41,7 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str) -> 
             lo = statistics.mean(v["q10"] for v in vals)
             hi = statistics.mean(v["q90"] for v in vals)
             ax.bar(i, mean, color=COLOURS[g], alpha=0.7)
-            ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], color="k", capsize=4)
+            ax.errorbar(i, mean, yerr=[[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]], color="k", capsize=4)  # mean of quantiles can sit inside the mean
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title({"w_ce": "weight on CE (base 1)", "w_kd": "weight on KD (base 1)", "tau": "temperature"}[o])
         ax.grid(alpha=0.3, axis="y")
