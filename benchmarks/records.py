@@ -3,10 +3,16 @@ whether the tree was dirty), the machine (cores, CPU, Python, torch, Ray), when 
 beside it and the machine's load, and the run's full config — by sha, with the config itself kept in
 ``results/configs.json``.
 
-Records are appended, never edited: a row that is wrong is re-run or dropped (and the drop said).
+Records are appended, never edited: a row that is wrong is re-run or dropped (and the drop said). Dropping has
+its own command, which removes whole rows only and logs what it removed, why, by which command and at which commit
+in ``results/dropped.json`` (the rows themselves stay in git history)::
+
+    python benchmarks/records.py drop accuracy_regimes.json --where regime=noisy-sym40 method=lkd-sample-tuned \
+        --reason "the per-sample CE output was dead (its KD pick had no CE term)"
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -24,6 +30,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = RESULTS / "configs.json"
+DROPPED = "dropped.json"
 
 
 def _git(*args: str, cwd: Path | None = None) -> str | None:
@@ -143,3 +150,59 @@ def paired(recs: list[dict[str, Any]], method: str, ref: str, key: str = "test_t
     d = [a[s] - b[s] for s in seeds]
     return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d),
             "best": max(d)}
+
+
+def _matches(row: dict[str, Any], where: dict[str, str]) -> bool:
+    """Every ``field=value`` holds; values compare as text, so ``seed=3`` matches the number 3."""
+    return all(k in row and str(row[k]) == v for k, v in where.items())
+
+
+def drop(path: Path, where: dict[str, str], reason: str) -> list[dict[str, Any]]:
+    """Remove the rows of ``path`` that match every ``where`` condition and log the drop beside it; returns the rows.
+
+    A drop is refused without a reason or without a condition (it would empty the file), and when nothing matches
+    (a typo in a field name must not look like a drop that happened)."""
+    if not reason.strip():
+        raise ValueError("a drop needs --reason: say why these rows do not say what ran")
+    if not where:
+        raise ValueError("a drop needs at least one --where field=value")
+    with locked(path):
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        gone = [r for r in rows if _matches(r, where)]
+        if not gone:
+            raise ValueError(f"no row of {path.name} matches {where}; nothing dropped")
+        write_json(path, [r for r in rows if not _matches(r, where)])
+    log = path.parent / DROPPED
+    append(log, [{"file": path.name, "where": where, "rows": len(gone),
+                  "keys": sorted({tuple(str(r.get(k)) for k in ("regime", "method", "seed")) for r in gone}),
+                  "config_shas": sorted({r["config_sha"] for r in gone if "config_sha" in r}),
+                  "reason": reason, "dropped": now(), "command": command(), **commit()}])
+    return gone
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Drop whole benchmark rows, with the reason logged in results/dropped.json.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("drop", help="remove the rows matching every --where and log it")
+    d.add_argument("file", help="a records file in --results, e.g. accuracy_regimes.json")
+    d.add_argument("--where", nargs="+", required=True, metavar="FIELD=VALUE")
+    d.add_argument("--reason", required=True)
+    d.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    bad = [w for w in args.where if "=" not in w]
+    if bad:
+        ap.error(f"--where takes FIELD=VALUE, got {bad}")
+    path = Path(args.results) / args.file
+    if not path.is_file():
+        ap.error(f"{path} does not exist")
+    try:
+        gone = drop(path, dict(w.split("=", 1) for w in args.where), args.reason)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"dropped {len(gone)} row(s) from {path}; logged in {path.parent / DROPPED}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

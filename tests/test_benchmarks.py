@@ -109,3 +109,32 @@ def test_two_benchmarks_appending_to_the_same_records_lose_nothing(tmp_path):
     rows = json.loads(path.read_text())
     assert sorted((r["who"], r["i"]) for r in rows) == [(w, i) for w in ("a", "b") for i in range(60)]
     assert len(json.loads(configs.read_text())) == 120
+
+
+def test_dropping_rows_removes_only_what_matches_and_logs_why(tmp_path):
+    """The drop command (as a user runs it) removes whole matching rows, keeps the rest in order, and logs the drop
+    with its reason, command and the dropped keys; a drop without a reason, or one that matches nothing, is refused
+    and changes nothing."""
+    recs = tmp_path / "accuracy_regimes.json"
+    rows = [{"regime": g, "method": m, "seed": s, "test_top1": 80.0 + s, "config_sha": f"{g}-{m}-{s}"}
+            for g in ("noisy-sym40", "scarce") for m in ("kd", "lkd-sample-tuned") for s in range(3)]
+    recs.write_text(json.dumps(rows))
+    cli = [sys.executable, str(ROOT / "benchmarks" / "records.py"), "drop", recs.name, "--results", str(tmp_path)]
+
+    r = subprocess.run(cli + ["--where", "regime=noisy-sym40", "method=lkd-sample-tuned", "--reason", "dead CE output"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    left = json.loads(recs.read_text())
+    assert left == [x for x in rows if not (x["regime"] == "noisy-sym40" and x["method"] == "lkd-sample-tuned")]
+    (log,) = json.loads((tmp_path / "dropped.json").read_text())
+    assert log["file"] == recs.name and log["rows"] == 3 and log["reason"] == "dead CE output"
+    assert log["keys"] == [["noisy-sym40", "lkd-sample-tuned", str(s)] for s in range(3)]
+    assert log["config_shas"] == [f"noisy-sym40-lkd-sample-tuned-{s}" for s in range(3)]
+    assert "records.py drop" in log["command"] and "commit" in log
+
+    for bad in (["--where", "regime=noisy-sym40", "method=lkd-sample-tuned", "--reason", "again"],  # nothing matches now
+                ["--where", "regim=scarce", "--reason", "typo in the field"],
+                ["--where", "regime=scarce", "--reason", " "]):
+        r = subprocess.run(cli + bad, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
+    assert json.loads(recs.read_text()) == left and len(json.loads((tmp_path / "dropped.json").read_text())) == 1
