@@ -314,7 +314,20 @@ def presets_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def dropped_table() -> str:
+    """Every drop logged by ``benchmarks/records.py drop``: what went, why, and when."""
+    log = load("dropped.json") or []
+    if not log:
+        return "_No rows dropped through `benchmarks/records.py drop` yet._\n"
+    lines = ["| dropped (UTC) | file | rows | which | why |", "|---|---|---|---|---|"]
+    for d in log:
+        which = ", ".join(f"{k}={v}" for k, v in d["where"].items())
+        lines.append(f"| {d['dropped'][:16].replace('T', ' ')} | `{d['file']}` | {d['rows']} | {which} | {d['reason']} |")
+    return "\n".join(lines) + "\n\nFrom `benchmarks/results/dropped.json`; the rows themselves stay in git history.\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "dropped": dropped_table,
     "presets": presets_table,
     "overhead": overhead_table,
     "units": units_table,
