@@ -102,32 +102,58 @@ def regime_table(regime: str) -> str:
             f"{' or '.join(map(str, beside))} other run(s) beside each; wall times are of runs sharing the machine.\n")
 
 
+def _preset_for(regime: str) -> tuple[str, dict] | None:
+    from lkd_ray.config import PRESETS
+
+    return next(((n, p) for n, p in PRESETS.items() if p["source"]["regime"] == regime), None)
+
+
+def _cost_ratio(setting: str) -> float | None:
+    row = next((r for r in (load("cost.json") or {}).get("rows", []) if r["setting"] == setting), None)
+    return statistics.median(row["ratios"]) if row else None
+
+
 def verdicts() -> str:
+    """Issue 15's bars per regime. What ships for a regime is the shipped ``lkd`` and, where one exists, the regime's
+    preset (``--preset <regime>``); a win needs a learned loss among them ≥ +0.5 at ≥ 2 SE over the best tuned
+    hand-crafted loss, "within" asks whether what ships stays within −0.2 of it, and the cost bar is the preset's
+    whole run over KD's (≤ 1.25×). The best LKD variant by quiz is shown beside them; it is not shipped."""
     recs = load("accuracy_regimes.json") or []
-    lines = ["| regime | best tuned hand-crafted (by quiz) | its test top-1 | shipped `lkd` − it | best LKD variant − it "
-             "| win (≥ +0.5, ≥ 2 SE)? | within −0.2? |", "|---|---|---|---|---|---|---|"]
+    lines = ["| regime | best tuned hand-crafted (by quiz) | its test top-1 | shipped `lkd` − it | preset − it "
+             "| best LKD variant − it | win (≥ +0.5, ≥ 2 SE)? | within −0.2? | preset run / KD |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for regime in REGIME_ORDER:
         rs = [r for r in recs if r["regime"] == regime]
         best = best_tuned(rs)
         if not rs or not best:
-            lines.append(f"| {regime} | _not run yet_ | | | | | |")
+            lines.append(f"| {regime} | _not run yet_ | | | | | | | |")
             continue
         bt = next(r for r in rows(rs) if r["method"] == best)
         seeds = min((r["n"] for r in rows(rs)), default=0)
         if seeds < SEEDS_FOR_VERDICT:  # a regime still running: its rows so far, no verdict
-            lines.append(f"| {regime} | _incomplete: {seeds} of {SEEDS_FOR_VERDICT} seeds for some rows_ | | | | | |")
+            lines.append(f"| {regime} | _incomplete: {seeds} of {SEEDS_FOR_VERDICT} seeds for some rows_ | | | | | | | |")
             continue
         lkd = paired(rs, "lkd", best)
         variants = {m: paired(rs, m, best) for m in {r["method"] for r in rs} if m.startswith("lkd-")}
         variants = {m: d for m, d in variants.items() if d}
         vq = {m: statistics.mean(r["quiz_top1"] for r in rs if r["method"] == m) for m in variants}
         top = max(vq, key=vq.get) if vq else None  # chosen by quiz, like everything else
-        cands = [d for d in (lkd, variants.get(top)) if d]
-        win = any(d["mean"] >= WIN_MARGIN and d["mean"] >= 2 * d["se"] for d in cands)
-        within = lkd is not None and lkd["mean"] >= -TIE_MARGIN
-        lines.append(f"| {regime} | {best} | {bt['test']:.2f} | {pm(lkd)} | "
+        preset = _preset_for(regime)
+        pm_, pd, ptext, cost = None, None, "no preset", "—"
+        if preset:
+            pm_ = preset[1]["source"]["method"]
+            pd = {"mean": 0.0, "se": 0.0} if pm_ == best else paired(rs, pm_, best)
+            ptext = f"`{preset[0]}` ({pm_}): " + ("it" if pm_ == best else pm(pd))
+            ratio = _cost_ratio(f"{regime}:{pm_}")
+            cost = (f"{ratio:.2f}× ({'≤' if ratio <= COST_BOUND else '>'} {COST_BOUND})" if ratio is not None
+                    else "not measured")
+        learned = [d for d in (lkd, pd if pm_ and pm_.startswith("lkd") else None) if d]
+        win = any(d["mean"] >= WIN_MARGIN and d["mean"] >= 2 * d["se"] for d in learned)
+        shipped = pd if pd is not None else lkd
+        within = shipped is not None and shipped["mean"] >= -TIE_MARGIN
+        lines.append(f"| {regime} | {best} | {bt['test']:.2f} | {pm(lkd)} | {ptext} | "
                      f"{f'{top}: ' + pm(variants[top]) if top else '—'} | {'yes' if win else 'no'} | "
-                     f"{'yes' if within else 'no'} |")
+                     f"{('yes' if within else 'no') + (' (preset)' if pd is not None else '')} | {cost} |")
     return "\n".join(lines) + "\n"
 
 

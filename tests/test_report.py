@@ -29,3 +29,40 @@ def test_a_block_edited_by_hand_fails_the_check(tmp_path, monkeypatch):
         raise AssertionError("an unknown block must stop the report")
     except SystemExit as e:
         assert "unknown report block 'no-such-block'" in str(e)
+
+
+def _synthetic(method_offsets: dict[str, tuple[float, float]], seeds=range(5)) -> list[dict]:
+    """Rows of one regime: per method (test offset over 80, quiz offset over 80), a small per-seed wobble."""
+    return [{"regime": "scarce", "method": m, "seed": s, "test_top1": 80 + t + 0.01 * ((s * 7 + i) % 3),
+             "quiz_top1": 80 + q, "wall_s": 100.0} for i, (m, (t, q)) in enumerate(method_offsets.items()) for s in seeds]
+
+
+def test_the_verdict_counts_a_learned_preset_and_its_cost_and_never_a_variant_that_does_not_ship(tmp_path, monkeypatch):
+    """Issue 15's bars, computed on records written here: a learned preset 1 pt above the quiz-picked hand-crafted
+    loss is a win only through the preset; a variant that is not shipped never makes a win; a hand-crafted preset
+    makes "within" but never a win; the cost column is the preset's measured ratio against the 1.25× bar."""
+    import json
+
+    from benchmarks import report
+    from lkd_ray import config
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "REGIME_ORDER", ("scarce",))
+
+    def verdict(recs, presets, cost=None):
+        (tmp_path / "accuracy_regimes.json").write_text(json.dumps(recs))
+        (tmp_path / "cost.json").write_text(json.dumps({"rows": cost or []}))
+        monkeypatch.setattr(config, "PRESETS", presets)
+        return report.verdicts().splitlines()[2].rstrip(" |").split(" | ")
+
+    learned = {"n": {"source": {"regime": "scarce", "method": "lkd-sample-tuned", "trial": "t"}, "sections": {}, "summary": ""}}
+    crafted = {"n": {"source": {"regime": "scarce", "method": "wsl-tuned", "trial": "t"}, "sections": {}, "summary": ""}}
+    recs = _synthetic({"kd": (0, 0), "lkd": (-0.5, 0), "wsl-tuned": (0, 2), "lkd-sample-tuned": (1, 3)})
+    row = verdict(recs, learned, [{"setting": "scarce:lkd-sample-tuned", "ratios": [1.1, 1.3, 1.2]}])
+    assert row[1] == "wsl-tuned" and row[6:9] == ["yes", "yes (preset)", "1.20× (≤ 1.25)"], row
+    row = verdict(recs, {}, None)  # the same records, nothing shipped but the default: no win, and lkd is −0.5
+    assert row[4] == "no preset" and row[5].startswith("lkd-sample-tuned: +1.00") and row[6:9] == ["no", "no", "—"], row
+    row = verdict(recs, crafted, [{"setting": "scarce:wsl-tuned", "ratios": [1.3, 1.4, 1.5]}])
+    assert row[4] == "`n` (wsl-tuned): it" and row[6:9] == ["no", "yes (preset)", "1.40× (> 1.25)"], row
+    row = verdict(_synthetic({"kd": (0, 0), "lkd": (0, 0), "wsl-tuned": (0, 2)}, seeds=range(4)), crafted)
+    assert "incomplete: 4 of 5" in row[1]
