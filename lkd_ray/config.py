@@ -326,7 +326,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "noisy-pair30": {
         "summary": "30 % pair-flip label noise, teacher trained on the noisy labels, a small clean quiz: the per-sample "
                    "loss network on KD (α 0.5, τ 1; no lock, a meta-step every 10 steps, meta lr 1e-2) won on quiz over "
-                   "five seeds; on test it is above the tuned DIST by less than the issue's 0.5 pt bar (BENCHMARKS.md)",
+                   "five seeds; on test it is above the tuned DIST by less than the issue's 0.5 pt bar, and its whole run costs "
+                   "more than 1.25× KD's (BENCHMARKS.md)",
         "source": {"regime": "noisy-pair30", "method": "lkd-sample-tuned", "trial": "lock=none,every=10,lr=0.01"},
         "sections": {"loss": {"method": "lkd", "w_ce": 0.5, "w_logit": 0.5, "tau": 1.0},
                      "lossnet": {"kind": "sample", "lock": "none", "trust": None, "lock_scope": "batch"},
