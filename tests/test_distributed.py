@@ -250,17 +250,25 @@ def test_lossnet_server_killed_mid_run_restores_and_the_run_finishes(tmp_path):
     assert srv["version"] == steps // 2 == srv["meta_accepted"]  # every round applied exactly once across the restart
 
 
+def _whole_and_crashed_once(base, cut_name: str, tmp_path: Path) -> tuple[dict, dict]:
+    """The same config run twice on two workers: whole (storage ``a``), and under ``cut_name`` (storage ``b``) with
+    rank 1 crashing once after epoch 1 and Ray Train restarting the group from the last checkpoint."""
+    whole = run_distributed(base, LaunchOptions(storage=str(tmp_path / "a"), num_workers=2))
+    cut = base.model_copy(deep=True)
+    cut.run.name = cut_name
+    marker = tmp_path / "crashed"
+    resumed = run_distributed(cut, LaunchOptions(storage=str(tmp_path / "b"), num_workers=2, max_failures=1,
+                                                 worker_callbacks=[CrashOnce(1, 1, str(marker))]))
+    assert marker.exists(), "the crash never happened: the test would compare two uninterrupted runs"
+    return whole, resumed
+
+
 def test_killed_and_resumed_run_ends_where_an_uninterrupted_run_ends(tmp_path):
     """Same seeds, CPU, gloo: the resumed run is equal to the uninterrupted one. (p_snapshot = 0: a snapshot
     draw already prefetched when a worker dies is drawn again after the restart, which changes later draws.)"""
     base = small_cfg("whole", tmp_path, optim={"epochs": 3}, meta={"p_snapshot": 0.0})
-    whole = run_distributed(base, LaunchOptions(storage=str(tmp_path / "a"), num_workers=2))
-    cut = base.model_copy(deep=True)
-    cut.run.name = "cut"
-    marker = tmp_path / "crashed"
-    resumed = run_distributed(cut, LaunchOptions(storage=str(tmp_path / "b"), num_workers=2, max_failures=1,
-                                                 worker_callbacks=[CrashOnce(1, 1, str(marker))]))
-    assert marker.exists() and resumed["metrics"]["epoch"] == 3
+    whole, resumed = _whole_and_crashed_once(base, "cut", tmp_path)
+    assert resumed["metrics"]["epoch"] == 3
     a = torch.load(Path(whole["checkpoint"]) / "trainer.pt", weights_only=True)
     b = torch.load(Path(resumed["checkpoint"]) / "trainer.pt", weights_only=True)
     assert b["epoch"] == 3 and len(b["history"]) == 3 and b["lossnet_version"] == resumed["server"]["version"]
@@ -347,13 +355,8 @@ def test_a_resumed_es_run_gives_every_particle_back_its_own_student(tmp_path):
     ends (one thread, same seed) — particle 1's student included, which it could not if it resumed from rank 0's."""
     base = small_cfg("esw", tmp_path, meta={"estimator": "es", "es_particles": 2, "meta_every": 3, "es_sigma": 0.5,
                                             "lr": 0.05}, run={"threads": 1}, optim={"epochs": 2})
-    whole = run_distributed(base, LaunchOptions(storage=str(tmp_path / "a"), num_workers=2))
-    cut = base.model_copy(deep=True)
-    cut.run.name = "esc"
-    marker = tmp_path / "crashed"
-    resumed = run_distributed(cut, LaunchOptions(storage=str(tmp_path / "b"), num_workers=2, max_failures=1,
-                                                 worker_callbacks=[CrashOnce(1, 1, str(marker))]))
-    assert marker.exists() and resumed["metrics"]["epoch"] == 2
+    whole, resumed = _whole_and_crashed_once(base, "esc", tmp_path)
+    assert resumed["metrics"]["epoch"] == 2
     for name in ("trainer.pt", "particle-001.pt"):
         a = torch.load(Path(whole["checkpoint"]) / name, weights_only=True)
         b = torch.load(Path(resumed["checkpoint"]) / name, weights_only=True)
