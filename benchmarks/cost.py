@@ -5,6 +5,7 @@ per-epoch evaluation, as each run's ``result.json`` says) and of the whole proce
 
     python benchmarks/cost.py --pairs 3                                       # the embedded recipe, shipped LKD
     python benchmarks/cost.py --pairs 3 --setting noisy-sym40:lkd-sample-tuned # a regime's preset vs its KD
+    python benchmarks/cost.py --pairs 3 --setting noisy-pair30:lkd-sample-every40  # a variant: its seed-0 record's config
 
 Settings: ``lkd (default)`` on the embedded recipe (fashion_mnist, 2 epochs, cached teacher); ``<regime>:<method>``
 for a method of ``benchmarks/accuracy.py`` in its regime (its config as the benchmark builds it, seed 0), against
@@ -48,14 +49,28 @@ def configs(setting: str, cache_dir: str) -> tuple[dict, dict, str]:
                          f"{', '.join(accuracy.REGIMES)}")
     tuning_path = accuracy.RESULTS / accuracy.TUNING
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else []
+    variant = method.startswith("lkd-") and not method.endswith("-tuned")
     args = argparse.Namespace(regime=regime, out=tempfile.mkdtemp(), cache_dir=cache_dir, threads=1, seeds=[0], tune=None,
-                              variant=None, overrides=[], methods=["kd", method])
+                              variant=None, overrides=[], methods=["kd"] if variant else ["kd", method])
     tasks, _ = accuracy.plan(args, tuning)
     by = {t["method"]: t["config"] for t in tasks}
+    if variant:  # a variant is whatever its --set said: take the config its seed-0 record ran
+        by[method] = recorded_config(regime, method, cache_dir)
     name = method if method in by else next(m for m in by if m != "kd")
     for c in by.values():
         c["run"]["threads"] = 1
     return by["kd"], by[name], f"regime {regime} (benchmarks/accuracy.py), seed 0, 1 thread"
+
+
+def recorded_config(regime: str, method: str, cache_dir: str) -> dict:
+    """The full config of ``method``'s seed-0 run in ``regime`` (from the records and the config store)."""
+    recs = json.loads((records.RESULTS / "accuracy_regimes.json").read_text())
+    rec = next((r for r in recs if r["regime"] == regime and r["method"] == method and r["seed"] == 0), None)
+    if rec is None:
+        raise SystemExit(f"no seed-0 record of {method!r} in regime {regime!r}: run it with benchmarks/accuracy.py first")
+    config = json.loads(records.CONFIGS.read_text())[rec["config_sha"]]
+    config["run"]["cache_dir"] = cache_dir
+    return config
 
 
 def one_run(config: dict, out: Path) -> tuple[float, float]:

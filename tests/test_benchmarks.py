@@ -72,6 +72,22 @@ def test_a_cost_pair_runs_each_side_in_a_fresh_process_and_records_what_ran(tmp_
     assert res["wall_s"] == wall and proc > wall > 0 and res["config"] == kd  # the run's own time, and the process's
 
 
+def test_the_cost_of_a_variant_is_measured_on_the_config_its_record_ran(tmp_path):
+    """A variant (``lkd-<name>``, built by --set) has no grid to rebuild it from: cost.py takes the config of its
+    seed-0 record from the config store, against the regime's KD as the accuracy benchmark builds it."""
+    cost, records = _load("cost"), _load("records")
+    recs = json.loads((ROOT / "benchmarks" / "results" / "accuracy_regimes.json").read_text())
+    rec = next(r for r in recs if r["regime"] == "noisy-pair30" and r["method"] == "lkd-sample-every40" and r["seed"] == 0)
+    kd_rec = next(r for r in recs if r["regime"] == "noisy-pair30" and r["method"] == "kd" and r["seed"] == 0)
+    kd, lkd, _ = cost.configs("noisy-pair30:lkd-sample-every40", str(tmp_path))
+    stored = json.loads(records.CONFIGS.read_text())[rec["config_sha"]]
+    assert lkd["run"]["cache_dir"] == str(tmp_path) and lkd["meta"]["meta_every"] == 40 == stored["meta"]["meta_every"]
+    assert {k: v for k, v in lkd.items() if k != "run"} == {k: v for k, v in stored.items() if k != "run"}
+    assert kd["loss"]["method"] == "kd" and kd["data"] == json.loads(records.CONFIGS.read_text())[kd_rec["config_sha"]]["data"]
+    with pytest.raises(SystemExit, match="no seed-0 record of 'lkd-nope'"):
+        cost.configs("noisy-pair30:lkd-nope", str(tmp_path))
+
+
 def test_a_record_says_when_the_code_differed_from_its_commit(tmp_path):
     """records.commit() looks at lkd_ray/, jobs/ and benchmarks/*.py of the checkout it sits in, from any working
     directory (it once ran git from benchmarks/, where those pathspecs match nothing, and always said clean)."""
