@@ -68,7 +68,9 @@ def recorded_config(regime: str, method: str, cache_dir: str) -> dict:
     rec = next((r for r in recs if r["regime"] == regime and r["method"] == method and r["seed"] == 0), None)
     if rec is None:
         raise SystemExit(f"no seed-0 record of {method!r} in regime {regime!r}: run it with benchmarks/accuracy.py first")
-    config = json.loads(records.CONFIGS.read_text())[rec["config_sha"]]
+    import accuracy
+
+    config = accuracy._stored_config(rec["config_sha"])
     config["run"]["cache_dir"] = cache_dir
     return config
 
