@@ -97,6 +97,15 @@ def _causes(e: BaseException):
         stack += [y for y in nested if isinstance(y, BaseException)]
 
 
+def _first_line(x: BaseException) -> str:
+    """The first line of what was raised, not of Ray's wrapper: an actor call's error arrives as
+    ``RayTaskError(Cls)``, an instance of ``Cls`` too, whose text starts with the task's name, pid and colour codes."""
+    inner = getattr(x, "cause", None)
+    if isinstance(inner, BaseException) and isinstance(x, type(inner)):
+        x = inner
+    return str(x).splitlines()[0]
+
+
 def failure_cause(e: BaseException) -> tuple[str, str] | None:
     """``("storage", message)`` for our ``StorageError`` or pyarrow's S3 ``OSError`` behind a failure,
     ``("lossnet", message)`` for a LossNetServer that could not persist its state, however deep Ray wrapped
@@ -106,9 +115,9 @@ def failure_cause(e: BaseException) -> tuple[str, str] | None:
     arrow = None
     for x in _causes(e):
         if isinstance(x, LossNetPersistError):
-            return "lossnet", str(x).splitlines()[0]
+            return "lossnet", _first_line(x)
         if isinstance(x, StorageError):
-            return "storage", str(x).splitlines()[0]
+            return "storage", _first_line(x)
         if arrow is None and isinstance(x, OSError) and any(m in str(x) for m in _ARROW_MARKERS):
             arrow = str(x).splitlines()[0]
     if arrow is not None:

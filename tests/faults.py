@@ -69,5 +69,35 @@ class ProbeServer:
                 assert send_control(self.control_port, c).startswith("ok"), c
 
 
+def _break_version_writer(server) -> None:
+    """Run inside the LossNetServer actor: its version writer now raises what a bug would (not a storage error)."""
+    def broken(version, payload):
+        raise TypeError(f"cannot serialise loss-network version {version} (injected by the test)")
+
+    server.core.versions.save = broken
+
+
+class BreakPersister:
+    """Once, after ``epoch`` on rank 0 and once every version so far is saved: make the live LossNetServer's persister fail for a reason that is not
+    storage, through Ray's ``__ray_call__`` (the actor runs the change itself; nothing is mocked outside it)."""
+
+    def __init__(self, server_name: str, epoch: int, marker: str, namespace: str | None = None):
+        self.server_name, self.epoch, self.marker, self.namespace = server_name, epoch, marker, namespace
+
+    def on_epoch_end(self, rec) -> None:
+        import ray
+
+        if rec.rank == 0 and rec.epoch == self.epoch and not Path(self.marker).exists():
+            import time
+
+            server = ray.get_actor(self.server_name, namespace=self.namespace)
+            report, deadline = ray.get(server.report.remote()), time.monotonic() + 60
+            while report["persisted_version"] != report["version"] and time.monotonic() < deadline:
+                time.sleep(0.1)  # let every version so far be saved first, so the test knows which ones are
+                report = ray.get(server.report.remote())
+            ray.get(server.__ray_call__.remote(_break_version_writer))
+            Path(self.marker).write_text(json.dumps(report))
+
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ray.cloudpickle.register_pickle_by_value(proxy)

@@ -51,9 +51,12 @@ def test_a_lossnet_persist_failure_has_its_own_kind():
     import ray.exceptions
 
     e = LossNetPersistError("the LossNetServer stopped saving loss-network versions: TypeError: cannot pickle")
-    task = ray.exceptions.RayTaskError("submit", "Traceback ...", e)
+    task = ray.exceptions.RayTaskError("LossNetServer.submit", "Traceback ...", e).as_instanceof_cause()
+    assert isinstance(task, LossNetPersistError) and str(task).splitlines()[0] != str(e)  # how Ray delivers it
     kind, msg = failure_cause(_in_a_worker(task))
-    assert kind == "lossnet" and msg.startswith("the LossNetServer stopped saving")
+    assert kind == "lossnet" and msg == str(e)  # its own words, not the wrapper's task name, pid and colours
+    stored = ray.exceptions.RayTaskError("SnapshotIndex.flush", "Traceback ...", StorageError("bucket gone")).as_instanceof_cause()
+    assert failure_cause(_in_a_worker(stored)) == ("storage", "bucket gone")
 
 
 @pytest.mark.parametrize("text,kind", [("AWS Error NETWORK_CONNECTION during PutObject", "storage"), ("disk quota", None)])

@@ -26,13 +26,13 @@ from lkd_ray.distributed.lossnet_server import LossNetServerCore  # noqa: E402
 from lkd_ray.distributed.snapshot_pool import RaySnapshotStore, start_snapshot_pool  # noqa: E402
 from lkd_ray.meta.versions import VersionStore, content_sha256  # noqa: E402
 from lkd_ray.storage import S3Settings, S3Storage, StorageError, StorageUnavailable  # noqa: E402
-from tests.faults import ProbeServer  # noqa: E402
+from tests.faults import BreakPersister, ProbeServer  # noqa: E402
 from tests.proxy import FaultProxy  # noqa: E402
 from tests.test_distributed import ray_cluster, small_cfg  # noqa: E402,F401  (ray_cluster: the same module-scoped local Ray)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "jobs"))
-from _common import storage_cause  # noqa: E402
+from _common import launch, parser, storage_cause  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +214,38 @@ def test_a_blackholed_endpoint_beyond_the_bound_exits_3_with_one_line(tmp_path, 
     assert "unreachable" in errors[0] and "outage bound of 3 s" in errors[0] and "rerun the same command" in errors[0]
     assert "testing" not in errors[0]  # no credentials
     assert took < 180
+
+
+def test_a_persister_failure_that_is_not_storage_exits_4_and_the_rerun_resumes_from_the_newest_saved_version(
+        tmp_path, capsys):
+    """After epoch 1 the live server's version writer starts raising TypeError (a bug, not an outage). The job
+    stops with exit code 4 and one line that names the cause; no saved version claims a φ it does not hold;
+    the same command, the bug gone, resumes from the newest saved version and finishes."""
+    from lkd_ray.storage import open_storage
+
+    cfg = small_cfg("persistbug", tmp_path)
+    args = parser("test", "fashion_mnist").parse_args(["--storage", str(tmp_path / "store"), "--max-failures", "0"])
+    marker = tmp_path / "broken.json"
+    with pytest.raises(SystemExit) as e:
+        launch(cfg, args, worker_callbacks=[BreakPersister("lkd-lossnet-persistbug", 1, str(marker))])
+    assert e.value.code == 4
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert "stopped saving loss-network versions: TypeError" in errors[0] and "rerunning resumes" in errors[0]
+    assert "storage failed" not in errors[0]  # not mistaken for an outage
+    before = json.loads(marker.read_text())  # the server when the writer broke: everything so far was saved
+    store = VersionStore(open_storage(str(tmp_path / "store")), "persistbug/lossnet")
+    saved = dict(store.versions())
+    assert max(saved) == before["version"], (sorted(saved), before)  # nothing after the break was written
+    for v, key in saved.items():
+        sd = store.storage.get_torch(key)
+        assert int(sd["version"]) == v and content_sha256(sd) == sd["state_sha256"]
+
+    res = launch(cfg, args)
+    m, srv = res["metrics"], res["server"]
+    assert m["epoch"] == 2 and srv["restored_from"] == before["version"], srv
+    assert srv["persist_fatal"] is None and srv["persisted_version"] == srv["version"] > before["version"]
 
 
 def test_server_killed_before_its_first_save_and_after_one_loses_and_recounts_nothing(tmp_path, faults, s3_bucket,
