@@ -108,8 +108,13 @@ def _preset_for(regime: str) -> tuple[str, dict] | None:
     return next(((n, p) for n, p in PRESETS.items() if p["source"]["regime"] == regime), None)
 
 
+def _cost_row(setting: str) -> dict | None:
+    """The cost record of ``setting`` (``<regime>:<method>`` or ``lkd (default)``), or None if not measured."""
+    return next((r for r in (load("cost.json") or {}).get("rows", []) if r["setting"] == setting), None)
+
+
 def _cost_ratio(setting: str) -> float | None:
-    row = next((r for r in (load("cost.json") or {}).get("rows", []) if r["setting"] == setting), None)
+    row = _cost_row(setting)
     return statistics.median(row["ratios"]) if row else None
 
 
@@ -323,14 +328,13 @@ def presets_table() -> str:
     if not PRESETS:
         return "_No presets shipped._\n"
     recs = load("accuracy_regimes.json") or []
-    cost = {r["setting"]: r for r in (load("cost.json") or {}).get("rows", [])}
     lines = ["| `--preset` | regime | what it runs | test top-1 (mean ± std) | Δ vs kd (paired ± SE) | quiz top-1 | "
              "whole run / KD (median, range) |", "|---|---|---|---|---|---|---|"]
     for name, p in PRESETS.items():
         src = p["source"]
         rs = [r for r in recs if r["regime"] == src["regime"]]
         row = next((r for r in rows(rs) if r["method"] == src["method"]), None)
-        c = cost.get(f"{src['regime']}:{src['method']}")
+        c = _cost_row(f"{src['regime']}:{src['method']}")
         c_text = (f"{statistics.median(c['ratios']):.2f} ({min(c['ratios']):.2f}–{max(c['ratios']):.2f})"
                   + (f", with {c['jobs_beside']} other jobs on the machine" if c.get("jobs_beside") else "") if c
                   else "not measured")
