@@ -137,7 +137,10 @@ class LossNetCfg(_Section):
         "CE, its margin p_y − max p_other, the student's and the teacher's entropy")
     sample_outputs: list[SampleOutput] = Field(default_factory=lambda: ["w_ce", "w_kd", "tau"],
                                                description="kind=sample: what the network sets per sample")
-    base: Literal["kd", "dist", "none"] = "kd"
+    base: Literal["kd", "dist", "none"] = Field(
+        "kd", description="the hand-crafted loss the network starts as: kind=class adds its residual to it (none: no "
+        "base); kind=sample weighs CE and this distillation term per sample (kd, or dist: DIST's per-sample "
+        "inter-class term, its intra-class term unweighted)")
     inputs: list[LogitInput] = Field(default_factory=lambda: ["log_ps", "log_pt", "ps", "pt", "onehot"])
     hidden: list[int] = Field(default_factory=lambda: [32, 32])
     activation: Literal["silu", "softplus", "gelu", "tanh"] = "silu"
@@ -249,8 +252,9 @@ class Config(_Section):
                 self.lossnet.kind == "class":
             raise ValueError(f"lossnet.lock={self.lossnet.lock} keeps the base loss's gradient norm, and lossnet.base=none has "
                              "none: use lossnet.base kd or dist, or lossnet.lock=none")
-        if self.lossnet.kind == "sample" and self.lossnet.base != "kd" and self.loss.method == "lkd":
-            raise ValueError("lossnet.kind=sample weighs the CE and KD terms per sample: it needs lossnet.base=kd")
+        if self.lossnet.kind == "sample" and self.lossnet.base == "none" and self.loss.method == "lkd":
+            raise ValueError("lossnet.kind=sample weighs CE and a distillation term per sample: lossnet.base must be kd "
+                             "or dist, not none")
         if self.lossnet.kind == "sample" and self.loss.method == "lkd":
             dead = [o for o, w in (("w_ce", self.loss.w_ce), ("w_kd", self.loss.w_logit)) if o in self.lossnet.sample_outputs and w == 0]
             if dead:  # a per-sample weight multiplies its term's weight: on a zero term it gets no gradient and never moves

@@ -60,8 +60,10 @@ def test_config_checks_for_regimes():
         build_config("fashion_mnist", overrides=["data.label_noise=1.0"])
     with pytest.raises(ConfigError, match="noise_kind"):
         build_config("fashion_mnist", overrides=["data.noise_kind=random"])
-    with pytest.raises(ConfigError, match="needs lossnet.base=kd"):
-        build_config("fashion_mnist", overrides=["lossnet.kind=sample", "lossnet.base=dist"])
+    with pytest.raises(ConfigError, match="lossnet.base must be kd or dist, not none"):
+        build_config("fashion_mnist", overrides=["loss.method=lkd", "lossnet.kind=sample", "lossnet.base=none"])
+    cfg = build_config("fashion_mnist", overrides=["loss.method=lkd", "lossnet.kind=sample", "lossnet.base=dist"])
+    assert build_lossnets(cfg.loss, cfg.lossnet).logit.base == "dist"
     with pytest.raises(ConfigError, match="sample_inputs"):
         build_config("fashion_mnist", overrides=["lossnet.kind=sample", "lossnet.sample_inputs=[pt_y, teacher_mood]"])
 
@@ -127,15 +129,24 @@ def logits():
             torch.randint(0, 10, (16,), generator=g))
 
 
+def _pearson_each_row(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row pair, by numpy's corrcoef (independent of the loss code)."""
+    return torch.tensor([np.corrcoef(a[i].detach().numpy(), b[i].detach().numpy())[0, 1] for i in range(len(a))],
+                        dtype=torch.float64)
+
+
+@pytest.mark.parametrize("base", ["kd", "dist"])
 @pytest.mark.parametrize("lock", ["none", "norm", "nontarget"])
 @pytest.mark.parametrize("ls", [0.0, 0.1])
-def test_per_sample_lossnet_is_its_base_at_init(logits, lock, ls):
-    """Residual and zero-initialised: value and logit gradient are exactly w_ce·CE_ε + w_kd·KD_τ."""
+def test_per_sample_lossnet_is_its_base_at_init(logits, lock, ls, base):
+    """Residual and zero-initialised: value and logit gradient are exactly w_ce·CE_ε + w_kd·KD_τ (or DIST_τ,β,γ)."""
     zs, zt, y = logits
-    net = SampleLossNet(tau=3.0, w_ce=0.4, w_kd=1.7, label_smoothing=ls, lock=lock, trust=0.5).double()
+    net = SampleLossNet(tau=3.0, w_ce=0.4, w_kd=1.7, label_smoothing=ls, lock=lock, trust=0.5, base=base,
+                        dist_beta=2.0, dist_gamma=0.5).double()
     z1, z2 = zs.clone().requires_grad_(True), zs.clone().requires_grad_(True)
     val = net(z1, zt, y)
-    ref = 0.4 * handcrafted.ce(z2, y, ls) + 1.7 * handcrafted.kd(z2, zt, 3.0)
+    distil = handcrafted.kd(z2, zt, 3.0) if base == "kd" else handcrafted.dist(z2, zt, 2.0, 0.5, 3.0)
+    ref = 0.4 * handcrafted.ce(z2, y, ls) + 1.7 * distil
     assert val.item() == pytest.approx(ref.item(), rel=1e-12)
     torch.testing.assert_close(torch.autograd.grad(val, z1)[0], torch.autograd.grad(ref, z2)[0], rtol=1e-12, atol=1e-15)
 
@@ -158,6 +169,48 @@ def test_each_per_sample_output_moves_only_what_it_names(logits, output):
     t = w["tau"][:, None]
     kd = (torch.softmax(zt / t, 1) * (torch.log_softmax(zt / t, 1) - torch.log_softmax(zs / t, 1))).sum(1) * w["tau"] ** 2
     assert net(zs, zt, y).item() == pytest.approx((w["w_ce"] * ce + w["w_kd"] * kd).mean().item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("output", SAMPLE_OUTPUTS)
+def test_on_dist_each_output_acts_on_the_per_sample_inter_class_term_only(logits, output):
+    """On DIST's base: the value is mean_i[a_i·CE_i] + β·mean_i[b_i·τ_i²·(1 − Pearson_i(τ_i))] + γ·τ²·(1 − mean
+    intra-class Pearson), computed independently here; and the student's gradient holds a_i, b_i, τ_i fixed."""
+    zs, zt, y = logits
+    net = SampleLossNet(outputs=[output], tau=2.0, base="dist", dist_beta=1.5, dist_gamma=0.7).double()
+    with torch.no_grad():
+        net.last_layer.weight.normal_(0, 2.0)
+    w = net.per_sample(zs, zt, y)
+    ce = torch.nn.functional.cross_entropy(zs, y, reduction="none")
+
+    def independent(z, a, b, t):
+        t_ = t[:, None]
+        inter = (1 - _pearson_each_row(torch.softmax(z / t_, 1), torch.softmax(zt / t_, 1))) * t**2
+        ps, pt = torch.softmax(z / 2.0, 1), torch.softmax(zt / 2.0, 1)
+        intra = 4.0 * (1 - _pearson_each_row(ps.t(), pt.t()).mean())
+        return (a * torch.nn.functional.cross_entropy(z, y, reduction="none")).mean() + 1.5 * (b * inter).mean() + 0.7 * intra
+
+    assert net(zs, zt, y).item() == pytest.approx(independent(zs, w["w_ce"], w["w_kd"], w["tau"]).item(), rel=1e-10)
+    assert ce.shape == w["w_ce"].shape
+    # the gradient: finite differences of the loss with the per-sample outputs frozen at their values here
+    z = zs.clone().requires_grad_(True)
+    g, = torch.autograd.grad(net(z, zt, y), z)
+    a, b, t = (w[k].detach() for k in ("w_ce", "w_kd", "tau"))
+    fd = torch.zeros_like(zs)
+    for i, c in [(0, 0), (3, 7), (9, 2), (15, 9)]:
+        zp, zm = zs.clone(), zs.clone()
+        zp[i, c] += 1e-6
+        zm[i, c] -= 1e-6
+        fd[i, c] = (independent(zp, a, b, t) - independent(zm, a, b, t)) / 2e-6
+        assert g[i, c].item() == pytest.approx(fd[i, c].item(), rel=1e-5, abs=1e-9), (i, c)
+    assert g.sum(1).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("lock", ["none", "norm"])
+def test_the_per_sample_network_on_dist_is_gradchecked_through_a_two_step_unroll(lock):
+    from lkd_ray.meta.gradcheck import run_gradcheck
+
+    errs = run_gradcheck(eps=1e-4, unroll=2, max_entries=15, seed=6, kind="sample", base="dist", lock=lock)
+    assert max(errs.values()) < 1e-5, errs
 
 
 @pytest.mark.parametrize("inp", SAMPLE_INPUTS)
@@ -187,7 +240,7 @@ def test_each_per_sample_output_is_gradchecked(output):
     assert max(errs.values()) < 1e-5, errs
 
 
-@pytest.mark.parametrize("kind", ["class", "sample"])
+@pytest.mark.parametrize("kind", ["class", "sample", "sample-dist"])
 @pytest.mark.parametrize("lock", ["none", "norm", "nontarget"])
 @pytest.mark.parametrize("scope", ["batch", "sample"])
 def test_every_sample_s_logit_gradient_sums_to_zero_and_a_lock_keeps_its_scope(logits, kind, lock, scope):
@@ -197,7 +250,8 @@ def test_every_sample_s_logit_gradient_sums_to_zero_and_a_lock_keeps_its_scope(l
     if kind == "class":
         net = LogitLossNet(hidden=(8,), tau=2.0, lock=lock, trust=None, lock_scope=scope).double()
     else:
-        net = SampleLossNet(hidden=(8,), tau=2.0, lock=lock, trust=None, lock_scope=scope).double()
+        net = SampleLossNet(hidden=(8,), tau=2.0, lock=lock, trust=None, lock_scope=scope,
+                            base="dist" if kind == "sample-dist" else "kd").double()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 1.0)
@@ -205,7 +259,8 @@ def test_every_sample_s_logit_gradient_sums_to_zero_and_a_lock_keeps_its_scope(l
     g, = torch.autograd.grad(net(z, zt, y), z)
     assert g.sum(1).abs().max().item() < 1e-12
     zb = zs.clone().requires_grad_(True)
-    base = handcrafted.kd(zb, zt, 2.0) + (handcrafted.ce(zb, y) if kind == "sample" else 0)
+    distil = handcrafted.dist(zb, zt, 1.0, 1.0, 2.0) if kind == "sample-dist" else handcrafted.kd(zb, zt, 2.0)
+    base = distil + (handcrafted.ce(zb, y) if kind != "class" else 0)
     gb, = torch.autograd.grad(base, zb)
     if lock == "none":
         assert not torch.allclose(g.norm(), gb.norm())

@@ -158,6 +158,7 @@ def test_diverging_student_stops_with_advice():
     ("ce", {}), ("kd", {}), ("dkd", {}), ("dist", {}), ("lkd", {}), ("control", {}),
     ("lkd", {"lossnet": {"lock": "norm"}}), ("lkd", {"lossnet": {"lock": "nontarget"}}),
     ("lkd", {"meta": {"estimator": "implicit", "neumann_steps": 2}}),
+    ("lkd", {"lossnet": {"kind": "sample"}}), ("lkd", {"lossnet": {"kind": "sample", "base": "dist"}}),
 ])
 def test_every_method_runs_through_one_loop_with_features(method, extra, tmp_path):
     over = {"loss": {"method": method, "w_feat": 0.5}, "meta": {"meta_every": 3, "scope": "head"}}

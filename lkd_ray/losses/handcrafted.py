@@ -68,5 +68,19 @@ def dist(z_s: torch.Tensor, z_t: torch.Tensor, beta: float = 1.0, gamma: float =
     return tau**2 * (beta * inter + gamma * intra)
 
 
+def dist_inter_per_sample(z_s: torch.Tensor, z_t: torch.Tensor, tau: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """DIST's inter-class term per sample, τ_i²·(1 − Pearson(p_s,i, p_t,i)) at τ_i (a number or one per sample):
+    the part of DIST a per-sample weight can act on (the intra-class term is a statistic of the whole batch)."""
+    t = tau if isinstance(tau, (int, float)) else tau[:, None]
+    p_s, p_t = F.softmax(z_s / t, 1), F.softmax(z_t / t, 1)
+    return (1 - _pearson_rows(p_s, p_t)) * (t**2 if isinstance(tau, (int, float)) else tau**2)
+
+
+def dist_intra(z_s: torch.Tensor, z_t: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """DIST's intra-class term, τ²·(1 − mean over classes of the Pearson correlation across the batch)."""
+    p_s, p_t = F.softmax(z_s / tau, 1), F.softmax(z_t / tau, 1)
+    return tau**2 * (1 - _pearson_rows(p_s.t(), p_t.t()).mean())
+
+
 def feature_mse(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(f_s, f_t)

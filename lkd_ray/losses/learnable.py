@@ -200,6 +200,9 @@ class SampleLossNet(nn.Module):
         ℓ_φ = mean_i [ w_ce·a_i·CE_i + w_logit·b_i·τ_i²·KL_i(τ_i) ],   a_i, b_i = 2σ(o_i),  τ_i = τ·2^tanh(o_i)
 
     Residual and zero-initialised: at φ₀ every a_i = b_i = 1 and τ_i = τ, i.e. exactly w_ce·CE + w_logit·KD.
+    With ``base="dist"`` the distillation term is DIST's instead (the loss to beat under label noise): b_i and
+    τ_i act on its per-sample inter-class term, τ_i²·(1 − Pearson_i(τ_i)), and the intra-class term — a
+    statistic of the whole batch, with no per-sample share — stays DIST's; at φ₀ it is w_ce·CE + w_logit·DIST.
     The weights act as weights (the student's gradient is Σ a_i∇CE_i + b_i∇KD_i, not through a_i), and the
     loss is defined by that field (``field_loss``), so unrolls of any length differentiate it exactly. With
     ``lock=norm`` the field keeps the base field's norm per batch (samples trade weight, the step size stays)
@@ -211,8 +214,11 @@ class SampleLossNet(nn.Module):
     def __init__(self, inputs: Sequence[str] = SAMPLE_INPUTS, outputs: Sequence[str] = SAMPLE_OUTPUTS,
                  hidden: Sequence[int] = (32, 32), activation: str = "silu", tau: float = 4.0, w_ce: float = 1.0,
                  w_kd: float = 1.0, label_smoothing: float = 0.0, state_inputs: bool = False, lock: str = "none",
-                 trust: float | None = None, lock_scope: str = "batch"):
+                 trust: float | None = None, lock_scope: str = "batch", base: str = "kd", dist_beta: float = 1.0,
+                 dist_gamma: float = 1.0):
         super().__init__()
+        if base not in ("kd", "dist"):
+            raise ValueError(f"a per-sample loss network weighs CE and a distillation term: base must be kd or dist, not {base!r}")
         bad = [k for k in inputs if k not in SAMPLE_INPUTS] + [k for k in outputs if k not in SAMPLE_OUTPUTS]
         if bad or not inputs or not outputs:
             raise ValueError(f"per-sample inputs must come from {SAMPLE_INPUTS} and outputs from {SAMPLE_OUTPUTS} "
@@ -222,6 +228,7 @@ class SampleLossNet(nn.Module):
         self.inputs, self.outputs = list(inputs), list(outputs)
         self.tau, self.w_ce, self.w_kd, self.label_smoothing = float(tau), float(w_ce), float(w_kd), float(label_smoothing)
         self.state_inputs, self.lock, self.trust, self.lock_scope = state_inputs, lock, trust, lock_scope
+        self.base, self.dist_beta, self.dist_gamma = base, float(dist_beta), float(dist_gamma)
         self.h = _mlp(len(self.inputs) + (STATE_DIM if state_inputs else 0), hidden, activation, len(self.outputs))
 
     @property
@@ -260,26 +267,47 @@ class SampleLossNet(nn.Module):
             target = target * (1 - self.label_smoothing) + self.label_smoothing / z.shape[1]
         return torch.softmax(z, 1) - target
 
+    def _dist_grad(self, z, z_t, b, tau, create_graph: bool) -> torch.Tensor:
+        """∇_z of β·mean_i b_i·inter_i(τ_i) + γ·intra(τ), holding b and τ_i fixed (they act as weights), yet
+        differentiable in them and in z. The gradient is taken w.r.t. an alias of z, which b and τ_i (computed
+        from z itself) do not depend on; DIST's rows of softmax gradients each sum to zero."""
+        with torch.enable_grad():
+            za = z.view_as(z) if z.requires_grad else z.detach().requires_grad_(True)
+            loss = (self.dist_beta * (b * handcrafted.dist_inter_per_sample(za, z_t, tau)).sum()
+                    + self.dist_gamma * z.shape[0] * handcrafted.dist_intra(za, z_t, self.tau))
+            return torch.autograd.grad(loss, za, create_graph=create_graph)[0]
+
     def field(self, z, z_t, y, state=None, create_graph: bool = True) -> torch.Tensor:
-        """The student's logit gradient (mean over the batch), locked if asked. Analytic: ∇CE_i = p_i − y_i,
-        ∇τ²KL_i(τ) = τ·(p_i^τ − p_t,i^τ)."""
+        """The student's logit gradient (mean over the batch), locked if asked. Analytic for CE and KD:
+        ∇CE_i = p_i − y_i, ∇τ²KL_i(τ) = τ·(p_i^τ − p_t,i^τ); DIST's by autograd (``_dist_grad``)."""
         if not create_graph:
             with torch.no_grad():
-                return self.field(z.detach(), z_t, y, state, True)
+                return self.field(z.detach(), z_t, y, state, True).detach()
         w = self.per_sample(z, z_t, y, state)
         n = z.shape[0]
         g_ce = self._ce_grad(z, y)
-        tau = w["tau"][:, None]
-        g_kd = tau * (torch.softmax(z / tau, 1) - torch.softmax(z_t / tau, 1))
-        learned = (self.w_ce * w["w_ce"][:, None] * g_ce + self.w_kd * w["w_kd"][:, None] * g_kd) / n
+        if self.base == "dist":
+            distil = self.w_kd * self._dist_grad(z, z_t, w["w_kd"], w["tau"], True)
+        else:
+            tau = w["tau"][:, None]
+            g_kd = tau * (torch.softmax(z / tau, 1) - torch.softmax(z_t / tau, 1))
+            distil = self.w_kd * w["w_kd"][:, None] * g_kd
+        learned = (self.w_ce * w["w_ce"][:, None] * g_ce + distil) / n
         if self.lock == "none":
             return learned
-        base = (self.w_ce * g_ce + self.w_kd * self.tau * (torch.softmax(z / self.tau, 1) - torch.softmax(z_t / self.tau, 1))) / n
+        if self.base == "dist":
+            base = (self.w_ce * g_ce + self.w_kd * self._dist_grad(z, z_t, z.new_ones(n), self.tau, True)) / n
+        else:
+            base = (self.w_ce * g_ce + self.w_kd * self.tau * (torch.softmax(z / self.tau, 1) - torch.softmax(z_t / self.tau, 1))) / n
         return lock_field(base, learned, y, self.lock, self.trust, self.lock_scope)
 
     def value(self, z_s, z_t, y, state=None) -> torch.Tensor:
         w = self.per_sample(z_s, z_t, y, state)
         ce = F.cross_entropy(z_s, y, reduction="none", label_smoothing=self.label_smoothing)
+        if self.base == "dist":
+            distil = (self.dist_beta * w["w_kd"] * handcrafted.dist_inter_per_sample(z_s, z_t, w["tau"])).mean() \
+                + self.dist_gamma * handcrafted.dist_intra(z_s, z_t, self.tau)
+            return (self.w_ce * w["w_ce"] * ce).mean() + self.w_kd * distil
         return (self.w_ce * w["w_ce"] * ce + self.w_kd * w["w_kd"] * kd_per_sample(z_s, z_t, w["tau"])).mean()
 
     def forward(self, z_s, z_t, y, state: torch.Tensor | None = None) -> torch.Tensor:

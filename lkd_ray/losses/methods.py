@@ -181,7 +181,8 @@ def build_lossnets(loss: LossCfg, net: LossNetCfg, seed: int = 0) -> LossNetwork
             return LossNetworks(KDWeight(loss.tau), None)
         if net.kind == "sample":
             logit = SampleLossNet(net.sample_inputs, net.sample_outputs, net.hidden, net.activation, loss.tau, loss.w_ce,
-                                  loss.w_logit, loss.label_smoothing, net.state_inputs, net.lock, net.trust, net.lock_scope)
+                                  loss.w_logit, loss.label_smoothing, net.state_inputs, net.lock, net.trust, net.lock_scope,
+                                  net.base, loss.dist_beta, loss.dist_gamma)
         else:
             logit = LogitLossNet(net.inputs, net.hidden, net.activation, net.base, loss.tau, net.state_inputs,
                                  loss.dist_beta, loss.dist_gamma, net.lock, net.trust, net.lock_scope)
