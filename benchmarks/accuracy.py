@@ -15,6 +15,7 @@ commit, machine, timestamps and the jobs beside it; configs in ``configs.json``)
 
     python benchmarks/accuracy.py --regime noisy-sym40 --tune kd dkd dist ls wsl     # tuning seed 100 → accuracy_regimes_tuning.json
     python benchmarks/accuracy.py --regime noisy-sym40 --tune lkd-sample              # the per-sample LKD grid on the tuned KD
+    python benchmarks/accuracy.py --regime noisy-sym40 --tune lkd-sample-dist         # … and on the tuned DIST (cost-capped)
     python benchmarks/accuracy.py --regime noisy-sym40 --methods ce kd dkd dist control lkd kd-tuned ...   # seeds 0-4
     python benchmarks/accuracy.py --regime noisy-sym40 --variant sample --set lossnet.kind=sample
     python benchmarks/accuracy.py --report
@@ -52,7 +53,7 @@ REGIMES: dict[str, dict] = {
     "noisy-pair30": {"data": {"label_noise": 0.3, "noise_kind": "pairflip", "quiz_per_class": 50}, "optim": {"epochs": 12}},
 }
 BASE_METHODS = ("ce", "kd", "dkd", "dist", "control", "lkd")
-TUNED = ("kd", "dkd", "dist", "ls", "wsl", "lkd-sample")
+TUNED = ("kd", "dkd", "dist", "ls", "wsl", "lkd-sample", "lkd-sample-dist")
 TUNE_SEED = 100
 RESULTS = records.RESULTS
 RECORDS, TUNING = "accuracy_regimes.json", "accuracy_regimes_tuning.json"
@@ -216,12 +217,13 @@ def tuning_pick(tuning: list[dict], regime: str, family: str) -> dict:
 
 
 def family_trials(regime: str, family: str, tuning: list[dict]):
-    from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_trials
+    from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_dist_trials, lkd_sample_trials
 
-    if family == "lkd-sample":
-        kd = tuning_pick(tuning, regime, "kd")
-        base = next(t for t in HANDCRAFTED["kd"] if t.name == kd["trial"])
-        return lkd_sample_trials(base)
+    if family in ("lkd-sample", "lkd-sample-dist"):  # the per-sample network on its tuned base: KD's, or DIST's
+        on = "kd" if family == "lkd-sample" else "dist"
+        pick = tuning_pick(tuning, regime, on)
+        base = next(t for t in HANDCRAFTED[on] if t.name == pick["trial"])
+        return lkd_sample_trials(base) if on == "kd" else lkd_sample_dist_trials(base)
     if family not in HANDCRAFTED:
         raise BenchmarkError(f"unknown tuning family {family!r}; valid: {', '.join(TUNED)}")
     return HANDCRAFTED[family]
@@ -256,8 +258,7 @@ def plan(args, tuning: list[dict]) -> tuple[list[dict], str]:
             family = m[:-len("-tuned")]
             best = tuning_pick(tuning, args.regime, family)
             trial = next(t for t in family_trials(args.regime, family, tuning) if t.name == best["trial"])
-            name = m if family != "lkd-sample" else "lkd-sample-tuned"
-            jobs.append((name, trial.sections, [], {"tuned_from": {"family": family, "trial": trial.name,
+            jobs.append((m, trial.sections, [], {"tuned_from": {"family": family, "trial": trial.name,
                                                                     "quiz_top1": best["quiz_top1"], "seed": best["seed"],
                                                                     "trials": sum(1 for r in tuning if r["regime"] == args.regime
                                                                                   and r["family"] == family)}}))

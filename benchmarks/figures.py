@@ -2,7 +2,7 @@
 
 * ``training_curves_<regime>.png`` and ``paired_vs_best_<regime>.png``: quiz and test top-1 per epoch for the
   main rows, and every seed's difference to the best tuned hand-crafted loss;
-* ``per_sample_<regime>.png``: what the per-sample loss network gives each training image at the end of
+* ``per_sample_<regime>.png`` (``per_sample_dist_<regime>.png`` on DIST's base): what the per-sample loss network gives each training image at the end of
   training — its weight on the CE and KD terms and its temperature — for images whose label was flipped or
   kept, and where the teacher agrees with the label or not (mean over seeds, 10–90 % range).
 """
@@ -22,7 +22,7 @@ def _best_tuned(recs: list[dict]) -> str | None:
     return best_tuned(recs)
 
 
-def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str) -> Path | None:
+def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suffix: str = "") -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,11 +43,12 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str) -> 
             ax.bar(i, mean, color=COLOURS[g], alpha=0.7)
             ax.errorbar(i, mean, yerr=[[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]], color="k", capsize=4)  # mean of quantiles can sit inside the mean
         ax.set_xticks(range(len(groups)), groups)
-        ax.set_title({"w_ce": "weight on CE (base 1)", "w_kd": "weight on KD (base 1)", "tau": "temperature"}[o])
+        distil = "DIST's inter-class term" if "dist" in method else "KD"
+        ax.set_title({"w_ce": "weight on CE (base 1)", "w_kd": f"weight on {distil} (base 1)", "tau": "temperature"}[o])
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{regime}: what {method} gives each training image at the end (mean over {len(rs)} seeds; "
                  "bars: mean, whiskers: 10–90 %)", fontsize=9)
-    path = out / f"per_sample_{regime}.png"
+    path = out / f"per_sample{suffix}_{regime}.png"
     from lkd_ray.plot import _savefig
 
     _savefig(fig, path)
@@ -58,7 +59,7 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str) -> 
 def draw_all(results: Path, out: Path) -> list[Path]:
     from lkd_ray.plot import plot_training_curves
 
-    from benchmarks.report import REGIME_ORDER, REGIME_TEXT
+    from benchmarks.report import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT
 
     path = results / "accuracy_regimes.json"
     recs = json.loads(path.read_text()) if path.is_file() else []
@@ -70,10 +71,11 @@ def draw_all(results: Path, out: Path) -> list[Path]:
             continue
         best = _best_tuned(rs)
         present = {r["method"] for r in rs}
-        methods = [m for m in (*MAIN, best, "lkd-sample-tuned") if m and m in present]
+        methods = [m for m in (*MAIN, best, *PER_SAMPLE) if m and m in present]
         paths += plot_training_curves(rs, out, list(dict.fromkeys(methods)), tag=f"_{regime}", ref=best or "kd",
                                       title=f"{regime}: {REGIME_TEXT[regime]}")
-        p = per_sample_figure(rs, "lkd-sample-tuned", out, regime)
-        if p is not None:
-            paths.append(p)
+        for method, suffix in PER_SAMPLE.items():
+            p = per_sample_figure(rs, method, out, regime, suffix)
+            if p is not None:
+                paths.append(p)
     return paths

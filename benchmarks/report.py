@@ -304,20 +304,26 @@ def teachers_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+PER_SAMPLE = {"lkd-sample-tuned": "", "lkd-sample-dist-tuned": "_dist"}  # the per-sample tuned rows → figure suffix
+
+
 def per_sample_text() -> str:
     recs = load("accuracy_regimes.json") or []
-    lines = ["| regime | images | CE weight | KD weight | temperature |", "|---|---|---|---|---|"]
+    lines = ["| regime | row | images | CE weight | distillation weight | temperature |", "|---|---|---|---|---|---|"]
     any_ = False
     for regime in REGIME_ORDER:
-        rs = [r for r in recs if r["regime"] == regime and r["method"] == "lkd-sample-tuned" and r.get("per_sample")]
-        for g in ("clean", "flipped", "agree", "disagree"):
-            vals = {o: [r["per_sample"][o][g]["mean"] for r in rs if r["per_sample"][o][g]["n"]] for o in ("w_ce", "w_kd", "tau")}
-            if not vals["w_ce"]:
-                continue
-            any_ = True
-            lines.append(f"| {regime} | {g} | " + " | ".join(f"{statistics.mean(vals[o]):.2f}" for o in ("w_ce", "w_kd", "tau"))
-                         + " |")
-    return ("\n".join(lines) + "\n\nMean over the seeds of each group's mean output (base: 1, 1 and the base τ).\n"
+        for method in PER_SAMPLE:
+            rs = [r for r in recs if r["regime"] == regime and r["method"] == method and r.get("per_sample")]
+            for g in ("clean", "flipped", "agree", "disagree"):
+                vals = {o: [r["per_sample"][o][g]["mean"] for r in rs if r["per_sample"][o][g]["n"]] for o in ("w_ce", "w_kd", "tau")}
+                if not vals["w_ce"]:
+                    continue
+                any_ = True
+                lines.append(f"| {regime} | {method} | {g} | "
+                             + " | ".join(f"{statistics.mean(vals[o]):.2f}" for o in ("w_ce", "w_kd", "tau")) + " |")
+    return ("\n".join(lines) + "\n\nMean over the seeds of each group's mean output (base: 1, 1 and the base τ). The "
+            "distillation weight multiplies KD's term in `lkd-sample-tuned` and DIST's per-sample inter-class term in "
+            "`lkd-sample-dist-tuned`.\n"
             if any_ else "_No per-sample runs recorded yet._\n")
 
 
@@ -382,8 +388,7 @@ def figure_links(regime: str) -> str:
     if not recs:
         return f"_No figures for `{regime}`: it has not run._\n"
     names = ["training_curves", "paired_vs_best"]
-    if any(r["method"] == "lkd-sample-tuned" and r.get("per_sample") for r in recs):
-        names.append("per_sample")
+    names += [f"per_sample{suffix}" for m, suffix in PER_SAMPLE.items() if any(r["method"] == m and r.get("per_sample") for r in recs)]
     return "".join(f"![](docs/figures/{n}_{regime}.png)\n" for n in names)
 
 

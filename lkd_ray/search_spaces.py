@@ -10,6 +10,8 @@ same trials and pick by the same rule — the best quiz top-1 (never the test sp
   wsl   τ ∈ {1, 2, 4, 8} × weight ∈ {1, 2.25}         (weighted soft labels, Zhou et al. ICLR 2021)
 ``lkd-sample``: the per-sample loss network on top of a base (the tuned KD's α and τ), over the lock and
 the meta-step's frequency and learning rate.
+``lkd-sample-dist``: the same network over DIST's distillation term (the tuned DIST's τ), on a grid capped
+by the cost bar: a meta-step every 40 or 80 student steps (every 10 costs 1.40× KD's whole run, BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -71,6 +73,23 @@ def lkd_sample_trials(base: Trial | None = None) -> list[Trial]:
                 out.append(Trial("lkd-sample", f"lock={lock},every={every},lr={_num(lr)}",
                                  {"loss": copy.deepcopy(base_loss), "lossnet": lossnet,
                                   "meta": {"meta_every": every, "lr": lr}}))
+    return out
+
+
+def lkd_sample_dist_trials(base: Trial | None = None) -> list[Trial]:
+    """The per-sample loss network over DIST's term (``lossnet.base=dist``) on ``base`` (a tuned DIST trial; None:
+    the recipe's τ), CE and DIST at weight 1 as the DIST method has them, over the lock (none, or the batch norm
+    lock) × meta_every ∈ {40, 80} × meta lr ∈ {1e-3, 1e-2}: eight trials, the budget of ``lkd-sample``, all
+    within the cost bar (a meta-step costs about four student steps; ``meta_every`` decides the cost)."""
+    loss = {k: v for k, v in (base.sections["loss"] if base is not None else {}).items() if k != "method"}
+    loss.update({"method": "lkd", "w_ce": 1.0, "w_logit": 1.0})
+    out = []
+    for lock in ("none", "norm"):
+        for every in (40, 80):
+            for lr in (1e-3, 1e-2):
+                lossnet = {"kind": "sample", "base": "dist", "lock": lock, "trust": None, "lock_scope": "batch"}
+                out.append(Trial("lkd-sample-dist", f"lock={lock},every={every},lr={_num(lr)}",
+                                 {"loss": copy.deepcopy(loss), "lossnet": lossnet, "meta": {"meta_every": every, "lr": lr}}))
     return out
 
 

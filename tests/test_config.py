@@ -91,3 +91,21 @@ def test_a_per_sample_weight_on_a_zero_term_is_refused_and_the_grid_never_builds
         for t in lkd_sample_trials(base):
             cfg = build_config("fashion_mnist", **t.sections)
             assert cfg.loss.w_ce > 0 and cfg.loss.w_logit > 0 and cfg.loss.tau == base.sections["loss"]["tau"]
+
+
+def test_the_per_sample_grid_on_dist_keeps_dist_s_pick_and_stays_within_the_cost_bar():
+    """Eight trials, like the per-sample grid on KD: each on the tuned DIST's τ with CE and DIST at weight 1 (the DIST
+    method's), the network over DIST's term, and a meta-step at most every 40 student steps (the cost cap)."""
+    from lkd_ray.losses import build_lossnets
+    from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_dist_trials
+
+    for base in HANDCRAFTED["dist"]:
+        trials = lkd_sample_dist_trials(base)
+        assert len(trials) == 8 and len({t.name for t in trials}) == 8
+        for t in trials:
+            cfg = build_config("fashion_mnist", **t.sections)
+            assert (cfg.loss.method, cfg.lossnet.kind, cfg.lossnet.base) == ("lkd", "sample", "dist")
+            assert cfg.loss.w_ce == cfg.loss.w_logit == 1.0 and cfg.loss.tau == base.sections["loss"]["tau"]
+            assert cfg.meta.meta_every >= 40
+            net = build_lossnets(cfg.loss, cfg.lossnet).logit
+            assert net.base == "dist" and (net.dist_beta, net.dist_gamma) == (cfg.loss.dist_beta, cfg.loss.dist_gamma)
