@@ -271,6 +271,7 @@ class SampleLossNet(nn.Module):
         """∇_z of β·mean_i b_i·inter_i(τ_i) + γ·intra(τ), holding b and τ_i fixed (they act as weights), yet
         differentiable in them and in z. The gradient is taken w.r.t. an alias of z, which b and τ_i (computed
         from z itself) do not depend on; DIST's rows of softmax gradients each sum to zero."""
+        create_graph = create_graph and torch.is_grad_enabled()  # a plain student step needs no second-order graph
         with torch.enable_grad():
             za = z.view_as(z) if z.requires_grad else z.detach().requires_grad_(True)
             loss = (self.dist_beta * (b * handcrafted.dist_inter_per_sample(za, z_t, tau)).sum()
