@@ -22,7 +22,19 @@ def _best_tuned(recs: list[dict]) -> str | None:
     return best_tuned(recs)
 
 
-def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suffix: str = "") -> Path | None:
+def distil_term(recs: list[dict], configs: dict) -> str:
+    """What the per-sample network weighs besides CE, read from the configs the records ran (``lossnet.base``)."""
+    bases = {configs.get(r.get("config_sha"), {}).get("lossnet", {}).get("base") for r in recs}
+    if len(bases) != 1 or None in bases:
+        raise ValueError(f"the records' configs give the distillation base(s) {sorted(map(str, bases))}, expected "
+                         "exactly one: is results/configs.json complete (every record's config_sha in it)?")
+    return {"kd": "KD", "dist": "DIST's inter-class term"}[bases.pop()]
+
+
+def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suffix: str = "",
+                      configs: dict | None = None) -> Path | None:
+    """The per-sample outputs by group; the distillation term is named from the configs the records ran
+    (``lossnet.base``), so a method's name cannot mislabel it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,6 +43,7 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suf
     rs = [r for r in recs if r["method"] == method and r.get("per_sample")]
     if not rs:
         return None
+    distil = distil_term(rs, configs or {})
     groups = [g for g in ("clean", "flipped", "agree", "disagree") if any(r["per_sample"]["w_ce"][g]["n"] for r in rs)]
     outputs = ("w_ce", "w_kd", "tau")
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
@@ -43,7 +56,6 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suf
             ax.bar(i, mean, color=COLOURS[g], alpha=0.7)
             ax.errorbar(i, mean, yerr=[[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]], color="k", capsize=4)  # mean of quantiles can sit inside the mean
         ax.set_xticks(range(len(groups)), groups)
-        distil = "DIST's inter-class term" if "dist" in method else "KD"
         ax.set_title({"w_ce": "weight on CE (base 1)", "w_kd": f"weight on {distil} (base 1)", "tau": "temperature"}[o])
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"{regime}: what {method} gives each training image at the end (mean over {len(rs)} seeds; "
@@ -63,6 +75,8 @@ def draw_all(results: Path, out: Path) -> list[Path]:
 
     path = results / "accuracy_regimes.json"
     recs = json.loads(path.read_text()) if path.is_file() else []
+    configs_path = results / "configs.json"
+    configs = json.loads(configs_path.read_text()) if configs_path.is_file() else {}
     paths: list[Path] = []
     out.mkdir(parents=True, exist_ok=True)
     for regime in REGIME_ORDER:
@@ -75,7 +89,7 @@ def draw_all(results: Path, out: Path) -> list[Path]:
         paths += plot_training_curves(rs, out, list(dict.fromkeys(methods)), tag=f"_{regime}", ref=best or "kd",
                                       title=f"{regime}: {REGIME_TEXT[regime]}")
         for method, suffix in PER_SAMPLE.items():
-            p = per_sample_figure(rs, method, out, regime, suffix)
+            p = per_sample_figure(rs, method, out, regime, suffix, configs)
             if p is not None:
                 paths.append(p)
     return paths

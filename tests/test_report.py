@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -66,3 +68,30 @@ def test_the_verdict_counts_a_learned_preset_and_its_cost_and_never_a_variant_th
     assert row[4] == "`n` (wsl-tuned): it" and row[6:9] == ["no", "yes (preset)", "1.40× (> 1.25)"], row
     row = verdict(_synthetic({"kd": (0, 0), "lkd": (0, 0), "wsl-tuned": (0, 2)}, seeds=range(4)), crafted)
     assert "incomplete: 4 of 5" in row[1]
+
+
+def test_the_per_sample_figure_names_the_term_its_records_ran_and_refuses_records_without_a_config(tmp_path):
+    """The label comes from each record's stored config (lossnet.base), checked here against the family's own trial
+    definition, not from the method's name; a record whose config is missing stops the figure with the reason."""
+    import importlib.util
+    import json
+
+    from benchmarks.figures import distil_term, per_sample_figure
+
+    results = ROOT / "benchmarks" / "results"
+    recs = [r for r in json.loads((results / "accuracy_regimes.json").read_text()) if r["regime"] == "noisy-pair30"]
+    configs = json.loads((results / "configs.json").read_text())
+    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
+    acc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acc)
+    tuning = json.loads((results / "accuracy_regimes_tuning.json").read_text())
+    for family, label in (("lkd-sample", "KD"), ("lkd-sample-dist", "DIST's inter-class term")):
+        rs = [r for r in recs if r["method"] == f"{family}-tuned"]
+        assert len(rs) >= 5
+        trial = acc.family_trials("noisy-pair30", family, tuning)[0]
+        base = trial.sections.get("lossnet", {}).get("base", "kd")
+        assert label == {"kd": "KD", "dist": "DIST's inter-class term"}[base] == distil_term(rs, configs)
+    path = per_sample_figure(rs, "lkd-sample-dist-tuned", tmp_path, "noisy-pair30", "_dist", configs)
+    assert path.is_file() and path.stat().st_size > 10_000
+    with pytest.raises(ValueError, match="configs.json complete"):
+        per_sample_figure(rs, "lkd-sample-dist-tuned", tmp_path, "noisy-pair30", "_dist", {})
