@@ -271,7 +271,7 @@ def plan(args, tuning: list[dict]) -> tuple[list[dict], str]:
     return tasks, RECORDS
 
 
-def check_against(tasks: list[dict], recorded: list[dict]) -> list[dict]:
+def check_against(tasks: list[dict], recorded: list[dict], store_path: Path = records.CONFIGS) -> list[dict]:
     """Tasks still to run. A run folder or record that holds another config for the same name is an error."""
     todo = []
     for t in tasks:
@@ -281,7 +281,7 @@ def check_against(tasks: list[dict], recorded: list[dict]) -> list[dict]:
             if done[0]["config_sha"] != sha:
                 raise BenchmarkError(f"{t['regime']}/{t['method']} seed {t['seed']} is recorded with config "
                                      f"{done[0]['config_sha']}, the command builds {sha}:\n  " +
-                                     "\n  ".join(records.config_diff(_stored_config(done[0]["config_sha"]), t["config"])) +
+                                     "\n  ".join(records.config_diff(_stored_config(done[0]["config_sha"], store_path), t["config"])) +
                                      "\nrun it under another method name, or drop the old records (and say so)")
             continue
         res = Path(t["out"]) / "result.json"
@@ -295,8 +295,8 @@ def check_against(tasks: list[dict], recorded: list[dict]) -> list[dict]:
     return todo
 
 
-def _stored_config(sha: str) -> dict:
-    store = json.loads(records.CONFIGS.read_text()) if records.CONFIGS.is_file() else {}
+def _stored_config(sha: str, store_path: Path = records.CONFIGS) -> dict:
+    store = json.loads(store_path.read_text()) if store_path.is_file() else {}
     return store.get(sha, {})
 
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tasks, target = plan(args, tuning)
         recorded = json.loads((results / target).read_text()) if (results / target).is_file() else []
-        todo = check_against(tasks, recorded)
+        todo = check_against(tasks, recorded, results / "configs.json")
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

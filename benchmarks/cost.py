@@ -32,8 +32,9 @@ import records  # noqa: E402
 EMBEDDED = {"optim": {"epochs": 2}, "model": {"teacher_epochs": 5}}
 
 
-def configs(setting: str, cache_dir: str) -> tuple[dict, dict, str]:
-    """(KD config, LKD config, recipe text) for a setting."""
+def configs(setting: str, cache_dir: str, results: Path = records.RESULTS) -> tuple[dict, dict, str]:
+    """(KD config, LKD config, recipe text) for a setting; a regime's tuning picks and records come from ``results``
+    (the folder ``--results`` names, where the accuracy benchmark wrote them)."""
     from lkd_ray.config import build_config
 
     run = {"run": {"seed": 0, "progress": False, "cache_dir": cache_dir, "threads": 1}}
@@ -47,7 +48,7 @@ def configs(setting: str, cache_dir: str) -> tuple[dict, dict, str]:
     if regime not in accuracy.REGIMES or not method:
         raise SystemExit(f"unknown setting {setting!r}: 'lkd (default)' or <regime>:<method> with a regime in "
                          f"{', '.join(accuracy.REGIMES)}")
-    tuning_path = accuracy.RESULTS / accuracy.TUNING
+    tuning_path = Path(results) / accuracy.TUNING
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else []
     variant = method.startswith("lkd-") and not method.endswith("-tuned")
     args = argparse.Namespace(regime=regime, out=tempfile.mkdtemp(), cache_dir=cache_dir, threads=1, seeds=[0], tune=None,
@@ -55,22 +56,22 @@ def configs(setting: str, cache_dir: str) -> tuple[dict, dict, str]:
     tasks, _ = accuracy.plan(args, tuning)
     by = {t["method"]: t["config"] for t in tasks}
     if variant:  # a variant is whatever its --set said: take the config its seed-0 record ran
-        by[method] = recorded_config(regime, method, cache_dir)
+        by[method] = recorded_config(regime, method, cache_dir, results)
     name = method if method in by else next(m for m in by if m != "kd")
     for c in by.values():
         c["run"]["threads"] = 1
     return by["kd"], by[name], f"regime {regime} (benchmarks/accuracy.py), seed 0, 1 thread"
 
 
-def recorded_config(regime: str, method: str, cache_dir: str) -> dict:
+def recorded_config(regime: str, method: str, cache_dir: str, results: Path = records.RESULTS) -> dict:
     """The full config of ``method``'s seed-0 run in ``regime`` (from the records and the config store)."""
-    recs = json.loads((records.RESULTS / "accuracy_regimes.json").read_text())
+    recs = json.loads((Path(results) / "accuracy_regimes.json").read_text())
     rec = next((r for r in recs if r["regime"] == regime and r["method"] == method and r["seed"] == 0), None)
     if rec is None:
         raise SystemExit(f"no seed-0 record of {method!r} in regime {regime!r}: run it with benchmarks/accuracy.py first")
     import accuracy
 
-    config = accuracy._stored_config(rec["config_sha"])
+    config = accuracy._stored_config(rec["config_sha"], Path(results) / "configs.json")
     config["run"]["cache_dir"] = cache_dir
     return config
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = records.load_1m()
     rows = []
     for setting in args.setting or ["lkd (default)"]:
-        kd, lkd, recipe = configs(setting, args.cache_dir)
+        kd, lkd, recipe = configs(setting, args.cache_dir, results)
         with tempfile.TemporaryDirectory() as tmp:
             one_run(kd, Path(tmp) / "warm")  # teacher, its output cache and the data in the OS cache: untimed
             kd_s, lkd_s, kd_p, lkd_p = [], [], [], []

@@ -88,6 +88,31 @@ def test_the_cost_of_a_variant_is_measured_on_the_config_its_record_ran(tmp_path
         cost.configs("noisy-pair30:lkd-nope", str(tmp_path))
 
 
+def test_cost_reads_the_tuning_records_and_configs_from_the_results_folder_it_is_given(tmp_path):
+    """`cost.py --results DIR` builds a tuned setting from DIR's tuning records and a variant from DIR's records and
+    config store (it once read the repository's own folder whatever --results said, and failed for a regime whose
+    tuning had been written elsewhere). DIR here holds only noisy-pair30's DIST trial at τ=8 and one variant row."""
+    cost = _load("cost")
+    src = ROOT / "benchmarks" / "results"
+    tuning = [r for r in json.loads((src / "accuracy_regimes_tuning.json").read_text())
+              if r["regime"] == "noisy-pair30" and r["method"] == "dist[tau=8]"]
+    assert len(tuning) == 1
+    rec = next(r for r in json.loads((src / "accuracy_regimes.json").read_text())
+               if r["regime"] == "noisy-pair30" and r["method"] == "lkd-sample-every40" and r["seed"] == 0)
+    store = json.loads((src / "configs.json").read_text())
+    here = tmp_path / "results"
+    here.mkdir()
+    (here / "accuracy_regimes_tuning.json").write_text(json.dumps(tuning))
+    (here / "accuracy_regimes.json").write_text(json.dumps([{**rec, "method": "lkd-only-here"}]))
+    (here / "configs.json").write_text(json.dumps({rec["config_sha"]: store[rec["config_sha"]]}))
+    _, dist, _ = cost.configs("noisy-pair30:dist-tuned", str(tmp_path), here)
+    assert dist["loss"]["method"] == "dist" and dist["loss"]["tau"] == 8.0  # the repository's own pick is another τ
+    _, lkd, _ = cost.configs("noisy-pair30:lkd-only-here", str(tmp_path), here)
+    assert {k: v for k, v in lkd.items() if k != "run"} == {k: v for k, v in store[rec["config_sha"]].items() if k != "run"}
+    with pytest.raises(SystemExit, match="no seed-0 record of 'lkd-only-here'"):
+        cost.configs("noisy-pair30:lkd-only-here", str(tmp_path))  # not in the repository's records
+
+
 def test_a_record_says_when_the_code_differed_from_its_commit(tmp_path):
     """records.commit() looks at lkd_ray/, jobs/ and benchmarks/*.py of the checkout it sits in, from any working
     directory (it once ran git from benchmarks/, where those pathspecs match nothing, and always said clean)."""
