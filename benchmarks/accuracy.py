@@ -58,6 +58,15 @@ TUNE_SEED = 100
 RESULTS = records.RESULTS
 RECORDS, TUNING = "accuracy_regimes.json", "accuracy_regimes_tuning.json"
 
+# The field suite (issue 25): the noisy-label field's rules as tuned families beside the KD ones, every pick made on
+# a clean selection split disjoint from the meta-objective's quiz (search_spaces.pick_on_selection), the learned
+# loss as a residual on the regime's best rule, and finals over noise draws as well as student seeds.
+FIELD_RECORDS, FIELD_TUNING = "accuracy_field.json", "accuracy_field_tuning.json"
+SELECT = {"full": 50, "scarce": 20, "noisy-sym40": 50, "noisy-pair30": 50}  # clean images per class, beside the quiz
+HANDCRAFTED_FIELD = ("kd", "dkd", "dist", "ls", "wsl", "dist-wce")
+RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
+FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("lkd-rule",)
+
 
 class BenchmarkError(RuntimeError):
     """A mismatch between what the command asks and what is recorded; exits 2 with the reason."""
@@ -71,11 +80,15 @@ def merge(*parts: dict) -> dict:
     return out
 
 
-def build_cfg(regime: str, sections: dict, overrides: list[str], seed: int, name: str, cache_dir: str):
+def build_cfg(regime: str, sections: dict, overrides: list[str], seed: int, name: str, cache_dir: str,
+              suite: str = "regimes", noise_draw: int = 0):
     from lkd_ray.config import build_config
 
+    extra = {}
+    if suite == "field":
+        extra = {"data": {"select_per_class": SELECT[regime], **({"noise_seed": noise_draw} if noise_draw else {})}}
     return build_config("fashion_mnist", overrides=overrides,
-                        **merge(COMMON, REGIMES[regime], sections,
+                        **merge(COMMON, REGIMES[regime], extra, sections,
                                 {"run": {"seed": seed, "name": name, "progress": False, "cache_dir": cache_dir}}))
 
 
@@ -161,7 +174,12 @@ def record_from(out: Path, task: dict) -> dict:
            "epochs": res["epochs"], "config_sha": records.config_sha(res["config"]), **prov,
            "curve": [{"epoch": h["epoch"], "quiz_top1": h["quiz_top1"], "test_top1": h["test_top1"]} for h in res["history"]],
            "lossnet_version": res.get("lossnet_version"), "meta_s": res.get("meta_s")}
-    for k in ("trial", "family", "tuned_from"):
+    for k in ("select_top1", "select_loss", "select_loss_cal"):
+        if k in res:
+            rec[k] = res[k]
+    if isinstance(res.get("meta"), dict) and "accepted" in res["meta"]:
+        rec["meta_steps"] = res["meta"]["accepted"]  # meta-steps applied in the whole run
+    for k in ("trial", "family", "tuned_from", "noise_draw", "suite"):
         if k in task:
             rec[k] = task[k]
     if (out / "per_sample.json").is_file():
@@ -206,19 +224,43 @@ def table(recs: list[dict], ref: str = "kd") -> str:
 
 
 # --------------------------------------------------------------------------- planning
-def tuning_pick(tuning: list[dict], regime: str, family: str) -> dict:
-    from lkd_ray.search_spaces import pick
+def tuning_pick(tuning: list[dict], regime: str, family: str, suite: str = "regimes") -> dict:
+    from lkd_ray.search_spaces import pick, pick_on_selection
 
-    rows = [r for r in tuning if r["regime"] == regime and r["family"] == family]
+    families = HANDCRAFTED_FIELD + RULES if family == "rule-best" else (family,)
+    rows = [r for r in tuning if r["regime"] == regime and r["family"] in families]
     if not rows:
         raise BenchmarkError(f"{family}-tuned in regime {regime}: no tuning trials recorded; run "
-                             f"`benchmarks/accuracy.py --regime {regime} --tune {family}` first")
+                             f"`benchmarks/accuracy.py --regime {regime} --tune {family}"
+                             f"{' --suite field' if suite == 'field' else ''}` first")
+    if suite == "field":
+        missing = sorted(set(families) - {r["family"] for r in rows})
+        if family == "rule-best" and missing:
+            raise BenchmarkError(f"the best hand-crafted loss of {regime} is picked over every family; {missing} "
+                                 "have no tuning trials yet")
+        return pick_on_selection(rows, SELECT[regime] * 10)
     return pick(rows)
 
 
-def family_trials(regime: str, family: str, tuning: list[dict]):
-    from lkd_ray.search_spaces import HANDCRAFTED, lkd_sample_dist_trials, lkd_sample_trials
+def _trial_of(regime: str, family: str, tuning: list[dict], suite: str):
+    """The tuned trial of ``family`` (``rule-best``: the best over every hand-crafted family of the field suite)."""
+    best = tuning_pick(tuning, regime, family, suite)
+    fam = best["family"]
+    return next(t for t in family_trials(regime, fam, tuning, suite) if t.name == best["trial"]), best
 
+
+def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
+    from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, lkd_rule_trials, lkd_sample_dist_trials,
+                                       lkd_sample_trials, rule_trials)
+
+    if suite == "field":
+        if family in RULE_GRIDS:  # a field rule on the regime's tuned KD and DIST
+            return rule_trials(family, {on: _trial_of(regime, on, tuning, suite)[0] for on in ("kd", "dist")})
+        if family == "lkd-rule":  # the learned loss as a residual on the best hand-crafted loss
+            return lkd_rule_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
+        if family not in HANDCRAFTED_FIELD:
+            raise BenchmarkError(f"unknown field tuning family {family!r}; valid: {', '.join(FIELD_TUNED)}")
+        return HANDCRAFTED[family]
     if family in ("lkd-sample", "lkd-sample-dist"):  # the per-sample network on its tuned base: KD's, or DIST's
         on = "kd" if family == "lkd-sample" else "dist"
         pick = tuning_pick(tuning, regime, on)
@@ -234,18 +276,27 @@ def plan(args, tuning: list[dict]) -> tuple[list[dict], str]:
     out_root = Path(args.out) / args.regime
     tasks: list[dict] = []
 
-    def add(method: str, sections: dict, overrides: list[str], seed: int, folder: Path, **extra):
-        cfg = build_cfg(args.regime, sections, overrides, seed, folder.name, args.cache_dir)
+    suite = args.suite
+    if suite == "field":
+        out_root = Path(args.out) / "field" / args.regime
+
+    def add(method: str, sections: dict, overrides: list[str], seed: int, folder: Path, draw: int = 0, **extra):
+        cfg = build_cfg(args.regime, sections, overrides, seed, folder.name, args.cache_dir, suite, draw)
+        if suite == "field":
+            extra = {**extra, "suite": suite, "noise_draw": draw}
         tasks.append({"regime": args.regime, "method": method, "seed": seed, "out": str(folder), "config": cfg.to_dict(),
                       "threads": args.threads, **extra})
 
     if args.tune:
         for family in args.tune:
-            for t in family_trials(args.regime, family, tuning):
+            for t in family_trials(args.regime, family, tuning, suite):
                 slug = t.name.replace("=", "").replace(",", "_")
                 add(f"{family}[{t.name}]", t.sections, [], args.tune_seed, out_root / "tune" / f"{family}-{slug}-s{args.tune_seed}",
                     family=family, trial=t.name)
-        return tasks, TUNING
+        return tasks, FIELD_TUNING if suite == "field" else TUNING
+    if suite == "field":
+        _plan_field_finals(args, tuning, out_root, add)
+        return tasks, FIELD_RECORDS
     jobs: list[tuple[str, dict, list[str], dict]] = []
     if args.variant:
         if not args.overrides:
@@ -271,14 +322,41 @@ def plan(args, tuning: list[dict]) -> tuple[list[dict], str]:
     return tasks, RECORDS
 
 
+def _plan_field_finals(args, tuning: list[dict], out_root: Path, add) -> None:
+    """Finals of the field suite: every asked method over the student seeds × the noise draws (draw 0 is the
+    regime's own noise; each other draw has its own labels and its own teacher)."""
+    jobs = []
+    for m in args.methods or []:
+        if m in BASE_METHODS:
+            jobs.append((m, {"loss": {"method": m}}, [], {}))
+        elif m.endswith("-tuned") and m[:-len("-tuned")] in FIELD_TUNED + ("rule-best",):
+            family = m[:-len("-tuned")]
+            trial, best = _trial_of(args.regime, family, tuning, "field")
+            jobs.append((m, trial.sections, [], {"tuned_from": {
+                "family": best["family"], "trial": trial.name, "select_top1": best["select_top1"],
+                "select_loss_cal": best["select_loss_cal"], "seed": best["seed"],
+                "trials": sum(1 for r in tuning if r["regime"] == args.regime and r["family"] == best["family"])}}))
+        else:
+            raise BenchmarkError(f"unknown field method {m!r}: use {', '.join(BASE_METHODS)} or <family>-tuned for a "
+                                 f"family in {', '.join(FIELD_TUNED + ('rule-best',))}")
+    if args.variant:
+        jobs.append((f"lkd-{args.variant}", {"loss": {"method": "lkd"}}, args.overrides, {}))
+    for draw in args.noise_draws:
+        for seed in args.seeds:
+            for name, sections, overrides, extra in jobs:
+                add(name, sections, overrides, seed, out_root / f"{name}-s{seed}-d{draw}", draw, **extra)
+
+
 def check_against(tasks: list[dict], recorded: list[dict], store_path: Path = records.CONFIGS) -> list[dict]:
     """Tasks still to run. A run folder or record that holds another config for the same name is an error."""
     todo = []
     for t in tasks:
         sha = records.config_sha(t["config"])
-        done = [r for r in recorded if r["regime"] == t["regime"] and r["method"] == t["method"] and r["seed"] == t["seed"]]
+        done = [r for r in recorded if r["regime"] == t["regime"] and r["method"] == t["method"] and r["seed"] == t["seed"]
+                and r.get("noise_draw", 0) == t.get("noise_draw", 0)]
         if done:
-            if done[0]["config_sha"] != sha:
+            if done[0]["config_sha"] != sha and (records.config_identity(_stored_config(done[0]["config_sha"], store_path))
+                                                 != records.config_identity(t["config"])):
                 raise BenchmarkError(f"{t['regime']}/{t['method']} seed {t['seed']} is recorded with config "
                                      f"{done[0]['config_sha']}, the command builds {sha}:\n  " +
                                      "\n  ".join(records.config_diff(_stored_config(done[0]["config_sha"], store_path), t["config"])) +
@@ -287,7 +365,7 @@ def check_against(tasks: list[dict], recorded: list[dict], store_path: Path = re
         res = Path(t["out"]) / "result.json"
         if res.is_file():
             old = json.loads(res.read_text())["config"]
-            if records.config_sha(old) != sha:
+            if records.config_identity(old) != records.config_identity(t["config"]):
                 raise BenchmarkError(f"{t['out']} holds a run of another config than the command builds:\n  " +
                                      "\n  ".join(records.config_diff(old, t["config"])) +
                                      "\nuse another --out, or delete that folder to run this config")
@@ -300,21 +378,21 @@ def _stored_config(sha: str, store_path: Path = records.CONFIGS) -> dict:
     return store.get(sha, {})
 
 
-def prepare(regime: str, cache_dir: str) -> dict:
+def prepare(regime: str, cache_dir: str, suite: str = "regimes", noise_draw: int = 0) -> dict:
     """The regime's teacher (trained once, cached) and its output cache, before parallel runs read them."""
     from lkd_ray.data import build_data
     from lkd_ray.train.run import build_run
     from lkd_ray.train.teacher import prepare_teacher
 
-    cfg = build_cfg(regime, {"loss": {"method": "kd"}}, [], 0, "prepare", cache_dir)
+    cfg = build_cfg(regime, {"loss": {"method": "kd"}}, [], 0, "prepare", cache_dir, suite, noise_draw)
     data = build_data(cfg.data, 0, cache_dir=cache_dir)
     teacher, info = prepare_teacher(cfg, data)
     build_run(cfg, data=data, teacher=teacher, teacher_info=info, log=print)  # builds the teacher-output cache once
     return info
 
 
-def report(results: Path) -> None:
-    recs = json.loads((results / RECORDS).read_text()) if (results / RECORDS).is_file() else []
+def report(results: Path, file: str = RECORDS) -> None:
+    recs = json.loads((results / file).read_text()) if (results / file).is_file() else []
     for regime in REGIMES:
         rs = [r for r in recs if r["regime"] == regime]
         if rs:
@@ -330,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", help=f"{', '.join(BASE_METHODS)} or <family>-tuned")
     ap.add_argument("--tune", nargs="+", metavar="FAMILY", help=f"run a family's tuning grid on --tune-seed: {', '.join(TUNED)}")
     ap.add_argument("--tune-seed", type=int, default=TUNE_SEED)
+    ap.add_argument("--suite", choices=["regimes", "field"], default="regimes",
+                    help="field: the noisy-label field's rules too, picks on a clean selection split (issue 25)")
+    ap.add_argument("--noise-draws", type=int, nargs="+", default=[0],
+                    help="field finals: label-noise draws (0: the regime's own; others: data.noise_seed, own teacher)")
     ap.add_argument("--variant", help="an LKD setting given by --set (records: method lkd-NAME)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (each with --threads torch threads)")
@@ -347,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not (args.tune or args.methods or args.variant):
         ap.error("give --methods, --tune or --variant")
-    tuning = json.loads((results / TUNING).read_text()) if (results / TUNING).is_file() else []
+    tuning_file = FIELD_TUNING if args.suite == "field" else TUNING
+    tuning = json.loads((results / tuning_file).read_text()) if (results / tuning_file).is_file() else []
     try:
         tasks, target = plan(args, tuning)
         recorded = json.loads((results / target).read_text()) if (results / target).is_file() else []
@@ -360,12 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         return 0
     records.keep_configs([t["config"] for t in todo], results / "configs.json")
-    info = prepare(args.regime, args.cache_dir)
-    print(f"teacher {info.get('key')}: test top-1 {info.get('test_top1')}", flush=True)
-    prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1 + args.other_jobs), "threads": args.threads,
-            "teacher": {"key": info.get("key"), "test_top1": info.get("test_top1")}}
+    teachers = {}
+    for draw in sorted({t.get("noise_draw", 0) for t in todo}):  # one teacher per noise draw, before runs read it
+        info = prepare(args.regime, args.cache_dir, args.suite, draw)
+        teachers[draw] = {"key": info.get("key"), "test_top1": info.get("test_top1")}
+        print(f"teacher {info.get('key')} (noise draw {draw}): test top-1 {info.get('test_top1')}", flush=True)
+    prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1 + args.other_jobs), "threads": args.threads}
     for t in todo:
-        t["provenance"] = prov
+        t["provenance"] = {**prov, "teacher": teachers[t.get("noise_draw", 0)]}
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futs = {pool.submit(run_one, t): t for t in todo}
@@ -376,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"test {r['test_top1']:.2f}  quiz {r['quiz_top1']:.2f}  ({r['wall_s']:.0f}s)", flush=True)
     if target == RECORDS:
         report(results)
+    elif target == FIELD_RECORDS:
+        report(results, FIELD_RECORDS)
     return 0
 
 

@@ -87,6 +87,33 @@ def config_sha(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+# Config fields added after records were first made, each at the value that reproduces what ran before it existed.
+# A config holding one of them at that value is the same run as one without the field: a new field does not turn
+# every earlier record into a different config.
+NEUTRAL: dict[tuple[str, str], Any] = {
+    ("run", "log_every"): 50,
+    ("loss", "ce_rule"): "plain", ("loss", "gce_q"): 0.7, ("loss", "sce_alpha"): 0.1, ("loss", "sce_beta"): 1.0,
+    ("loss", "boot_beta"): 0.95, ("loss", "forget_rate"): 0.2, ("loss", "forget_ramp_epochs"): 2,
+    ("meta", "meta_steps_per_epoch"): None, ("meta", "min_meta_steps"): 0,
+    ("data", "confusion_map"): None, ("data", "noise_seed"): None, ("data", "noisy_labels"): None,
+    ("data", "noisy_labels_key"): "worse_label", ("data", "trusted"): None, ("data", "select_per_class"): None,
+}
+
+
+def without_neutral(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` less the fields of ``NEUTRAL`` that hold their neutral value."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in config.items()}
+    for (section, field), value in NEUTRAL.items():
+        if isinstance(out.get(section), dict) and field in out[section] and out[section][field] == value:
+            del out[section][field]
+    return out
+
+
+def config_identity(config: dict[str, Any]) -> str:
+    """What makes two configs the same run: the sha of the config without its neutral fields (``NEUTRAL``)."""
+    return config_sha(without_neutral(config))
+
+
 @contextlib.contextmanager
 def locked(path: Path):
     """Hold an exclusive lock on ``path``'s lock file for a read-modify-write: two benchmarks appending to the same

@@ -73,15 +73,48 @@ class DataCfg(_Section):
                                          "training split (or comes from model.teacher_weights)")
     label_noise: float = Field(0.0, ge=0.0, lt=1.0, description="share of the training labels flipped (seeded, exactly this "
                                "share of every class); the teacher trains on the same noisy labels. The quiz split stays clean")
-    noise_kind: Literal["symmetric", "pairflip"] = Field(
+    noise_kind: Literal["symmetric", "pairflip", "confusion"] = Field(
         "symmetric", description="'symmetric': a flipped label goes to a uniformly drawn other class; 'pairflip': class c "
-        "goes to c + 1 (mod C), a fixed confusion map")
+        "goes to c + 1 (mod C), a fixed confusion map; 'confusion': data.label_noise of every class in "
+        "data.confusion_map goes to its mapped class (look-alike classes), other classes stay clean")
+    confusion_map: dict[int, int] | None = Field(
+        None, description="noise_kind=confusion: source class → the class it is mistaken for; None: the data set's "
+        "look-alike classes (Fashion-MNIST: T-shirt/top ↔ shirt, pullover ↔ coat, sandal → sneaker → ankle boot)")
+    noise_seed: int | None = Field(None, ge=0, description="which draw of the label noise (None: data.split_seed): "
+                                   "another draw, with its own teacher, for error bars that cover the noise")
+    noisy_labels: str | None = Field(
+        None, description="the user's own labels, one per training image, in the data set's order: a path or s3:// URI "
+        "of a .npy, .csv/.txt (one label a line) or a CIFAR-N .pt file (a dict of label arrays: data.noisy_labels_key). "
+        "Replaces data.label_noise; the teacher and the student train on them")
+    noisy_labels_key: str = Field("worse_label", description="the array of a CIFAR-N style .pt dict to use "
+                                  "(CIFAR-10N: aggre_label, worse_label, random_label1..3)")
+    trusted: str | None = Field(
+        None, description="a small trusted subset: a path or s3:// URI of a .csv (index,label a line) or .npy (N×2) of "
+        "training-image indices with their clean labels. It becomes the quiz (and the selection split, when "
+        "data.select_per_class is set) and is never trained on")
+    select_per_class: int | None = Field(
+        None, ge=1, description="a clean selection split of this many images per class, disjoint from the quiz (drawn "
+        "from the held-out split, or from data.trusted): what tuning picks on, never what the meta-step trains on")
     quiz_per_class: int | None = Field(None, ge=1, description="a trusted quiz split of this many clean images per class, "
                                        "drawn from the held-out split (never overlapping training); None: the whole held-out "
                                        "split (data.quiz_fraction of the training set)")
     augment: bool = True
     synthetic_size: int = Field(512, ge=32, description="images per split for dataset=synthetic (smoke runs)")
     num_classes_override: int | None = Field(None, ge=2, description="classes for dataset=synthetic")
+
+    @model_validator(mode="after")
+    def _labels(self):
+        if self.noisy_labels and self.label_noise:
+            raise ValueError("data.noisy_labels are the given labels already: leave data.label_noise at 0")
+        if self.confusion_map is not None:
+            if self.noise_kind != "confusion":
+                raise ValueError("data.confusion_map is read only with data.noise_kind=confusion")
+            same = sorted(k for k, v in self.confusion_map.items() if k == v)
+            if same or any(k < 0 or v < 0 for k, v in self.confusion_map.items()):
+                raise ValueError(f"data.confusion_map maps classes to other classes (≥ 0); got {self.confusion_map}")
+        if self.trusted and self.quiz_per_class:
+            raise ValueError("data.trusted is the quiz: leave data.quiz_per_class unset")
+        return self
 
 
 class OptimCfg(_Section):
@@ -102,6 +135,8 @@ class OptimCfg(_Section):
 
 
 METHOD_NAMES = ("ce", "kd", "dkd", "dist", "wsl", "lkd", "control")
+CE_RULE_NAMES = ("plain", "agree", "agree_soft", "relabel", "gce", "sce", "boot_soft", "boot_hard", "small_loss")
+TEACHER_CE_RULES = ("agree", "agree_soft", "relabel")
 
 
 class LossCfg(_Section):
@@ -119,6 +154,30 @@ class LossCfg(_Section):
     dkd_warmup_epochs: int = Field(0, ge=0, description="linear warm-up of the DKD term (the DKD paper uses 20 of 240 epochs)")
     dist_beta: float = 1.0
     dist_gamma: float = 1.0
+    ce_rule: Literal[CE_RULE_NAMES] = Field(  # type: ignore[valid-type]
+        "plain", description="how the label term is formed per sample, on any method (lkd_ray/losses/ce_rules.py): "
+        "'plain' CE; 'agree' CE only where the teacher's top class is the given label; 'agree_soft' CE weighted by the "
+        "teacher's probability of the label; 'relabel' CE against the teacher's top class; 'gce' generalised CE "
+        "(loss.gce_q); 'sce' symmetric CE (loss.sce_alpha, loss.sce_beta); 'boot_soft' / 'boot_hard' bootstrapping "
+        "(loss.boot_beta); 'small_loss' CE on the batch's lowest-loss share (loss.forget_rate, ramped over "
+        "loss.forget_ramp_epochs). With lossnet.kind=sample the network starts as this rule")
+    gce_q: float = Field(0.7, gt=0, le=1, description="ce_rule=gce: q (q → 0 is CE, q = 1 is MAE)")
+    sce_alpha: float = Field(0.1, ge=0, description="ce_rule=sce: weight of the CE part")
+    sce_beta: float = Field(1.0, ge=0, description="ce_rule=sce: weight of the reverse-CE part")
+    boot_beta: float = Field(0.95, ge=0, le=1, description="ce_rule=boot_*: weight of the given label (1 − β: the prediction)")
+    forget_rate: float = Field(0.2, ge=0, lt=1, description="ce_rule=small_loss: share of each batch left out, at full ramp")
+    forget_ramp_epochs: int = Field(2, ge=0, description="ce_rule=small_loss: epochs over which the left-out share "
+                                    "rises linearly from 0 to forget_rate (0: from the start)")
+
+    @model_validator(mode="after")
+    def _ce_rule(self):
+        if self.ce_rule in TEACHER_CE_RULES and self.method == "ce":
+            raise ValueError(f"loss.ce_rule={self.ce_rule!r} reads the teacher's logits, and loss.method='ce' has no "
+                             "teacher: use a distillation method (kd, dist, …) or another rule")
+        if self.label_smoothing and self.ce_rule in ("gce", "sce", "boot_soft", "boot_hard"):
+            raise ValueError(f"loss.label_smoothing applies to CE-based rules; loss.ce_rule={self.ce_rule!r} defines its "
+                             "own target: set one or the other")
+        return self
 
 
 LogitInput = Literal["log_ps", "log_pt", "ps", "pt", "onehot", "log_ratio"]
@@ -181,6 +240,12 @@ class MetaCfg(_Section):
     unroll_steps: int = Field(1, ge=1, le=16)
     meta_every: int = Field(40, ge=1, description="student steps per meta-step; on the offline benchmark 40 ties the best "
                             "quiz accuracy of any LKD setting and is the one that stays ≤ 1.15× KD (BENCHMARKS.md)")
+    meta_steps_per_epoch: float | None = Field(
+        None, gt=0, description="the meta-schedule in units of the data: this many meta-steps per epoch of the student's "
+        "data (meta_every is then derived from the epoch's length, so a data set 7× smaller gets as many meta-steps per "
+        "epoch); None: every meta_every student steps. The run's log says what it chose")
+    min_meta_steps: int = Field(0, ge=0, description="at least this many meta-steps in the whole run, whatever its size "
+                                "(meta_every is shortened to fit); 0: no floor")
     lr: float = Field(1e-3, gt=0)
     lr_schedule: Literal["constant", "student"] = Field(
         "constant", description="'student': scale the meta lr by the student's lr schedule (lr_t / lr_0), so φ settles as "

@@ -44,6 +44,12 @@ def _kd_trials() -> list[Trial]:
     return out
 
 
+def _dist_wce_trials() -> list[Trial]:
+    """DIST's τ crossed with the CE weight (KD's grid has α; DIST's own grid never lowered its CE term)."""
+    return [Trial("dist-wce", f"tau={_num(t)},w_ce={_num(w)}", {"loss": {"method": "dist", "tau": t, "w_ce": w}})
+            for t in (1.0, 2.0, 4.0, 8.0) for w in (0.0, 0.5, 1.0)]
+
+
 HANDCRAFTED: dict[str, list[Trial]] = {
     "kd": _kd_trials(),
     "dkd": [Trial("dkd", f"beta={_num(b)}", {"loss": {"method": "dkd", "dkd_alpha": 1.0, "dkd_beta": b, "tau": 4.0}})
@@ -52,7 +58,68 @@ HANDCRAFTED: dict[str, list[Trial]] = {
     "ls": [Trial("ls", f"eps={_num(e)}", {"loss": {"method": "ce", "label_smoothing": e}}) for e in (0.05, 0.1, 0.2, 0.3)],
     "wsl": [Trial("wsl", f"tau={_num(t)},w={_num(w)}", {"loss": {"method": "wsl", "tau": t, "w_logit": w}})
             for t in (1.0, 2.0, 4.0, 8.0) for w in (1.0, 2.25)],
+    "dist-wce": _dist_wce_trials(),
 }
+
+
+# --------------------------------------------------------------------------- the noisy-label field's rules
+RULE_GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    # family: [(name, loss fields)], each crossed with the distillation base (the regime's tuned KD and DIST)
+    "agree": [("rule=agree", {"ce_rule": "agree"}), ("rule=agree_soft", {"ce_rule": "agree_soft"})],
+    "relabel": [("rule=relabel", {"ce_rule": "relabel"})],
+    "gce": [(f"q={_num(q)}", {"ce_rule": "gce", "gce_q": q}) for q in (0.3, 0.5, 0.7, 0.9)],            # Zhang & Sabuncu 2018
+    "sce": [(f"a={_num(a)},b={_num(b)}", {"ce_rule": "sce", "sce_alpha": a, "sce_beta": b})            # Wang et al. 2019
+            for a in (0.1, 1.0) for b in (0.1, 1.0)],
+    "boot": [(f"{k},beta={_num(b)}", {"ce_rule": f"boot_{k}", "boot_beta": b})                          # Reed et al. 2015
+             for k in ("soft", "hard") for b in (0.8, 0.95)],
+    "small-loss": [(f"rate={_num(r)}", {"ce_rule": "small_loss", "forget_rate": r, "forget_ramp_epochs": 2})  # Co-teaching's
+                   for r in (0.1, 0.2, 0.3, 0.4)],
+}
+RULE_FAMILIES = tuple(RULE_GRIDS)
+
+
+def base_loss(base: Trial) -> dict[str, Any]:
+    """A tuned KD or DIST trial's loss, its label term at weight ≥ the base's (a KD pick with α = 1 has no CE term
+    for a rule to act on: the rule then enters at weight 1, as the per-sample grid does)."""
+    loss = dict(base.sections["loss"])
+    if loss.get("w_ce", 1.0) == 0:
+        loss["w_ce"] = 1.0
+    return loss
+
+
+def rule_trials(family: str, bases: dict[str, Trial]) -> list[Trial]:
+    """A field rule's grid on every distillation base given (``{"kd": tuned KD trial, "dist": tuned DIST trial}``)."""
+    if family not in RULE_GRIDS:
+        raise ValueError(f"unknown rule family {family!r}; valid: {', '.join(RULE_GRIDS)}")
+    out = []
+    for on, base in bases.items():
+        for name, fields in RULE_GRIDS[family]:
+            out.append(Trial(family, f"{name},base={on}", {"loss": {**base_loss(base), **fields}}))
+    return out
+
+
+def lkd_rule_trials(rule: Trial) -> list[Trial]:
+    """The per-sample loss network as a residual on the regime's best hand-crafted loss (its rule included): at
+    φ₀ it *is* that loss, so it can only gain what the meta-gradient finds beyond the rule. Its distillation base
+    is the rule's (KD or DIST); grid: lock none or norm × meta-steps per epoch ∈ {4, 8} × meta lr ∈ {1e-3, 1e-2} —
+    the schedule in units of the data (``meta.meta_steps_per_epoch``), so a preset keeps it on data of any size,
+    and at least 40 meta-steps a run (a floor for short runs: 4 per epoch × 12 epochs is above it)."""
+    loss = dict(rule.sections["loss"])
+    method = loss.get("method", "lkd")
+    if method not in ("kd", "dist"):
+        raise ValueError(f"the per-sample network weighs CE and KD or DIST: a {method!r} pick cannot be its base")
+    loss["method"] = "lkd"
+    if loss.get("w_ce", 1.0) == 0:
+        loss["w_ce"] = 1.0
+    out = []
+    for lock in ("none", "norm"):
+        for per_epoch in (4, 8):
+            for lr in (1e-3, 1e-2):
+                lossnet = {"kind": "sample", "base": method, "lock": lock, "trust": None, "lock_scope": "batch"}
+                out.append(Trial("lkd-rule", f"lock={lock},per_epoch={per_epoch},lr={_num(lr)}",
+                                 {"loss": copy.deepcopy(loss), "lossnet": lossnet,
+                                  "meta": {"meta_steps_per_epoch": float(per_epoch), "min_meta_steps": 40, "lr": lr}}))
+    return out
 
 
 def lkd_sample_trials(base: Trial | None = None) -> list[Trial]:
@@ -113,4 +180,28 @@ def pick(results: list[dict[str, Any]]) -> dict[str, Any]:
     (grid order) — the test split is never read."""
     if not results:
         raise ValueError("no trial results to pick from")
-    return min(enumerate(results), key=lambda ir: (-ir[1]["quiz_top1"], ir[1].get("quiz_loss") or 0.0, ir[0]))[1]
+    return min(enumerate(results), key=lambda ir: (-ir[1]["quiz_top1"], ir[1].get("quiz_loss") is None,
+                                                   ir[1].get("quiz_loss") or 0.0, ir[0]))[1]
+
+
+def selection_band(top1: float, n: int) -> float:
+    """One binomial standard error of an accuracy of ``top1`` % on ``n`` images, in points: settings closer than
+    this to the best sit within the selection split's noise."""
+    p = min(max(top1 / 100.0, 0.0), 1.0)
+    return 100.0 * (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def pick_on_selection(results: list[dict[str, Any]], n_select: int) -> dict[str, Any]:
+    """The winning trial on the clean selection split (disjoint from the meta-objective's quiz, so learned and
+    hand-crafted losses are ranked alike on data neither trained on): among the trials within one binomial SE of
+    the best ``select_top1``, the lowest calibrated selection loss (``select_loss_cal``: a setting cannot lead by
+    confidence); then grid order. Trials without selection metrics are refused, not ranked."""
+    if not results:
+        raise ValueError("no trial results to pick from")
+    missing = [r.get("trial", i) for i, r in enumerate(results) if r.get("select_top1") is None or r.get("select_loss_cal") is None]
+    if missing:
+        raise ValueError(f"trials {missing} have no selection-split metrics (data.select_per_class unset when they ran)")
+    best = max(r["select_top1"] for r in results)
+    band = selection_band(best, n_select)
+    tied = [(i, r) for i, r in enumerate(results) if r["select_top1"] >= best - band]
+    return min(tied, key=lambda ir: (ir[1]["select_loss_cal"], ir[0]))[1]

@@ -39,8 +39,10 @@ def _in_memory(train_x, train_y, test_x, test_y, cfg: DataCfg, seed: int, rank: 
                         ids=sp.quiz)
     te = InMemoryLoader(test_x, test_y, cfg.eval_batch_size, False)
     qe = InMemoryLoader(train_x[sp.quiz], labels[sp.quiz], cfg.eval_batch_size, False, ids=sp.quiz)
+    se = (InMemoryLoader(train_x[sp.select], labels[sp.select], cfg.eval_batch_size, False, ids=sp.select)
+          if len(sp.select) else None)
     return DataBundle(tr, qz, te, num_classes, train_x.shape[1], train_x.shape[-1], len(tr_idx), len(sp.quiz),
-                      len(test_y), sp.quiz, synthetic, quiz_eval=qe, regime=sp if audited(cfg) else None)
+                      len(test_y), sp.quiz, synthetic, quiz_eval=qe, regime=sp if audited(cfg) else None, select_eval=se)
 
 
 def train_augmentation(cfg: DataCfg, pad_value: float = 0.0) -> CropFlip | None:

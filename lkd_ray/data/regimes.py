@@ -11,13 +11,16 @@ overlaps the student's or the teacher's training images.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .split import stratified_split
 
-NOISE_KINDS = ("symmetric", "pairflip")
+NOISE_KINDS = ("symmetric", "pairflip", "confusion")
+# Look-alike classes, the confusions annotators make (class → the class it is mistaken for)
+FASHION_CONFUSION = {0: 6, 6: 0, 2: 4, 4: 2, 5: 7, 7: 9}  # T-shirt/top ↔ shirt, pullover ↔ coat, sandal → sneaker → ankle boot
+DEFAULT_CONFUSION = {"fashion_mnist": FASHION_CONFUSION}
 
 
 def pairflip_target(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -25,23 +28,35 @@ def pairflip_target(y: np.ndarray, num_classes: int) -> np.ndarray:
     return (np.asarray(y) + 1) % num_classes
 
 
-def apply_label_noise(labels: np.ndarray, rate: float, kind: str, num_classes: int, seed: int) -> np.ndarray:
+def apply_label_noise(labels: np.ndarray, rate: float, kind: str, num_classes: int, seed: int,
+                      confusion: dict[int, int] | None = None) -> np.ndarray:
     """A copy of ``labels`` with exactly round(rate·n_c) labels of every class c flipped, chosen by ``seed``:
-    ``symmetric`` to a uniformly drawn *other* class, ``pairflip`` to ``pairflip_target``."""
+    ``symmetric`` to a uniformly drawn *other* class, ``pairflip`` to ``pairflip_target``, ``confusion`` to
+    ``confusion[c]`` for the classes the map names (the others stay clean)."""
     if kind not in NOISE_KINDS:
         raise ValueError(f"unknown noise kind {kind!r}; valid: {', '.join(NOISE_KINDS)}")
     if not 0 <= rate < 1:
         raise ValueError(f"label noise rate must be in [0, 1), got {rate}")
+    if kind == "confusion":
+        if not confusion:
+            raise ValueError("noise kind 'confusion' needs a class map (data.confusion_map)")
+        bad = sorted(c for pair in confusion.items() for c in pair if not 0 <= c < num_classes)
+        if bad:
+            raise ValueError(f"data.confusion_map names classes {bad} outside 0..{num_classes - 1}")
     labels = np.asarray(labels)
     out = labels.copy()
     if rate == 0:
         return out
     rng = np.random.default_rng([seed, 0x401E])
     for c in np.unique(labels):
+        if kind == "confusion" and int(c) not in confusion:
+            continue
         idx = np.flatnonzero(labels == c)
         flip = rng.choice(idx, size=int(round(rate * len(idx))), replace=False)
         if kind == "pairflip":
             out[flip] = pairflip_target(labels[flip], num_classes)
+        elif kind == "confusion":
+            out[flip] = confusion[int(c)]
         else:  # a uniform draw over the C − 1 other classes
             out[flip] = (labels[flip] + rng.integers(1, num_classes, size=len(flip))) % num_classes
     return out
@@ -68,6 +83,7 @@ class RegimeSplit:
     quiz: np.ndarray      # the trusted quiz split (clean labels)
     labels: np.ndarray    # the given label of every training image (noisy where label_noise > 0; clean in the quiz)
     clean: np.ndarray     # the original labels
+    select: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # the clean selection split (disjoint from the quiz), if asked
 
     @property
     def flipped(self) -> np.ndarray:
@@ -76,22 +92,47 @@ class RegimeSplit:
 
 def regime_split(clean: np.ndarray, num_classes: int, quiz_fraction: float, split_seed: int, *,
                  label_noise: float = 0.0, noise_kind: str = "symmetric", labels_per_class: int | None = None,
-                 quiz_per_class: int | None = None, train_subset: int | None = None) -> RegimeSplit:
-    """The run's splits and labels, a pure function of its arguments (so every rank and the teacher agree)."""
-    clean = np.asarray(clean)
-    pool, held_out = stratified_split(clean, quiz_fraction, split_seed)
+                 quiz_per_class: int | None = None, train_subset: int | None = None, noise_seed: int | None = None,
+                 confusion: dict[int, int] | None = None, given: np.ndarray | None = None,
+                 trusted: tuple[np.ndarray, np.ndarray] | None = None,
+                 select_per_class: int | None = None) -> RegimeSplit:
+    """The run's splits and labels, a pure function of its arguments (so every rank and the teacher agree).
+
+    ``given``: the user's own label of every training image (replaces label noise); ``trusted``: (indices, clean
+    labels) of a trusted subset, which is held out as the quiz instead of a stratified split. The selection
+    split (``select_per_class``) is drawn from what is held out besides the quiz, so no pick is made on the data
+    the meta-step trains on."""
+    clean = np.asarray(clean).copy()
+    if trusted is not None:
+        t_idx, t_lab = trusted
+        clean[t_idx] = t_lab  # the trusted labels are the clean ones there
+        mask = np.ones(len(clean), bool)
+        mask[t_idx] = False
+        pool, held_out = np.flatnonzero(mask), np.sort(t_idx)
+    else:
+        pool, held_out = stratified_split(clean, quiz_fraction, split_seed)
     if train_subset is not None:  # a quick-run knob: fewer images for the teacher and the student alike
         pool = np.sort(np.random.default_rng(split_seed + 1).choice(pool, min(train_subset, len(pool)), replace=False))
     labels = clean.copy()
-    if label_noise > 0:
-        labels[pool] = apply_label_noise(clean[pool], label_noise, noise_kind, num_classes, split_seed)
+    if given is not None:
+        labels[pool] = np.asarray(given)[pool]
+    elif label_noise > 0:
+        labels[pool] = apply_label_noise(clean[pool], label_noise, noise_kind, num_classes,
+                                         split_seed if noise_seed is None else noise_seed, confusion)
     student = pool
     if labels_per_class is not None:  # stratified by the labels the user has (the given ones)
         student = per_class_subset(pool, labels, labels_per_class, split_seed + 2, "data.labels_per_class")
+    select = np.zeros(0, dtype=np.int64)
+    if select_per_class is not None and quiz_per_class is None:  # the quiz is what the selection split leaves
+        select = per_class_subset(held_out, clean, select_per_class, split_seed + 4, "data.select_per_class")
+        held_out = np.setdiff1d(held_out, select)
     quiz = held_out
     if quiz_per_class is not None:
         quiz = per_class_subset(held_out, clean, quiz_per_class, split_seed + 3, "data.quiz_per_class")
-    return RegimeSplit(student, pool, quiz, labels, clean)
+        if select_per_class is not None:  # drawn after the quiz, from the rest: the quiz is the same with or without it
+            select = per_class_subset(np.setdiff1d(held_out, quiz), clean, select_per_class, split_seed + 4,
+                                      "data.select_per_class")
+    return RegimeSplit(student, pool, quiz, labels, clean, select)
 
 
 def label_table_parquet(table: dict[str, np.ndarray]) -> bytes:

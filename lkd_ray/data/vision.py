@@ -103,16 +103,16 @@ class _ShardedLoader:
 
 
 def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int, role: str = "student"):
-    from .bundle import DataBundle, audited, split_for
+    from .bundle import DataBundle, audited, relabelled, split_for
 
     train_spec, test_spec, mean, std, size = _specs(cfg)
     train_raw, quiz_raw, test_raw = _datasets(cfg, None, None)
     targets = np.asarray(train_raw.targets)
     num_classes = len(train_raw.classes)
     sp = split_for(cfg, targets, num_classes)
-    given = sp.labels if cfg.label_noise else None
+    given = sp.labels if relabelled(cfg) else None  # the quiz's entries of sp.labels are clean (or the trusted labels)
     train_ds, quiz_ds, test_ds = (_Augmented(d, spc, mean, std, 3, seed, lab)
-                                  for d, spc, lab in ((train_raw, train_spec, given), (quiz_raw, test_spec, None),
+                                  for d, spc, lab in ((train_raw, train_spec, given), (quiz_raw, test_spec, given),
                                                       (test_raw, test_spec, None)))
     tr_idx = sp.student if role == "student" else sp.teacher
     qb = min(cfg.quiz_batch_size or cfg.batch_size, len(sp.quiz))
@@ -120,9 +120,10 @@ def build_torchvision_data(cfg: DataCfg, seed: int, rank: int, world: int, role:
     qz = _ShardedLoader(quiz_ds, sp.quiz, cfg, True, seed + 7 + 1000 * rank, 0, 1, qb, True)
     te = _ShardedLoader(test_ds, np.arange(len(test_ds)), cfg, False, 0, 0, 1, cfg.eval_batch_size, False)
     qe = _ShardedLoader(quiz_ds, sp.quiz, cfg, False, 0, 0, 1, cfg.eval_batch_size, False)
+    se = _ShardedLoader(quiz_ds, sp.select, cfg, False, 0, 0, 1, cfg.eval_batch_size, False) if len(sp.select) else None
     import hashlib
 
     ident = hashlib.sha256(repr((os.path.realpath(cfg.root), cfg.dataset, len(train_raw), len(test_raw))).encode()
                            + np.asarray(sp.labels).tobytes() + tr_idx.tobytes()).hexdigest()[:16]
     return DataBundle(tr, qz, te, num_classes, 3, size, len(tr_idx), len(sp.quiz), len(test_ds), sp.quiz, identity=ident,
-                      quiz_eval=qe, regime=sp if audited(cfg) else None)
+                      quiz_eval=qe, regime=sp if audited(cfg) else None, select_eval=se)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import handcrafted
+from .ce_rules import CERule
 
 ACTIVATIONS = {"silu": nn.SiLU, "softplus": nn.Softplus, "gelu": nn.GELU, "tanh": nn.Tanh}
 STATE_DIM = 2  # (fraction of training done, running quiz accuracy)
@@ -215,7 +216,7 @@ class SampleLossNet(nn.Module):
                  hidden: Sequence[int] = (32, 32), activation: str = "silu", tau: float = 4.0, w_ce: float = 1.0,
                  w_kd: float = 1.0, label_smoothing: float = 0.0, state_inputs: bool = False, lock: str = "none",
                  trust: float | None = None, lock_scope: str = "batch", base: str = "kd", dist_beta: float = 1.0,
-                 dist_gamma: float = 1.0):
+                 dist_gamma: float = 1.0, ce_rule: CERule | None = None):
         super().__init__()
         if base not in ("kd", "dist"):
             raise ValueError(f"a per-sample loss network weighs CE and a distillation term: base must be kd or dist, not {base!r}")
@@ -229,6 +230,9 @@ class SampleLossNet(nn.Module):
         self.tau, self.w_ce, self.w_kd, self.label_smoothing = float(tau), float(w_ce), float(w_kd), float(label_smoothing)
         self.state_inputs, self.lock, self.trust, self.lock_scope = state_inputs, lock, trust, lock_scope
         self.base, self.dist_beta, self.dist_gamma = base, float(dist_beta), float(dist_gamma)
+        # the label term's rule (None or 'plain': CE, with its analytic gradient); a_i weighs the rule's per-sample value
+        self.rule = ce_rule if ce_rule is not None and ce_rule.name != "plain" else None
+        self.epoch = 0  # the student's epoch, for rules that change over training (small_loss); set by forward
         self.h = _mlp(len(self.inputs) + (STATE_DIM if state_inputs else 0), hidden, activation, len(self.outputs))
 
     @property
@@ -278,6 +282,22 @@ class SampleLossNet(nn.Module):
                     + self.dist_gamma * z.shape[0] * handcrafted.dist_intra(za, z_t, self.tau))
             return torch.autograd.grad(loss, za, create_graph=create_graph)[0]
 
+    def _rule_grad(self, z, z_t, y, a, create_graph: bool) -> torch.Tensor:
+        """∇_z Σ_i a_i·rule_i(z), holding a fixed (it acts as a weight) yet differentiable in it and in z, as
+        ``_dist_grad`` does for DIST's term."""
+        create_graph = create_graph and torch.is_grad_enabled()
+        with torch.enable_grad():
+            za = z.view_as(z) if z.requires_grad else z.detach().requires_grad_(True)
+            loss = (a * self.rule.per_sample(za, y, z_t, self.epoch)).sum()
+            return torch.autograd.grad(loss, za, create_graph=create_graph)[0]
+
+    def _label_grad(self, z, z_t, y, a) -> torch.Tensor:
+        """w_ce·a_i·∇(label term)_i per sample: CE's analytic gradient (in the order of operations the records
+        before the rules ran), or the rule's by autograd."""
+        if self.rule is None:
+            return self.w_ce * a[:, None] * self._ce_grad(z, y)
+        return self.w_ce * self._rule_grad(z, z_t, y, a, True)
+
     def field(self, z, z_t, y, state=None, create_graph: bool = True) -> torch.Tensor:
         """The student's logit gradient (mean over the batch), locked if asked. Analytic for CE and KD:
         ∇CE_i = p_i − y_i, ∇τ²KL_i(τ) = τ·(p_i^τ − p_t,i^τ); DIST's by autograd (``_dist_grad``)."""
@@ -286,32 +306,36 @@ class SampleLossNet(nn.Module):
                 return self.field(z.detach(), z_t, y, state, True).detach()
         w = self.per_sample(z, z_t, y, state)
         n = z.shape[0]
-        g_ce = self._ce_grad(z, y)
+        g_ce = self._label_grad(z, z_t, y, w["w_ce"])
         if self.base == "dist":
             distil = self.w_kd * self._dist_grad(z, z_t, w["w_kd"], w["tau"], True)
         else:
             tau = w["tau"][:, None]
             g_kd = tau * (torch.softmax(z / tau, 1) - torch.softmax(z_t / tau, 1))
             distil = self.w_kd * w["w_kd"][:, None] * g_kd
-        learned = (self.w_ce * w["w_ce"][:, None] * g_ce + distil) / n
+        learned = (g_ce + distil) / n
         if self.lock == "none":
             return learned
+        g_ce = self._label_grad(z, z_t, y, z.new_ones(n)) if self.rule is not None else self.w_ce * self._ce_grad(z, y)
         if self.base == "dist":
-            base = (self.w_ce * g_ce + self.w_kd * self._dist_grad(z, z_t, z.new_ones(n), self.tau, True)) / n
+            base = (g_ce + self.w_kd * self._dist_grad(z, z_t, z.new_ones(n), self.tau, True)) / n
         else:
-            base = (self.w_ce * g_ce + self.w_kd * self.tau * (torch.softmax(z / self.tau, 1) - torch.softmax(z_t / self.tau, 1))) / n
+            base = (g_ce + self.w_kd * self.tau * (torch.softmax(z / self.tau, 1) - torch.softmax(z_t / self.tau, 1))) / n
         return lock_field(base, learned, y, self.lock, self.trust, self.lock_scope)
 
     def value(self, z_s, z_t, y, state=None) -> torch.Tensor:
         w = self.per_sample(z_s, z_t, y, state)
-        ce = F.cross_entropy(z_s, y, reduction="none", label_smoothing=self.label_smoothing)
+        ce = (F.cross_entropy(z_s, y, reduction="none", label_smoothing=self.label_smoothing) if self.rule is None
+              else self.rule.per_sample(z_s, y, z_t, self.epoch))
         if self.base == "dist":
             distil = (self.dist_beta * w["w_kd"] * handcrafted.dist_inter_per_sample(z_s, z_t, w["tau"])).mean() \
                 + self.dist_gamma * handcrafted.dist_intra(z_s, z_t, self.tau)
             return (self.w_ce * w["w_ce"] * ce).mean() + self.w_kd * distil
         return (self.w_ce * w["w_ce"] * ce + self.w_kd * w["w_kd"] * kd_per_sample(z_s, z_t, w["tau"])).mean()
 
-    def forward(self, z_s, z_t, y, state: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z_s, z_t, y, state: torch.Tensor | None = None, epoch: int | None = None) -> torch.Tensor:
+        if epoch is not None:
+            self.epoch = int(epoch)
         with torch.no_grad():
             value = self.value(z_s.detach(), z_t, y, state)
         if not torch.is_grad_enabled():

@@ -13,6 +13,7 @@ import torch
 
 from ..config import LossCfg, LossNetCfg
 from . import handcrafted
+from .ce_rules import build_ce_rule
 from .learnable import FeatureLossNet, KDWeight, LogitLossNet, LossNetworks, SampleLossNet
 
 
@@ -43,6 +44,7 @@ class Method:
     def __init__(self, cfg: LossCfg, lossnets: LossNetworks | None = None):
         self.cfg = cfg
         self.lossnets = lossnets
+        self.ce_rule = build_ce_rule(cfg)
 
     @property
     def owns_ce(self) -> bool:
@@ -65,7 +67,11 @@ class Method:
         z_s = _full(out.logits)
         parts: dict[str, torch.Tensor] = {}
         if c.w_ce and not self.owns_ce:
-            parts["ce"] = c.w_ce * handcrafted.ce(z_s, y, c.label_smoothing)
+            if c.ce_rule == "plain":  # the library's mean-reduced CE: the records before the rules ran exactly this
+                parts["ce"] = c.w_ce * handcrafted.ce(z_s, y, c.label_smoothing)
+            else:
+                z_t = _full(teacher.logits) if teacher is not None else None
+                parts["ce"] = c.w_ce * self.ce_rule(z_s, y, z_t, epoch)
         if self.needs_teacher and (c.w_logit or self.owns_ce):
             if teacher is None or teacher.logits is None:
                 raise ValueError(f"method {self.name!r} distils from the teacher's logits; none were given")
@@ -145,6 +151,8 @@ class LKD(Method):
         return bool(getattr(self.lossnets.logit, "owns_ce", False))
 
     def logit_term(self, z_s, z_t, y, state, epoch):
+        if isinstance(self.lossnets.logit, SampleLossNet):  # its label rule may change over training (small_loss)
+            return self.lossnets.logit(z_s, z_t, y, state, epoch=epoch)
         return self.lossnets.logit(z_s, z_t, y, state)
 
     def feature_term(self, f_s, f_t, state):
@@ -182,7 +190,7 @@ def build_lossnets(loss: LossCfg, net: LossNetCfg, seed: int = 0) -> LossNetwork
         if net.kind == "sample":
             logit = SampleLossNet(net.sample_inputs, net.sample_outputs, net.hidden, net.activation, loss.tau, loss.w_ce,
                                   loss.w_logit, loss.label_smoothing, net.state_inputs, net.lock, net.trust, net.lock_scope,
-                                  net.base, loss.dist_beta, loss.dist_gamma)
+                                  net.base, loss.dist_beta, loss.dist_gamma, build_ce_rule(loss))
         else:
             logit = LogitLossNet(net.inputs, net.hidden, net.activation, net.base, loss.tau, net.state_inputs,
                                  loss.dist_beta, loss.dist_gamma, net.lock, net.trust, net.lock_scope)

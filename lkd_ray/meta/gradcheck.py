@@ -16,14 +16,14 @@ from .gradient import BACKENDS, MetaBatch, SGDHyper, meta_gradient, momentum_buf
 
 
 def _problem(seed: int = 0, scope: str = "full", unroll: int = 2, lock: str = "none", method: str = "lkd",
-             kind: str = "class", lock_scope: str = "batch", **lossnet):
+             kind: str = "class", lock_scope: str = "batch", loss: dict | None = None, **lossnet):
     torch.manual_seed(seed)
     dt = torch.float64
     k, n = 5, 12
     teacher = SmallCNN((4, 6, 8), k, 1).to(dt).eval()
     net = SmallCNN((3, 4, 5), k, 1).to(dt)
     bundle = StudentBundle(net, Connector(5, 8), (2, 2)).to(dt).train()
-    loss_cfg = LossCfg(method=method, w_feat=0.5, tau=2.0)
+    loss_cfg = LossCfg(**{"method": method, "w_feat": 0.5, "tau": 2.0, **(loss or {})})
     lossnets = build_lossnets(loss_cfg, LossNetCfg(hidden=[6], feature_hidden=[4], state_inputs=True, lock=lock,
                                                    trust=0.5, kind=kind, lock_scope=lock_scope, **lossnet)).to(dt)
     with torch.no_grad():  # leave the zero-initialised start so every φ entry carries gradient
@@ -85,12 +85,12 @@ def _reference_quiz_loss(module: nn.Module, opt: torch.optim.Optimizer, objectiv
 
 def run_gradcheck(eps: float = 1e-6, max_entries: int = 60, scope: str = "full", unroll: int = 2, seed: int = 0,
                   lock: str = "none", method: str = "lkd", quiz: str = "ce", kind: str = "class",
-                  lock_scope: str = "batch", **lossnet) -> dict[str, float]:
+                  lock_scope: str = "batch", loss: dict | None = None, **lossnet) -> dict[str, float]:
     """Max relative error per backend: max_i |analytic_i − fd_i| / max_i |fd_i|, for any lock, loss-network
     kind and unroll length (a locked or per-sample loss is defined by its gradient field, which the unroll
     differentiates exactly)."""
     module, opt, objective, lossnets, batches, xq, yq, state = _problem(seed, scope, unroll, lock, method, kind, lock_scope,
-                                                                        **lossnet)
+                                                                        loss, **lossnet)
     phi = list(lossnets.parameters())
     params = [p for p in module.parameters() if p.requires_grad]
     hyper, bufs = SGDHyper.from_optimizer(opt), momentum_buffers(opt, params)

@@ -55,6 +55,28 @@ def evaluate(model: nn.Module, loader, device: torch.device, autocast=contextlib
     return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1), "loss": loss / max(n, 1)}
 
 
+@torch.no_grad()
+def evaluate_selection(model: nn.Module, loader, device: torch.device, autocast=contextlib.nullcontext) -> dict[str, float]:
+    """The selection split's top-1, CE and calibrated CE (CE at the split's best temperature): what tuning picks
+    on. Calibrated, so a setting cannot lead by confidence alone; the split is small (hundreds of images), so its
+    logits are kept and the temperature fitted over all of them."""
+    from ..meta.gradient import quiz_objective
+
+    was = model.training
+    model.eval()
+    zs, ys = [], []
+    for batch in loader:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        with autocast():
+            z = model(x)
+        zs.append((z.logits if hasattr(z, "logits") else z).float())
+        ys.append(y)
+    model.train(was)
+    z, y = torch.cat(zs), torch.cat(ys)
+    return {"select_top1": 100.0 * (z.argmax(1) == y).double().mean().item(),
+            "select_loss": quiz_objective(z, y, "ce").item(), "select_loss_cal": quiz_objective(z, y, "calibrated").item()}
+
+
 @dataclass(frozen=True)
 class LoopSettings:
     """What the loop itself needs to know (not how its parts were made)."""
@@ -204,8 +226,11 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         test = evaluate(self.bundle, self.data.test, self.device, self.autocast)
         quiz = evaluate(self.bundle, self.data.quiz_eval or self.data.quiz, self.device, self.autocast)  # every image, in order
-        return {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"], "quiz_top1": quiz["top1"],
-                "quiz_loss": quiz["loss"]}
+        out = {"test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"], "quiz_top1": quiz["top1"],
+               "quiz_loss": quiz["loss"]}
+        if getattr(self.data, "select_eval", None) is not None:
+            out.update(evaluate_selection(self.bundle, self.data.select_eval, self.device, self.autocast))
+        return out
 
     def end_epoch(self, train_metrics: dict[str, float], epoch_s: float) -> EpochRecord:
         """Step the lr schedule, evaluate, append to the history and return the epoch's record."""
@@ -236,6 +261,7 @@ class Trainer:
         return {
             "epochs": self.state.epoch, "steps": self.state.step,
             "test_top1": last.get("test_top1"), "test_top5": last.get("test_top5"), "quiz_top1": last.get("quiz_top1"),
+            **{k: last[k] for k in ("select_top1", "select_loss", "select_loss_cal") if k in last},
             "best_test_top1": max((h["test_top1"] for h in self.state.history), default=None),
             "wall_s": wall, "meta_s": self.meta.meta_time if self.meta is not None else 0.0,
             "meta": self.meta.counters() if self.meta is not None else None,

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, MetaCfg
 from ..data import DataBundle, build_data
 from ..losses import LossNetworks, build_lossnets, build_method
 from ..losses.methods import METHODS
@@ -149,6 +149,24 @@ def student_trainer(cfg: Config, data: DataBundle, teacher: torch.nn.Module | No
                    world_size=world_size)
 
 
+def meta_schedule(meta: MetaCfg, steps_per_epoch: int, epochs: int) -> tuple[MetaCfg, str | None]:
+    """``meta`` with ``meta_every`` derived from the data when the schedule is given in its units
+    (``meta_steps_per_epoch``) or has a floor (``min_meta_steps``); and what was chosen, in words (None when
+    ``meta_every`` stands as given). A preset thus makes as many meta-steps per epoch on a data set 7× smaller."""
+    if meta.meta_steps_per_epoch is None and not meta.min_meta_steps:
+        return meta, None
+    steps = max(1, steps_per_epoch) * epochs
+    every = meta.meta_every
+    why = f"meta_every={every} as given"
+    if meta.meta_steps_per_epoch is not None:
+        every = max(1, round(steps_per_epoch / meta.meta_steps_per_epoch))
+        why = f"{meta.meta_steps_per_epoch:g} per epoch of {steps_per_epoch} steps → every {every} steps"
+    if meta.min_meta_steps and steps // every < meta.min_meta_steps:
+        every = max(1, steps // meta.min_meta_steps)
+        why += f", shortened to every {every} steps for at least {meta.min_meta_steps} meta-steps"
+    return meta.model_copy(update={"meta_every": every}), f"{why} ({steps // every} meta-steps in {epochs} epochs)"
+
+
 def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
               data: DataBundle | None = None, teacher: torch.nn.Module | None = None, teacher_info: dict | None = None,
               meta_updater: Callable[[LossNetworks], Any] | None = None, snapshots=None,
@@ -191,18 +209,24 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
         center, lossnets = lossnets, copy.deepcopy(lossnets)
     trainer = student_trainer(cfg, data, teacher, device, lossnets=lossnets, wrap_student=wrap_student, rank=rank,
                               world_size=world_size)
+    meta_cfg = cfg.meta  # the meta-schedule in units of the data: resolved here, where the epoch's length is known
+    if adapts:
+        meta_cfg, chosen = meta_schedule(cfg.meta, len(data.train), cfg.optim.epochs)
+        if chosen:
+            log(f"meta-schedule: {chosen}")
+            info["meta_schedule"] = chosen
     if es and es_particle is not None:
-        trainer.meta = ESParticleLearner(cfg.meta, lossnets, es_particle(lossnets))
+        trainer.meta = ESParticleLearner(meta_cfg, lossnets, es_particle(lossnets))
     elif es:
         particles = [student_trainer(cfg, data, teacher, device, lossnets=copy.deepcopy(center))
                      for _ in range(cfg.meta.es_particles - 1)]
-        trainer.meta = ESPopulation(cfg.meta, cfg.run.seed, center, particles, data)
+        trainer.meta = ESPopulation(meta_cfg, cfg.run.seed, center, particles, data)
     elif adapts:
         updater = meta_updater(lossnets) if meta_updater else LossNetOptimizer(lossnets, cfg.meta.lr, cfg.meta.clip_norm)
         mb = cfg.meta.snapshot_memory_mb
         store = snapshots if snapshots is not None else InMemorySnapshotStore(
             cfg.meta.sampling, cfg.meta.max_snapshots, None if mb is None else mb << 20, cfg.run.cache_dir)
-        trainer.meta = GradientMetaLearner(cfg.meta, trainer.method, lossnets, updater, store, data, trainer.teacher,
+        trainer.meta = GradientMetaLearner(meta_cfg, trainer.method, lossnets, updater, store, data, trainer.teacher,
                                            trainer.to_device, cfg.run.seed, rank)
     if trainer.meta is not None and hasattr(trainer.meta, "attach"):
         trainer.meta.attach(trainer)

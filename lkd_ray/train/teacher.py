@@ -76,7 +76,8 @@ def train_teacher(cfg: Config, data: DataBundle, device=None, label: str | None 
     optimizer = build_optimizer(bundle, cfg.optim)
     settings = LoopSettings(epochs, cfg.optim.lr, bf16=cfg.run.bf16, channels_last=cfg.run.channels_last,
                             log_every=cfg.run.log_every)
-    method = build_method(cfg.loss.model_copy(update={"method": CE.name, "w_ce": 1.0, "label_smoothing": 0.0, "w_feat": 0.0}))
+    method = build_method(cfg.loss.model_copy(update={"method": CE.name, "w_ce": 1.0, "label_smoothing": 0.0, "w_feat": 0.0,
+                                                      "ce_rule": "plain"}))
     trainer = Trainer(settings, data, bundle, optimizer, build_scheduler(optimizer, cfg.optim, epochs), method, NoTeacher(),
                       device=device)
     res = fit(trainer, (), Progress(label or f"teacher {cfg.model.teacher}", epochs, enabled=cfg.run.progress))

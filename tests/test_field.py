@@ -1,0 +1,185 @@
+"""The noisy-label field's data side and its benchmark plumbing: a selection split disjoint from the quiz (the
+quiz unchanged by it), noise draws, class-confusion noise, the user's own label files, the meta-schedule in units
+of the data, picks on the selection split, and configs that stay the same run when a field is added later."""
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lkd_ray.config import ConfigError, MetaCfg, build_config
+from lkd_ray.data.label_files import LabelFileError, load_noisy_labels, load_trusted
+from lkd_ray.data.regimes import FASHION_CONFUSION, apply_label_noise, regime_split
+from lkd_ray.search_spaces import HANDCRAFTED, RULE_GRIDS, lkd_rule_trials, pick_on_selection, rule_trials, selection_band
+from lkd_ray.train.run import meta_schedule
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _labels(n_per=120, k=10):
+    return np.repeat(np.arange(k), n_per)
+
+
+# --------------------------------------------------------------------------- splits and noise
+def test_the_selection_split_is_clean_disjoint_from_quiz_and_training_and_leaves_the_quiz_as_it_was():
+    clean = _labels()
+    kw = dict(label_noise=0.3, noise_kind="pairflip", quiz_per_class=5)
+    plain = regime_split(clean, 10, 0.2, 0, **kw)
+    with_sel = regime_split(clean, 10, 0.2, 0, select_per_class=7, **kw)
+    np.testing.assert_array_equal(plain.quiz, with_sel.quiz)
+    np.testing.assert_array_equal(plain.labels, with_sel.labels)
+    np.testing.assert_array_equal(plain.student, with_sel.student)
+    sel = with_sel.select
+    assert len(sel) == 70 and np.bincount(clean[sel], minlength=10).tolist() == [7] * 10
+    assert not set(sel) & set(with_sel.quiz) and not set(sel) & set(with_sel.teacher)
+    assert (with_sel.labels[sel] == clean[sel]).all()
+    # without a quiz size, the quiz is what the selection split leaves of the held-out pool
+    whole = regime_split(clean, 10, 0.2, 0, select_per_class=7)
+    assert not set(whole.select) & set(whole.quiz) and len(whole.quiz) == 240 - 70
+
+
+def test_a_noise_draw_changes_which_labels_flip_not_how_many_and_draw_none_is_the_regime_s_own():
+    clean = _labels()
+    own = regime_split(clean, 10, 0.2, 0, label_noise=0.3, noise_kind="symmetric")
+    same = regime_split(clean, 10, 0.2, 0, label_noise=0.3, noise_kind="symmetric", noise_seed=0)
+    other = regime_split(clean, 10, 0.2, 0, label_noise=0.3, noise_kind="symmetric", noise_seed=1)
+    np.testing.assert_array_equal(own.labels, same.labels)
+    assert own.flipped.sum() == other.flipped.sum() and (own.flipped != other.flipped).any()
+    np.testing.assert_array_equal(own.quiz, other.quiz)
+
+
+def test_confusion_noise_flips_only_the_mapped_classes_to_their_look_alikes():
+    clean = _labels(100)
+    noisy = apply_label_noise(clean, 0.3, "confusion", 10, seed=2, confusion=FASHION_CONFUSION)
+    for c in range(10):
+        m = clean == c
+        if c in FASHION_CONFUSION:
+            assert (noisy[m] != c).sum() == 30 and set(noisy[m][noisy[m] != c]) == {FASHION_CONFUSION[c]}
+        else:
+            assert (noisy[m] == c).all()
+    with pytest.raises(ValueError, match="outside"):
+        apply_label_noise(clean, 0.3, "confusion", 10, seed=2, confusion={0: 12})
+
+
+def test_config_checks_the_label_inputs():
+    with pytest.raises(ConfigError, match="confusion_map"):
+        build_config("fashion_mnist", overrides=["data.label_noise=0.3", "data.noise_kind=pairflip"],
+                     data={"confusion_map": {0: 6}})
+    with pytest.raises(ConfigError, match="other classes"):
+        build_config("fashion_mnist", data={"noise_kind": "confusion", "label_noise": 0.3, "confusion_map": {3: 3}})
+    with pytest.raises(ConfigError, match="label_noise"):
+        build_config("fashion_mnist", overrides=["data.noisy_labels=/x.npy", "data.label_noise=0.2"])
+    with pytest.raises(ConfigError, match="quiz_per_class"):
+        build_config("fashion_mnist", overrides=["data.trusted=/x.csv", "data.quiz_per_class=10"])
+
+
+# --------------------------------------------------------------------------- the user's own label files
+def test_noisy_labels_load_from_npy_csv_and_a_cifar_n_pt_dict(tmp_path):
+    y = np.arange(50) % 10
+    np.save(tmp_path / "l.npy", y)
+    (tmp_path / "l.csv").write_text("label\n" + "\n".join(map(str, y)) + "\n")
+    torch.save({"worse_label": y.copy(), "aggre_label": (y + 1) % 10, "clean_label": y.copy()}, tmp_path / "side.pt")
+    for f in ("l.npy", "l.csv", "side.pt"):
+        np.testing.assert_array_equal(load_noisy_labels(str(tmp_path / f), 50, 10), y)
+    np.testing.assert_array_equal(load_noisy_labels(str(tmp_path / "side.pt"), 50, 10, key="aggre_label"), (y + 1) % 10)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("short", "has 49 labels, the training set has 50"), ("class", "label 10 at index 3 is not a class"),
+    ("missing", "no such file"), ("key", "has no array 'worse_label'"), ("text", "line 3 is 'x'")])
+def test_a_bad_noisy_label_file_names_itself_and_what_to_do(tmp_path, case, match):
+    y = np.arange(50) % 10
+    path = tmp_path / "l.npy"
+    if case == "short":
+        np.save(path, y[:49])
+    elif case == "class":
+        y[3] = 10
+        np.save(path, y)
+    elif case == "key":
+        path = tmp_path / "l.pt"
+        torch.save({"aggre_label": y}, path)
+    elif case == "text":
+        path = tmp_path / "l.txt"
+        path.write_text("1\n2\nx\n")
+    with pytest.raises(LabelFileError, match=match) as e:
+        load_noisy_labels(str(path), 50, 10)
+    assert e.value.field == "data.noisy_labels" and str(path) in str(e.value)
+
+
+def test_a_trusted_subset_becomes_the_quiz_and_is_never_trained_on(tmp_path):
+    clean = _labels(30)
+    given = clean.copy()
+    given[::3] = (given[::3] + 1) % 10
+    idx = np.concatenate([np.flatnonzero(clean == c)[:4] for c in range(10)])
+    (tmp_path / "t.csv").write_text("index,label\n" + "".join(f"{i},{clean[i]}\n" for i in idx))
+    t_idx, t_lab = load_trusted(str(tmp_path / "t.csv"), len(clean), 10)
+    sp = regime_split(clean, 10, 0.1, 0, given=given, trusted=(t_idx, t_lab), select_per_class=2)
+    assert set(sp.quiz) | set(sp.select) == set(idx) and not set(sp.quiz) & set(sp.select)
+    assert not set(idx) & set(sp.teacher)
+    np.testing.assert_array_equal(sp.labels[sp.teacher], given[sp.teacher])
+    np.testing.assert_array_equal(sp.labels[idx], clean[idx])
+    (tmp_path / "dup.csv").write_text(f"{idx[0]},1\n{idx[0]},1\n")
+    with pytest.raises(LabelFileError, match="given 2 times"):
+        load_trusted(str(tmp_path / "dup.csv"), len(clean), 10)
+    (tmp_path / "far.csv").write_text("999,1\n")
+    with pytest.raises(LabelFileError, match="outside the training set"):
+        load_trusted(str(tmp_path / "far.csv"), len(clean), 10)
+
+
+# --------------------------------------------------------------------------- the meta-schedule in units of the data
+def test_the_meta_schedule_keeps_meta_steps_per_epoch_on_data_of_any_size():
+    m = MetaCfg(meta_steps_per_epoch=4, min_meta_steps=40)
+    big, why_big = meta_schedule(m, 379, 12)  # Fashion's noisy regimes: 379 steps an epoch
+    small, why_small = meta_schedule(m, 56, 12)  # a data set 7× smaller
+    assert big.meta_every == 95 and small.meta_every == 14
+    assert 379 * 12 // 95 == 47 and 56 * 12 // 14 == 48  # the same meta-steps per epoch, whatever the size
+    assert "shortened" not in why_big and "(47 meta-steps in 12 epochs)" in why_big
+    short, why_short = meta_schedule(m, 56, 3)  # a short run: the floor shortens the interval
+    assert short.meta_every == 4 and "at least 40" in why_short
+    plain, why = meta_schedule(MetaCfg(meta_every=80), 56, 12)
+    assert plain.meta_every == 80 and why is None
+
+
+# --------------------------------------------------------------------------- families and picks
+def test_every_field_family_is_on_both_bases_and_the_learned_residual_starts_from_the_pick():
+    bases = {"kd": HANDCRAFTED["kd"][15], "dist": HANDCRAFTED["dist"][0]}  # α = 1: no CE term of its own
+    for family, grid in RULE_GRIDS.items():
+        ts = rule_trials(family, bases)
+        assert len(ts) == 2 * len(grid) and {t.sections["loss"]["method"] for t in ts} == {"kd", "dist"}
+        assert all(t.sections["loss"]["w_ce"] == 1.0 for t in ts if t.sections["loss"]["method"] == "kd")
+    assert {t.name for t in HANDCRAFTED["dist-wce"]} >= {"tau=1,w_ce=0", "tau=8,w_ce=0.5"}
+    pick = rule_trials("agree", bases)[-1]
+    for t in lkd_rule_trials(pick):
+        assert t.sections["loss"]["ce_rule"] == pick.sections["loss"]["ce_rule"]
+        assert t.sections["lossnet"]["base"] == pick.sections["loss"]["method"] and t.sections["loss"]["method"] == "lkd"
+
+
+def test_the_selection_pick_breaks_ties_within_the_split_s_noise_on_the_calibrated_loss():
+    rows = [{"trial": "a", "select_top1": 86.0, "select_loss_cal": 0.40},
+            {"trial": "b", "select_top1": 85.0, "select_loss_cal": 0.35},  # within one SE (≈1.55 pt on 500 images)
+            {"trial": "c", "select_top1": 83.0, "select_loss_cal": 0.10}]  # outside it
+    assert selection_band(86.0, 500) == pytest.approx(100 * (0.86 * 0.14 / 500) ** 0.5)
+    assert pick_on_selection(rows, 500)["trial"] == "b"
+    assert pick_on_selection(rows, 100000)["trial"] == "a"  # a large split: no ties
+    with pytest.raises(ValueError, match="no selection-split metrics"):
+        pick_on_selection(rows + [{"trial": "d", "select_top1": 90.0}], 500)
+
+
+def test_a_config_field_added_later_at_its_neutral_value_is_the_same_run():
+    import records
+
+    cfg = build_config("fashion_mnist").to_dict()
+    old = {k: dict(v) for k, v in cfg.items()}
+    for section, field in records.NEUTRAL:
+        old[section].pop(field, None)
+    assert records.config_sha(old) != records.config_sha(cfg)
+    assert records.config_identity(old) == records.config_identity(cfg)
+    changed = {k: dict(v) for k, v in cfg.items()}
+    changed["loss"]["ce_rule"] = "agree"
+    assert records.config_identity(changed) != records.config_identity(cfg)
+    # every neutral value is the field's default today (else an old record would silently mean another run)
+    for (section, field), value in records.NEUTRAL.items():
+        assert cfg[section][field] == value, (section, field)
