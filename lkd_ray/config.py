@@ -386,6 +386,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 # the test split). Each names the tuning record it came from;
 # tests/test_presets.py rebuilds every preset from benchmarks/results/accuracy_regimes_tuning.json, so a preset cannot
 # drift from what was measured. A preset sets the loss, loss network and meta-step; the data stay the user's.
+# Meta-schedules are stored in units of the data (meta.meta_steps_per_epoch): a meta-step every 80 of the regimes'
+# 421 steps an epoch is 421/80 per epoch, the same run on its regime, and as many meta-steps per epoch on a data
+# set of any size (a data set 7× smaller made 8 meta-steps in a whole run when presets counted steps).
 PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "summary": "the whole clean training split, a strong teacher: the per-sample loss network over DIST's term "
@@ -395,7 +398,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "source": {"regime": "full", "method": "lkd-sample-dist-tuned", "trial": "lock=none,every=80,lr=0.01"},
         "sections": {"loss": {"tau": 2.0, "method": "lkd", "w_ce": 1.0, "w_logit": 1.0},
                      "lossnet": {"kind": "sample", "base": "dist", "lock": "none", "trust": None, "lock_scope": "batch"},
-                     "meta": {"meta_every": 80, "lr": 0.01}},
+                     "meta": {"meta_steps_per_epoch": 421 / 80, "lr": 0.01}},
     },
     "noisy-sym40": {
         "summary": "40 % symmetric label noise, teacher trained on the noisy labels, a small clean quiz: DIST (τ = 2) "
@@ -411,7 +414,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "source": {"regime": "noisy-pair30", "method": "lkd-sample-dist-tuned", "trial": "lock=norm,every=80,lr=0.01"},
         "sections": {"loss": {"tau": 1.0, "method": "lkd", "w_ce": 1.0, "w_logit": 1.0},
                      "lossnet": {"kind": "sample", "base": "dist", "lock": "norm", "trust": None, "lock_scope": "batch"},
-                     "meta": {"meta_every": 80, "lr": 0.01}},
+                     "meta": {"meta_steps_per_epoch": 421 / 80, "lr": 0.01}},
     },
     "scarce": {
         "summary": "100 labels per class, a strong teacher trained on plenty of data, a 20-per-class quiz: WSL "

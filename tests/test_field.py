@@ -183,3 +183,84 @@ def test_a_config_field_added_later_at_its_neutral_value_is_the_same_run():
     # every neutral value is the field's default today (else an old record would silently mean another run)
     for (section, field), value in records.NEUTRAL.items():
         assert cfg[section][field] == value, (section, field)
+
+
+# --------------------------------------------------------------------------- the benchmark's plans (nothing trains)
+def _field_tuning_rows(regime="noisy-pair30"):
+    """Tuning rows of the field suite's KD and DIST families and every rule family, as the benchmark records them
+    (selection metrics made up here: the plan only reads which trial won)."""
+    import accuracy as acc
+
+    rows = []
+    for fam in ("kd", "dist"):
+        for i, t in enumerate(acc.family_trials(regime, fam, [], "field")):
+            rows.append({"regime": regime, "family": fam, "trial": t.name, "seed": 100, "select_top1": 80.0 + 5 * (i == 2),
+                         "select_loss_cal": 0.5})
+    for fam in acc.HANDCRAFTED_FIELD:
+        if fam in ("kd", "dist"):
+            continue
+        for t in acc.family_trials(regime, fam, rows, "field"):
+            rows.append({"regime": regime, "family": fam, "trial": t.name, "seed": 100, "select_top1": 79.0,
+                         "select_loss_cal": 0.5})
+    for fam in acc.RULES:
+        for t in acc.family_trials(regime, fam, rows, "field"):
+            win = fam == "agree" and t.name == "rule=agree,base=dist"
+            rows.append({"regime": regime, "family": fam, "trial": t.name, "seed": 100, "select_top1": 86.0 if win else 79.0,
+                         "select_loss_cal": 0.4 if win else 0.5})
+    return rows
+
+
+def test_the_field_plan_tunes_rules_on_the_tuned_bases_and_the_learned_residual_on_the_best_rule(tmp_path):
+    import argparse
+
+    import accuracy as acc
+
+    rows = _field_tuning_rows()
+    kd_pick = acc.tuning_pick(rows, "noisy-pair30", "kd", "field")["trial"]
+    dist_pick = acc.tuning_pick(rows, "noisy-pair30", "dist", "field")["trial"]
+    agree = acc.family_trials("noisy-pair30", "agree", rows, "field")
+    kd_trial = next(t for t in acc.family_trials("noisy-pair30", "kd", [], "field") if t.name == kd_pick)
+    assert {t.sections["loss"]["tau"] for t in agree if "base=kd" in t.name} == {kd_trial.sections["loss"]["tau"]}
+    assert dist_pick == "tau=4" and {t.sections["loss"]["tau"] for t in agree if "base=dist" in t.name} == {4.0}
+    args = argparse.Namespace(regime="noisy-pair30", tune=None, tune_seed=100, suite="field", out=str(tmp_path),
+                              cache_dir=str(tmp_path), threads=1, variant=None, overrides=[], seeds=[0, 1], noise_draws=[0, 1],
+                              methods=["rule-best-tuned", "lkd-rule-tuned", "dist-tuned"])
+    rows += [{"regime": "noisy-pair30", "family": "lkd-rule", "trial": t.name, "seed": 100, "select_top1": 85.0,
+              "select_loss_cal": 0.45} for t in acc.family_trials("noisy-pair30", "lkd-rule", rows, "field")]
+    tasks, target = acc.plan(args, rows)
+    assert target == acc.FIELD_RECORDS and len(tasks) == 3 * 2 * 2
+    best = [t for t in tasks if t["method"] == "rule-best-tuned"]
+    assert all(t["config"]["loss"]["ce_rule"] == "agree" and t["config"]["loss"]["method"] == "dist" for t in best)
+    learned = [t for t in tasks if t["method"] == "lkd-rule-tuned"]
+    assert all(t["config"]["loss"]["ce_rule"] == "agree" and t["config"]["lossnet"]["base"] == "dist" for t in learned)
+    assert {t["config"]["data"]["noise_seed"] for t in tasks} == {None, 1} and {t["noise_draw"] for t in tasks} == {0, 1}
+    assert all(t["config"]["data"]["select_per_class"] == 50 for t in tasks)
+    with pytest.raises(acc.BenchmarkError, match="every family"):
+        acc.tuning_pick([r for r in rows if r["family"] != "sce"], "noisy-pair30", "rule-best", "field")
+
+
+def test_transfer_runs_every_preset_unchanged_beside_its_source_regime_s_best_rule(tmp_path):
+    import argparse
+
+    import transfer
+
+    args = argparse.Namespace(preset="noisy-pair30", settings=list(transfer.SETTINGS), seeds=[0], out=str(tmp_path),
+                              cache_dir=str(tmp_path), results=str(ROOT / "benchmarks" / "results"), threads=1)
+    tasks = transfer.plan(args)
+    assert len(tasks) == 2 * len(transfer.SETTINGS)
+    from lkd_ray.config import PRESETS
+
+    for t in tasks:
+        data = t["config"]["data"]
+        assert data["train_subset"] == transfer.SIZE
+        if t["role"] == "preset":  # unchanged: every field the preset sets
+            for section, fields in PRESETS["noisy-pair30"]["sections"].items():
+                assert all(t["config"][section][k] == v for k, v in fields.items())
+    user = [t for t in tasks if t["setting"] == "userfile"][0]["config"]["data"]
+    y = load_noisy_labels(user["noisy_labels"], 60000, 10)
+    from lkd_ray.data import load_fashion_mnist
+
+    clean = load_fashion_mnist(None, str(tmp_path))["train"][1]
+    assert 0.22 < (y != clean).mean() < 0.28  # 25 % relabelled, not by a uniform or a pair map
+    idx, lab = load_trusted(user["trusted"], 60000, 10)
+    assert len(idx) == 200 and (lab == clean[idx]).all()

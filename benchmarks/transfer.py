@@ -1,0 +1,209 @@
+"""Do presets travel? Every preset, unchanged (no re-tuning), on data it was not tuned on, beside the best
+hand-crafted rule of its source regime, also transferred unchanged (issue 25, item 5).
+
+Settings (Fashion-MNIST, teacher trained on each setting's own given labels, a clean quiz of 20 per class; every
+setting has 8,000 training images — 6.75× fewer than the regimes — so each also tests the schedule's size):
+
+* ``subset8k``   a seeded 8,000-image subset of the preset's own regime (same noise kind and rate)
+* ``pair20`` / ``pair45``   pair-flip noise at 20 % / 45 %
+* ``confusion30``   30 % of every look-alike class mistaken for its look-alike (``data.noise_kind=confusion``:
+                    T-shirt/top ↔ shirt, pullover ↔ coat, sandal → sneaker → ankle boot)
+* ``userfile``   a user's own labels: ``data.noisy_labels`` (a CIFAR-N style ``.pt`` dict written here, seeded:
+                 25 % of the images relabelled by a random row-stochastic confusion matrix, neither uniform nor a
+                 pair map) and ``data.trusted`` (20 clean images per class, which become the quiz)
+
+Records go to ``benchmarks/results/accuracy_transfer.json``, one per run: ``{setting, source_regime, method, role:
+"preset" | "rule", seed, test_top1, quiz_top1, meta_steps, config_sha, command, commit, …}``::
+
+    python benchmarks/transfer.py --preset noisy-pair30 --seeds 0 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import accuracy  # noqa: E402
+import records  # noqa: E402
+
+RECORDS = "accuracy_transfer.json"
+SIZE = 8000
+SETTINGS = ("subset8k", "pair20", "pair45", "confusion30", "userfile")
+USER_NOISE, USER_SEED = 0.25, 2025
+
+
+def user_label_files(folder: Path, clean, num_classes: int = 10) -> tuple[str, str]:
+    """A user's label file and trusted file, written once (seeded): every image's label, 25 % of them redrawn from
+    a random row-stochastic confusion matrix (diagonal zero), in the CIFAR-N ``.pt`` layout; and 20 clean images
+    per class as the trusted subset."""
+    import numpy as np
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels, trusted = folder / "user_labels.pt", folder / "user_trusted.csv"
+    if labels.is_file() and trusted.is_file():
+        return _rel(labels), _rel(trusted)
+    rng = np.random.default_rng(USER_SEED)
+    clean = np.asarray(clean)
+    confusion = rng.dirichlet(np.full(num_classes - 1, 0.3), size=num_classes)  # peaked: a few likely mistakes per class
+    given = clean.copy()
+    flip = rng.random(len(clean)) < USER_NOISE
+    for i in np.flatnonzero(flip):
+        others = [k for k in range(num_classes) if k != clean[i]]
+        given[i] = others[rng.choice(num_classes - 1, p=confusion[clean[i]])]
+    tmp = labels.with_suffix(".tmp")
+    torch.save({"worse_label": given, "clean_label": clean}, tmp)
+    tmp.replace(labels)
+    picks = np.concatenate([rng.choice(np.flatnonzero(clean == c), 20, replace=False) for c in range(num_classes)])
+    tmp = trusted.with_suffix(".tmp")
+    tmp.write_text("index,label\n" + "".join(f"{i},{clean[i]}\n" for i in np.sort(picks)))
+    tmp.replace(trusted)
+    return _rel(labels), _rel(trusted)
+
+
+def _rel(path: Path) -> str:
+    """Inside the checkout: relative to its root (commands run from there), so a config names the same file on
+    every machine."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def setting_data(setting: str, source_regime: str, files: tuple[str, str] | None = None) -> dict:
+    """The data section of a transfer setting (the preset and the rule then set the loss)."""
+    base = {"train_subset": SIZE, "quiz_per_class": 20}
+    if setting == "subset8k":
+        src = dict(accuracy.REGIMES[source_regime].get("data", {}))
+        src.pop("labels_per_class", None)  # scarce's subset is its own size; the 8,000 images are the point here
+        return {**src, **base}
+    if setting in ("pair20", "pair45"):
+        return {**base, "label_noise": int(setting[4:]) / 100, "noise_kind": "pairflip"}
+    if setting == "confusion30":
+        return {**base, "label_noise": 0.3, "noise_kind": "confusion"}
+    if setting == "userfile":
+        if files is None:
+            raise ValueError("the userfile setting needs its label files (user_label_files)")
+        return {"train_subset": SIZE, "noisy_labels": files[0], "trusted": files[1]}
+    raise ValueError(f"unknown transfer setting {setting!r}; valid: {', '.join(SETTINGS)}")
+
+
+def rule_of(source_regime: str, results: Path) -> tuple[str, dict]:
+    """The best hand-crafted loss of the source regime, as its records pick it: the field suite's ``rule-best``
+    where its tuning is recorded, else the regimes benchmark's best tuned hand-crafted row by quiz."""
+    field = results / accuracy.FIELD_TUNING
+    tuning = json.loads(field.read_text()) if field.is_file() else []
+    if any(r["regime"] == source_regime for r in tuning):
+        trial, best = accuracy._trial_of(source_regime, "rule-best", tuning, "field")
+        return f"{best['family']}[{trial.name}]", trial.sections
+    recs = [r for r in json.loads((results / accuracy.RECORDS).read_text()) if r["regime"] == source_regime]
+    best = accuracy.best_tuned(recs)
+    tuning = json.loads((results / accuracy.TUNING).read_text())
+    family = best[:-len("-tuned")]
+    pick = accuracy.tuning_pick(tuning, source_regime, family)
+    trial = next(t for t in accuracy.family_trials(source_regime, family, tuning) if t.name == pick["trial"])
+    return f"{family}[{trial.name}]", trial.sections
+
+
+def plan(args) -> list[dict]:
+    from lkd_ray.config import PRESETS, build_config
+    from lkd_ray.data import load_fashion_mnist
+
+    if args.preset not in PRESETS:
+        raise accuracy.BenchmarkError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
+    source = PRESETS[args.preset]["source"]["regime"]
+    rule_name, rule_sections = rule_of(source, Path(args.results))
+    files = None
+    if "userfile" in args.settings:
+        clean = load_fashion_mnist(None, args.cache_dir)["train"][1]
+        files = user_label_files(Path(args.out) / "files", clean)
+    tasks = []
+    for setting in args.settings:
+        data = setting_data(setting, source, files)
+        for seed in args.seeds:
+            for role, method, sections, preset in (("preset", f"preset:{args.preset}", {}, args.preset),
+                                                   ("rule", rule_name, rule_sections, None)):
+                name = f"{setting}-{args.preset}-{role}-s{seed}"
+                merged = accuracy.merge(accuracy.COMMON, {"optim": {"epochs": 12}}, {"data": data}, sections,
+                                        {"run": {"seed": seed, "name": name, "progress": False, "cache_dir": args.cache_dir}})
+                cfg = build_config("fashion_mnist", preset=preset, **merged)
+                tasks.append({"regime": setting, "setting": setting, "source_regime": source, "method": method,
+                              "role": role, "preset": args.preset, "seed": seed, "out": str(Path(args.out) / name),
+                              "config": cfg.to_dict(), "threads": args.threads})
+    return tasks
+
+
+def prepare(config: dict) -> dict:
+    """The setting's teacher, trained on its own given labels (seed 0, as every run uses), and its output cache."""
+    from lkd_ray.config import Config
+    from lkd_ray.data import build_data
+    from lkd_ray.train.run import build_run
+    from lkd_ray.train.teacher import prepare_teacher
+
+    cfg = Config.model_validate(config)
+    cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"method": "kd", "ce_rule": "plain"}),
+                                 "run": cfg.run.model_copy(update={"seed": 0})})
+    data = build_data(cfg.data, 0, cache_dir=cfg.run.cache_dir)
+    teacher, info = prepare_teacher(cfg, data)
+    build_run(cfg, data=data, teacher=teacher, teacher_info=info, log=lambda *_: None)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--other-jobs", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "transfer"))
+    ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "lkd_ray"))
+    ap.add_argument("--results", default=str(accuracy.RESULTS))
+    args = ap.parse_args(argv)
+    results = Path(args.results)
+    try:
+        tasks = plan(args)
+        recorded = json.loads((results / RECORDS).read_text()) if (results / RECORDS).is_file() else []
+        for t in tasks:  # the records are keyed by setting and role, not by regime and method alone
+            t["method"] = f"{t['role']}|{t['preset']}|{t['method']}"
+        todo = accuracy.check_against(tasks, recorded, results / "configs.json")
+    except (accuracy.BenchmarkError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(tasks)} runs asked, {len(tasks) - len(todo)} already recorded, {len(todo)} to run → {results / RECORDS}",
+          flush=True)
+    if not todo:
+        return 0
+    records.keep_configs([t["config"] for t in todo], results / "configs.json")
+    for setting in dict.fromkeys(t["setting"] for t in todo):  # each setting's teacher (and its output cache) once
+        info = prepare(next(t["config"] for t in todo if t["setting"] == setting))
+        print(f"{setting}: teacher {info.get('key')} test top-1 {info.get('test_top1')}", flush=True)
+    prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1 + args.other_jobs), "threads": args.threads}
+    for t in todo:
+        t["provenance"] = prov
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futs = [pool.submit(accuracy.run_one, t) for t in todo]
+        for i, f in enumerate(as_completed(futs), 1):
+            r = f.result()
+            for k in ("setting", "source_regime", "role", "preset"):
+                r[k] = next(t[k] for t in todo if t["method"] == r["method"] and t["seed"] == r["seed"] and t["regime"] == r["regime"])
+            records.append(results / RECORDS, [r])
+            print(f"[{i}/{len(todo)} {time.perf_counter() - t0:.0f}s] {r['regime']:>12} {r['method']:>40} seed {r['seed']}: "
+                  f"test {r['test_top1']:.2f}  quiz {r['quiz_top1']:.2f}  meta-steps {r.get('meta_steps')}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())
