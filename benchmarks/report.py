@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.records import paired  # noqa: E402
+from benchmarks.report_field import BLOCKS as FIELD_BLOCKS  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
 DOCS = {"BENCHMARKS.md": ROOT / "BENCHMARKS.md", "README.md": ROOT / "README.md"}
@@ -379,6 +380,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     **{f"regime-{r}": (lambda r=r: regime_table(r)) for r in REGIME_ORDER},
     **{f"tuning-{r}": (lambda r=r: tuning_table(r)) for r in REGIME_ORDER},
     **{f"figures-{r}": (lambda r=r: figure_links(r)) for r in REGIME_ORDER},
+    **FIELD_BLOCKS,
 }
 
 
@@ -411,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     global RESULTS
     if args.results:
         RESULTS = Path(args.results)
+        import benchmarks.report_field as report_field
+
+        report_field.RESULTS = RESULTS
     sys.path.insert(0, str(ROOT))
     bad = 0
     for name, path in DOCS.items():

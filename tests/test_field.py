@@ -264,3 +264,32 @@ def test_transfer_runs_every_preset_unchanged_beside_its_source_regime_s_best_ru
     assert 0.22 < (y != clean).mean() < 0.28  # 25 % relabelled, not by a uniform or a pair map
     idx, lab = load_trusted(user["trusted"], 60000, 10)
     assert len(idx) == 200 and (lab == clean[idx]).all()
+
+
+def test_the_field_and_transfer_tables_come_from_the_records(tmp_path):
+    import json
+
+    import report_field
+
+    rows = [{**r, "quiz_top1": 80.0, "test_top1": 79.0} for r in _field_tuning_rows()]
+    (tmp_path / "accuracy_field_tuning.json").write_text(json.dumps(rows))
+    text = report_field.field_tuning(tmp_path)
+    assert "**agree[rule=agree,base=dist]**" in text and "| agree | 4 | rule=agree,base=dist | 86.00 |" in text
+    finals = []
+    for seed in range(3):
+        for draw in (0, 1):
+            finals.append({"regime": "noisy-pair30", "method": "rule-best-tuned", "seed": seed, "noise_draw": draw,
+                           "test_top1": 86.0 + seed, "select_top1": 85.0})
+            finals.append({"regime": "noisy-pair30", "method": "lkd-rule-tuned", "seed": seed, "noise_draw": draw,
+                           "test_top1": 87.0 + seed + 0.1 * draw, "select_top1": 85.5})
+    (tmp_path / "accuracy_field.json").write_text(json.dumps(finals))
+    text = report_field.field_finals(tmp_path)
+    d = [1.0, 1.1] * 3  # paired over (seed, draw): mean 1.05, SE = stdev/√6
+    se = float(np.std(d, ddof=1) / np.sqrt(6))
+    assert f"| lkd-rule-tuned | 6 (3 × 2) | 88.05 ± 0.90 | +1.05 ± {se:.2f} | +1.00 | 85.50 | yes | yes |" in text
+    tr = [{"preset": "noisy-pair30", "setting": "pair20", "role": role, "seed": s, "method": f"{role}|noisy-pair30|agree[x]",
+           "test_top1": 80.0 + s + (0.5 if role == "rule" else 0.0), "meta_steps": 47 if role == "preset" else None}
+          for s in range(3) for role in ("preset", "rule")]
+    (tmp_path / "accuracy_transfer.json").write_text(json.dumps(tr))
+    assert "| `noisy-pair30` | pair20 | agree[x] | 3 | 81.00 | 81.50 | -0.50 ± 0.00 | -0.50 | 47 | no |" in \
+        report_field.transfer(tmp_path)

@@ -1,0 +1,133 @@
+"""The generated blocks of issue 25: the noisy-label field's tuned families, the learned loss as a residual on the
+best rule, and transfer of the presets — all from the records (``accuracy_field*.json``, ``accuracy_transfer.json``).
+Imports only ``records``, so ``report`` can register these blocks without an import circle."""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REGIMES = ("noisy-pair30", "noisy-sym40", "scarce", "full")
+WIN, TIE = 0.5, 0.2
+
+
+def _load(name: str, results: Path | None = None) -> list[dict[str, Any]]:
+    p = (results or RESULTS) / name
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def paired_draws(recs: list[dict], method: str, ref: str, key: str = "test_top1") -> dict | None:
+    """Paired difference over the (student seed, noise draw) pairs both methods have: its mean, SE, n, worst."""
+    a = {(r["seed"], r.get("noise_draw", 0)): r[key] for r in recs if r["method"] == method}
+    b = {(r["seed"], r.get("noise_draw", 0)): r[key] for r in recs if r["method"] == ref}
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        return None
+    d = [a[k] - b[k] for k in keys]
+    return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d)}
+
+
+def _pm(d: dict | None) -> str:
+    return f"{d['mean']:+.2f} ± {d['se']:.2f}" if d else "—"
+
+
+def field_tuning(results: Path | None = None) -> str:
+    """Per regime and family: the pick on the selection split (never the quiz the meta-step trains on, never test)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import accuracy
+
+    tuning = _load(accuracy.FIELD_TUNING, results)
+    if not tuning:
+        return "_No field-suite tuning recorded yet._\n"
+    out = []
+    for regime in REGIMES:
+        rows = [r for r in tuning if r["regime"] == regime]
+        if not rows:
+            continue
+        fams = [f for f in accuracy.FIELD_TUNED if any(r["family"] == f for r in rows)]
+        lines = [f"**{regime}** (tuning seed {rows[0]['seed']}; selection split {accuracy.SELECT[regime]} clean images per "
+                 "class, disjoint from the quiz)", "",
+                 "| family | trials | pick | select top-1 | select loss (calibrated) | quiz top-1 | test top-1 (not used) |",
+                 "|---|---|---|---|---|---|---|"]
+        for f in fams:
+            fr = [r for r in rows if r["family"] == f]
+            p = accuracy.tuning_pick(tuning, regime, f, "field")
+            lines.append(f"| {f} | {len(fr)} | {p['trial']} | {p['select_top1']:.2f} | {p['select_loss_cal']:.4f} | "
+                         f"{p['quiz_top1']:.2f} | {p['test_top1']:.2f} |")
+        hand = [f for f in accuracy.HANDCRAFTED_FIELD + accuracy.RULES if f not in fams]
+        if hand:
+            lines += ["", f"Not tuned yet: {', '.join(hand)} — the best hand-crafted loss is not picked until every "
+                      "family is."]
+        else:
+            best = accuracy.tuning_pick(tuning, regime, "rule-best", "field")
+            lines += ["", f"Best hand-crafted loss (over all {len(accuracy.HANDCRAFTED_FIELD + accuracy.RULES)} families): "
+                      f"**{best['family']}[{best['trial']}]**."]
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def field_finals(results: Path | None = None) -> str:
+    """Per regime: every final row over student seeds × noise draws, paired against the best hand-crafted loss."""
+    recs = _load("accuracy_field.json", results)
+    if not recs:
+        return "_No field-suite finals recorded yet._\n"
+    out = []
+    for regime in REGIMES:
+        rs = [r for r in recs if r["regime"] == regime]
+        if not rs:
+            continue
+        ref = "rule-best-tuned"
+        lines = [f"**{regime}**", "", "| method | runs (seeds × draws) | test top-1 (mean ± std) | Δ vs rule-best-tuned "
+                 "(paired ± SE) | worst Δ | select top-1 | win (≥ +0.5 at ≥ 2 SE)? | within −0.2? |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for m in dict.fromkeys(r["method"] for r in rs):
+            mr = [r for r in rs if r["method"] == m]
+            t = [r["test_top1"] for r in mr]
+            d = paired_draws(rs, m, ref) if m != ref else None
+            win = ("yes" if d and d["mean"] >= WIN and d["mean"] >= 2 * d["se"] else "no") if d else "—"
+            tie = ("yes" if d["mean"] >= -TIE else "no") if d else "—"
+            draws = sorted({r.get("noise_draw", 0) for r in mr})
+            sel = [r["select_top1"] for r in mr if r.get("select_top1") is not None]
+            std = statistics.stdev(t) if len(t) > 1 else 0.0
+            worst = f"{d['worst']:+.2f}" if d else "—"
+            sel_mean = f"{statistics.mean(sel):.2f}" if sel else "—"
+            lines.append(f"| {m} | {len(mr)} ({len({r['seed'] for r in mr})} × {len(draws)}) | {statistics.mean(t):.2f} ± "
+                         f"{std:.2f} | {_pm(d)} | {worst} | {sel_mean} | {win} | {tie} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
+
+
+def transfer(results: Path | None = None) -> str:
+    """Per preset and transfer setting: the preset, unchanged, against its source regime's best rule, unchanged."""
+    recs = _load("accuracy_transfer.json", results)
+    if not recs:
+        return "_No transfer runs recorded yet._\n"
+    lines = ["| preset | setting | rule (source regime's best) | seeds | preset test top-1 | rule test top-1 | "
+             "preset − rule (paired ± SE) | worst seed | preset meta-steps (median) | within −0.2? |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for preset in dict.fromkeys(r["preset"] for r in recs):
+        for setting in dict.fromkeys(r["setting"] for r in recs if r["preset"] == preset):
+            rs = [r for r in recs if r["preset"] == preset and r["setting"] == setting]
+            pre = {r["seed"]: r for r in rs if r["role"] == "preset"}
+            rule = {r["seed"]: r for r in rs if r["role"] == "rule"}
+            seeds = sorted(set(pre) & set(rule))
+            if not seeds:
+                continue
+            d = [pre[s]["test_top1"] - rule[s]["test_top1"] for s in seeds]
+            se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+            steps = [pre[s].get("meta_steps") for s in seeds if pre[s].get("meta_steps") is not None]
+            rule_name = rule[seeds[0]]["method"].split("|", 2)[-1]
+            lines.append(f"| `{preset}` | {setting} | {rule_name} | {len(seeds)} | "
+                         f"{statistics.mean(pre[s]['test_top1'] for s in seeds):.2f} | "
+                         f"{statistics.mean(rule[s]['test_top1'] for s in seeds):.2f} | {statistics.mean(d):+.2f} ± {se:.2f} | "
+                         f"{min(d):+.2f} | {statistics.median(steps) if steps else '—'} | "
+                         f"{'yes' if statistics.mean(d) >= -TIE else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+BLOCKS = {"field-tuning": field_tuning, "field-finals": field_finals, "transfer": transfer}
