@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import BadInput
 from .split import stratified_split
 
 NOISE_KINDS = ("symmetric", "pairflip")
@@ -47,14 +48,18 @@ def apply_label_noise(labels: np.ndarray, rate: float, kind: str, num_classes: i
     return out
 
 
-def per_class_subset(idx: np.ndarray, labels: np.ndarray, k: int, seed: int, what: str) -> np.ndarray:
-    """Sorted: k entries of ``idx`` per class of ``labels[idx]``, drawn by ``seed``."""
+def per_class_subset(idx: np.ndarray, labels: np.ndarray, k: int, seed: int, what: str, pool: str = "", more: str = "") -> np.ndarray:
+    """Sorted: k entries of ``idx`` per class of ``labels[idx]``, drawn by ``seed``. Too few images in a class is
+    bad input (``BadInput`` naming the field ``what`` and the largest value that fits)."""
     rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels[idx], return_counts=True)
+    if len(counts) and counts.min() < k:
+        c = classes[counts.argmin()]
+        raise BadInput(f"{what}={k}", f"class {c} has only {counts.min()} image(s){pool} to draw {k} per class from",
+                       f"set {what} to at most {counts.min()}{more}")
     out = []
-    for c in np.unique(labels[idx]):
+    for c in classes:
         members = idx[labels[idx] == c]
-        if len(members) < k:
-            raise ValueError(f"{what}={k} per class, but class {c} has only {len(members)} image(s) to draw from")
         out.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(out))
 
@@ -87,10 +92,12 @@ def regime_split(clean: np.ndarray, num_classes: int, quiz_fraction: float, spli
         labels[pool] = apply_label_noise(clean[pool], label_noise, noise_kind, num_classes, split_seed)
     student = pool
     if labels_per_class is not None:  # stratified by the labels the user has (the given ones)
-        student = per_class_subset(pool, labels, labels_per_class, split_seed + 2, "data.labels_per_class")
+        student = per_class_subset(pool, labels, labels_per_class, split_seed + 2, "data.labels_per_class",
+                                   " in the training split")
     quiz = held_out
     if quiz_per_class is not None:
-        quiz = per_class_subset(held_out, clean, quiz_per_class, split_seed + 3, "data.quiz_per_class")
+        quiz = per_class_subset(held_out, clean, quiz_per_class, split_seed + 3, "data.quiz_per_class",
+                                " in the held-out split", f", or raise data.quiz_fraction (now {quiz_fraction:g})")
     return RegimeSplit(student, pool, quiz, labels, clean)
 
 

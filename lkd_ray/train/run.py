@@ -17,6 +17,7 @@ import torch
 
 from ..config import Config, ConfigError
 from ..data import DataBundle, build_data
+from ..errors import InputError
 from ..losses import LossNetworks, build_lossnets, build_method
 from ..losses.methods import METHODS
 from ..meta import LossNetOptimizer
@@ -30,7 +31,7 @@ from .snapshots import InMemorySnapshotStore
 from .teacher_source import CachedTeacher, LiveTeacher, NoTeacher
 
 
-class LossNetArtifactError(ValueError):
+class LossNetArtifactError(InputError, ValueError):
     """A loss network to start from (``lossnet.init_from``) is missing or does not fit this config."""
 
 
