@@ -46,7 +46,8 @@ def _read_idx(path: Path, ndim: int | None = None) -> np.ndarray:
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(nd)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=min(len(raw), 4 + 4 * nd))
     if data.size != int(np.prod(dims)):
-        raise _damaged(path, f"holds {data.size} values where its header says {'×'.join(map(str, dims))} = {int(np.prod(dims))}")
+        shape = "×".join(map(str, dims)) + (f" = {int(np.prod(dims))}" if len(dims) > 1 else "")
+        raise _damaged(path, f"holds {data.size} values where its header says {shape}")
     return data.reshape(dims)
 
 

@@ -6,6 +6,7 @@ Community checkpoints keep the state dict at the top level or under ``model`` / 
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable
 
 import torch
@@ -27,7 +28,8 @@ def _read_checkpoint(f, where: str):
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+        first = text.splitlines()[0].split(". ")[0].rstrip(". ") if text else ""  # torch's own text runs for lines
         raise TeacherLoadError(where, f"cannot be read as weights with torch.load(weights_only=True) ({type(e).__name__}"
                                f"{': ' + first if first else ''})", SAVE_HINT) from e
 
@@ -57,10 +59,14 @@ def _fetch_state(source: str, arch: str) -> dict:
     if source.startswith(("http://", "https://")):
         return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
     if source.startswith("s3://"):
-        from ..storage import read_uri_bytes  # storage is optional until a job uses S3
+        from ..storage import open_storage  # storage is optional until a job uses S3
         import io
 
-        return _read_checkpoint(io.BytesIO(read_uri_bytes(source)), f"{FIELD}={source!r}")
+        folder, _, key = source.rstrip("/").rpartition("/")
+        if folder in ("s3:/", "s3:") or not open_storage(folder).exists(key):  # an unreachable endpoint stays a storage failure (exit 3)
+            raise TeacherLoadError(f"{FIELD}={source!r}", "no such object", "give the s3://bucket/key of the teacher "
+                                   "checkpoint (the endpoint comes from AWS_ENDPOINT_URL)")
+        return _read_checkpoint(io.BytesIO(open_storage(folder).get_bytes(key)), f"{FIELD}={source!r}")
     path = source[len("file://"):] if source.startswith("file://") else source
     if not os.path.exists(path):
         raise TeacherLoadError(f"{FIELD}={source!r}", "the teacher checkpoint does not exist",

@@ -157,3 +157,35 @@ def check_lossnet_init(cfg: Config) -> None:
     nets = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
     if nets is not None:
         load_lossnets_from(nets, cfg)
+
+
+# --------------------------------------------------------------------------- label files (data.noisy_labels, data.trusted)
+def check_labels(input: str, labels, n: int, num_classes: int, what: str = "training image") -> np.ndarray:
+    """Labels read from a user's file: one integer per ``what`` (``n`` of them, in the data set's order), each a class
+    of the model. Returns them as int64; ``BadInput`` naming ``input`` (e.g. ``"data.noisy_labels=PATH"``) otherwise."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) != n:
+        raise BadInput(input, f"holds {y.size} label(s) for {n} {what}s", f"give exactly one label per {what}, in the "
+                       "data set's order")
+    if y.size and not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating)
+                                                               and np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
+        raise BadInput(input, f"labels are {y.dtype}, not whole class numbers", "write class indices 0..C-1")
+    y = y.astype(np.int64)
+    if y.size and not 0 <= y.min() <= y.max() < num_classes:
+        raise BadInput(input, f"labels range over {y.min()}..{y.max()}, the model has {num_classes} classes "
+                       f"(0..{num_classes - 1})", "write class indices of this data set, or set the data set to match")
+    return y
+
+
+def check_indices(input: str, idx, n: int, what: str = "training image") -> np.ndarray:
+    """Indices into the ``n`` items of a split (a trusted subset): integers in range, no repeats."""
+    i = np.asarray(idx)
+    if i.ndim != 1 or (i.size and not np.issubdtype(i.dtype, np.integer)):
+        raise BadInput(input, f"indices must be a list of whole numbers (got {i.dtype}, shape {i.shape})",
+                       f"write the {what}s' positions in the data set, 0..{n - 1}")
+    if i.size and not 0 <= i.min() <= i.max() < n:
+        raise BadInput(input, f"indices range over {i.min()}..{i.max()}, the data set has {n} {what}s",
+                       f"write positions 0..{n - 1}")
+    if len(np.unique(i)) != len(i):
+        raise BadInput(input, f"{len(i) - len(np.unique(i))} index(es) repeat", "list every image once")
+    return i.astype(np.int64)

@@ -51,7 +51,8 @@ def read_lossnet_artifact(uri: str, endpoint_url: str | None = None) -> dict[str
         root, key = _split_uri(uri)
         st = open_storage(root, endpoint_url)
         if not st.exists(key):
-            raise LossNetArtifactError(f"lossnet.init_from={uri!r}: no such file")
+            raise LossNetArtifactError(f"lossnet.init_from={uri!r}: no such file — point it at a v<N>.pt file or at the "
+                                       "folder of an LKD run holding lossnet/")
         sd = st.get_torch(key)
         m = re.fullmatch(r"v(\d+)\.pt", key)
         if isinstance(sd, dict) and m:
