@@ -172,7 +172,3 @@ def user_errors(debug: bool | None = None) -> Iterator[None]:
             raise
         raise SystemExit(code) from None
 
-
-def fail(input: str, problem: str, fix: str = "") -> None:
-    """Raise ``BadInput``: for validators that read better as one call."""
-    raise BadInput(input, problem, fix)
