@@ -228,3 +228,32 @@ def test_a_real_console_shows_one_line_and_no_traceback(cmd, inputs, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stdout, r.stdout[-3000:]
     assert lines[-1].startswith("error: data.root ") and "train-images-idx3-ubyte.gz" in lines[-1] and "damaged" in lines[-1]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "store").exists()
+
+
+def test_a_teacher_on_s3_that_is_not_there_or_not_weights_is_bad_input(moto_endpoint, s3_bucket, monkeypatch):
+    """An s3:// teacher: a missing object is the user's input (exit 2), not a storage failure; a text object is not
+    weights."""
+    import boto3
+
+    from lkd_ray.config import build_config
+    from lkd_ray.train.inputs import check_inputs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").put_object(
+        Bucket=s3_bucket, Key="teachers/notes.pt", Body=b"not a checkpoint")
+    for key, what in (("teachers/nothere.pt", "no such object"), ("teachers/notes.pt", "weights_only=True")):
+        cfg = build_config("fashion_mnist", overrides=[f"model.teacher_weights=s3://{s3_bucket}/{key}"])
+        with pytest.raises(BadInput, match=what) as e:
+            check_inputs(cfg)
+        assert explain(e.value).code == 2 and f"model.teacher_weights='s3://{s3_bucket}/{key}'" in explain(e.value).line
+
+
+def test_the_other_jobs_report_bad_data_the_same_way(tmp_path, capsys):
+    """jobs/lkd_cifar.py (torchvision folders): a data root that is not there, one line, exit 2, nothing written."""
+    import lkd_cifar
+
+    with pytest.raises(SystemExit) as e:
+        lkd_cifar.main(["--data", str(tmp_path / "cifar"), "--teacher-weights", str(tmp_path / "t.pt"),
+                        "--storage", str(tmp_path / "store")])
+    out, err = capsys.readouterr()
+    _check(e.value.code, out, err, 2, [f"data.root='{tmp_path / 'cifar'}'", "is not a folder"], tmp_path / "store")
