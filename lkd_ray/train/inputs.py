@@ -22,6 +22,7 @@ from ..config import Config
 from ..errors import BadInput
 
 _checked: dict[str, "DataFacts"] = {}  # configs checked in this process (a job checks before launching, the driver again)
+_data_checked: dict[str, "DataFacts"] = {}
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,13 @@ def check_inputs(cfg: Config) -> DataFacts:
     key = json.dumps({k: v for k, v in cfg.to_dict().items() if k in ("model", "data", "loss", "lossnet")}, sort_keys=True)
     if key in _checked:
         return _checked[key]
-    facts = check_data(cfg)
+    data_key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+    facts = _data_checked.get(data_key) or check_data(cfg)  # one job's kd and lkd runs share the data: read it once
     if facts.train_labels is not None:
         check_regime(cfg, facts)
     check_teacher(cfg, facts)
     check_lossnet_init(cfg)
-    _checked[key] = facts
+    _checked[key] = _data_checked[data_key] = facts
     return facts
 
 
