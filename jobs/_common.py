@@ -1,6 +1,7 @@
 """Flags every job shares, and the one code path from flags to a finished distributed run.
 
-Config is built and validated here, before Ray or any storage is touched: a typo costs a second.
+Config is built and validated here, and the inputs it names (data, teacher, ...) checked, before Ray or any storage
+is touched: a typo costs a second. Failures are reported by ``lkd_ray.errors`` (one line, exit 2/3/4).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python jobs/x.py` from a checkout / ray working_dir
 
-from lkd_ray.config import PRESETS, ConfigError, build_config  # noqa: E402
-from lkd_ray.storage import OUTAGE_ENV, StorageError  # noqa: E402
+from lkd_ray.config import PRESETS, build_config  # noqa: E402
+from lkd_ray.errors import EXIT_BAD_INPUT, EXIT_RECORD, EXIT_STORAGE, BadInput, explain, user_errors  # noqa: E402
+from lkd_ray.storage import OUTAGE_ENV  # noqa: E402
 
-
-EXIT_CONFIG, EXIT_STORAGE, EXIT_LOSSNET = 2, 3, 4  # bad config or run-name conflict; storage; the loss network's record
+EXIT_CONFIG, EXIT_LOSSNET = EXIT_BAD_INPUT, EXIT_RECORD  # the names jobs used before lkd_ray.errors held them
 
 
 def parser(description: str, recipe: str) -> argparse.ArgumentParser:
@@ -41,6 +42,8 @@ def parser(description: str, recipe: str) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result record(s) as JSON")
     p.add_argument("--smoke", action="store_true",
                    help="tiny generated data set with the job's real shapes and an untrained teacher: checks the pipeline anywhere")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a reported failure (bad input exits 2, storage 3, the server's record 4)")
     return p
 
 
@@ -53,16 +56,18 @@ def smoke_overrides(num_classes: int, image_size: int, channels: int = 3) -> dic
 
 
 def build(args, extra: dict | None = None, smoke: dict | None = None):
-    """Config from recipe → file → job extras → --smoke → --set; exits 2 with the reason if invalid."""
+    """Config from recipe → file → job extras → --smoke → --set, and the inputs it names checked (data files, label
+    ranges, regime sizes, teacher checkpoint); exits 2 with one line naming the input if anything is wrong."""
+    from lkd_ray.train.inputs import check_inputs
+
     sections: dict = {}
     for part in (extra or {}), (smoke if args.smoke else {}) or {}:
         for k, v in part.items():
             sections.setdefault(k, {}).update(v)
-    try:
-        return build_config(args.recipe, args.config, args.overrides, preset=args.preset, **sections)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    with user_errors(getattr(args, "debug", False)):
+        cfg = build_config(args.recipe, args.config, args.overrides, preset=args.preset, **sections)
+        check_inputs(cfg)
+        return cfg
 
 
 def resolve_storage(args) -> str:
@@ -71,58 +76,19 @@ def resolve_storage(args) -> str:
     if args.storage:
         return args.storage
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
-        print("error: under `ray job submit` the job's working directory is a temporary copy that Ray deletes, so results "
-              "written to ./runs would be lost: pass --storage s3://bucket/prefix (or an absolute path on storage every node "
-              "shares), or set LKD_STORAGE in the job's runtime_env", file=sys.stderr)
-        raise SystemExit(2)
+        raise BadInput("--storage", "under `ray job submit` the job's working directory is a temporary copy that Ray "
+                       "deletes, so results written to ./runs would be lost",
+                       "pass --storage s3://bucket/prefix (or an absolute path on storage every node shares), or set "
+                       "LKD_STORAGE in the job's runtime_env")
     return "runs"
 
 
-_ARROW_MARKERS = ("AWS Error", "curlCode")  # how pyarrow's S3 OSErrors (Ray Train's checkpoint storage) say so
-
-
-def _causes(e: BaseException):
-    """``e`` and what it wraps — explicit causes only (``raise … from``, Ray's task and Train's worker/controller
-    wrappers), never the exception that was being handled when it was raised (``__context__``): an error raised
-    while handling a storage error is not a storage error."""
-    seen, stack = set(), [e]
-    while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        nested = [x.__cause__, getattr(x, "cause", None), getattr(x, "_base_exc", None),
-                  getattr(x, "controller_failure", None), *(getattr(x, "worker_failures", None) or {}).values()]
-        stack += [y for y in nested if isinstance(y, BaseException)]
-
-
-def _first_line(x: BaseException) -> str:
-    """The first line of what was raised, not of Ray's wrapper: an actor call's error arrives as
-    ``RayTaskError(Cls)``, an instance of ``Cls`` too, whose text starts with the task's name, pid and colour codes."""
-    inner = getattr(x, "cause", None)
-    if isinstance(inner, BaseException) and isinstance(x, type(inner)):
-        x = inner
-    return str(x).splitlines()[0]
-
-
 def failure_cause(e: BaseException) -> tuple[str, str] | None:
-    """``("storage", message)`` for our ``StorageError`` or pyarrow's S3 ``OSError`` behind a failure,
-    ``("lossnet", message)`` for a LossNetServer that could not persist its state, however deep Ray wrapped
-    them (found by type); None for anything else."""
-    from lkd_ray.distributed.lossnet_server import LossNetPersistError
-
-    arrow = None
-    for x in _causes(e):
-        if isinstance(x, LossNetPersistError):
-            return "lossnet", _first_line(x)
-        if isinstance(x, StorageError):
-            return "storage", _first_line(x)
-        if arrow is None and isinstance(x, OSError) and any(m in str(x) for m in _ARROW_MARKERS):
-            arrow = str(x).splitlines()[0]
-    if arrow is not None:
-        return "storage", f"Ray Train could not reach its checkpoint storage ({arrow})"
-    return None
+    """``(kind, message)`` behind a failure, however deep Ray wrapped it (found by type, ``lkd_ray.errors.explain``):
+    kind ``"input"`` (exit 2), ``"storage"`` (3) or ``"lossnet"`` (4, the LossNetServer could not persist its
+    state); None for anything else."""
+    f = explain(e)
+    return (f.kind, f.message) if f else None
 
 
 def storage_cause(e: BaseException) -> str | None:
@@ -136,14 +102,19 @@ def outage_bound(args) -> float | None:
     if v is None:
         return None
     if not (v >= 0 and v != float("inf")):
-        print(f"error: --storage-outage-s {v}: give a finite number of seconds ≥ 0", file=sys.stderr)
-        raise SystemExit(2)
+        raise BadInput(f"--storage-outage-s {v}", "not a finite number of seconds ≥ 0", "give one, e.g. 60")
     os.environ[OUTAGE_ENV] = str(v)
     return v
 
 
 def launch(cfg, args, **extra_opts) -> dict:
-    from lkd_ray.distributed.launch import LaunchOptions, RunConflict, run_distributed
+    """One distributed run; a failure the user can act on exits with its code and one line (``lkd_ray.errors``)."""
+    with user_errors(getattr(args, "debug", False)):
+        return _launch(cfg, args, **extra_opts)
+
+
+def _launch(cfg, args, **extra_opts) -> dict:
+    from lkd_ray.distributed.launch import LaunchOptions, run_distributed
 
     threads = max(1, int(args.cpus_per_worker), (os.cpu_count() or 1) // max(1, args.num_workers)) if not args.use_gpu else 4
     opts = LaunchOptions(storage=resolve_storage(args), num_workers=args.num_workers, use_gpu=args.use_gpu,
@@ -155,27 +126,7 @@ def launch(cfg, args, **extra_opts) -> dict:
               "checks the pipeline, says nothing about accuracy", flush=True)
     print(f"== {cfg.run.name}: {cfg.loss.method}, {cfg.model.student} from {cfg.model.teacher}, {cfg.optim.epochs} epochs on "
           f"{cfg.data.dataset}, {args.num_workers} worker(s)", flush=True)
-    try:
-        return run_distributed(cfg, opts)
-    except RunConflict as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    except StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(3)
-    except Exception as e:  # a worker's or the server's failure arrives wrapped by Ray
-        cause = failure_cause(e)
-        if cause is None:
-            raise
-        kind, msg = cause
-        if kind == "lossnet":
-            print(f"error: {msg} — the run stopped so that no loss-network version goes unrecorded; this is not a "
-                  "storage outage (see the LossNetServer's log in Ray's logs), and rerunning resumes from the last "
-                  "checkpoint and the newest saved version", file=sys.stderr)
-            raise SystemExit(EXIT_LOSSNET)
-        hint = "" if "rerun" in msg else " (the run resumes from its last checkpoint: rerun the same command once storage is reachable)"
-        print(f"error: storage failed during the run: {msg}{hint}", file=sys.stderr)
-        raise SystemExit(EXIT_STORAGE)
+    return run_distributed(cfg, opts)  # a worker's or the server's failure arrives wrapped by Ray: explained by type
 
 
 def run_and_report(cfg, args) -> int:

@@ -89,4 +89,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from lkd_ray.errors import user_errors
+
+    with user_errors():  # bad input exits 2, storage 3, one line (LKD_DEBUG=1: the traceback)
+        raise SystemExit(main())

@@ -10,6 +10,8 @@ to --out and to <storage>/<name>/. Re-running with the same --name resumes an in
 """
 from _common import build, outage_bound, parser
 
+from lkd_ray.errors import user_errors
+
 from lkd_ray.distributed.launch import LaunchOptions
 from lkd_ray.distributed.tune import TuneOptions, format_table, run_search
 
@@ -28,13 +30,15 @@ def main(argv=None) -> int:
                    help="handcrafted: only these families (default: all)")
     args = p.parse_args(argv)
     cfg = build(args, {"loss": {"method": "lkd"}, "run": {"progress": False}})
-    launch = LaunchOptions(storage=args.storage, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                           endpoint_url=args.endpoint_url, mode=args.mode, max_failures=args.max_failures,
-                           cpus_per_worker=args.cpus_per_worker, storage_outage_s=outage_bound(args))
-    res = run_search(cfg, launch, TuneOptions(trials=args.trials, max_concurrent=args.max_concurrent,
-                                              grace_epochs=args.grace_epochs, name=args.name,
-                                              gpus_per_trial=args.gpus_per_trial, space=args.space, families=args.families),
-                     args.out or f"runs/{args.name}")
+    with user_errors(args.debug):
+        launch = LaunchOptions(storage=args.storage, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                               endpoint_url=args.endpoint_url, mode=args.mode, max_failures=args.max_failures,
+                               cpus_per_worker=args.cpus_per_worker, storage_outage_s=outage_bound(args))
+        res = run_search(cfg, launch, TuneOptions(trials=args.trials, max_concurrent=args.max_concurrent,
+                                                  grace_epochs=args.grace_epochs, name=args.name,
+                                                  gpus_per_trial=args.gpus_per_trial, space=args.space,
+                                                  families=args.families),
+                         args.out or f"runs/{args.name}")
     print(format_table(res["rows"]))
     picked = f" (picked: {res['best_params']['trial']})" if args.space == "handcrafted" else ""
     print(f"\nbest quiz top-1 {res['best_metric']}{picked}; best config: {res['out_dir']}/best_config.yaml")

@@ -1,4 +1,5 @@
-"""Command line: ``python -m lkd_ray {train,demo,gradcheck,plot}``. Config errors exit 2 before any work."""
+"""Command line: ``python -m lkd_ray {train,demo,gradcheck,plot}``. Bad input (config, data, teacher, ...) exits 2
+before any work, storage 3, with one line (``lkd_ray.errors``); ``--debug`` shows the traceback."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, RECIPES, ConfigError, build_config, save_config
-from .train.run import LossNetArtifactError
+from .config import PRESETS, RECIPES, build_config, save_config
+from .errors import user_errors
 
 
 def _add_config_args(p: argparse.ArgumentParser, default_recipe: str = "fashion_mnist") -> None:
@@ -17,6 +18,12 @@ def _add_config_args(p: argparse.ArgumentParser, default_recipe: str = "fashion_
     p.add_argument("--config", help="YAML file with sections model/data/optim/loss/lossnet/meta/run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one field, e.g. --set meta.scope=head (repeatable)")
+    _add_debug(p)
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a reported failure (bad input exits 2, storage 3)")
 
 
 def cmd_train(args) -> int:
@@ -26,8 +33,10 @@ def cmd_train(args) -> int:
 
 def _train_one(cfg, out: str | None) -> int:
     from .train import build_run
+    from .train.inputs import check_inputs
 
     out_dir = Path(out or Path(cfg.run.out_dir) / cfg.run.name)
+    check_inputs(cfg)  # before a teacher is trained or anything is written to out_dir
     run = build_run(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
@@ -41,8 +50,10 @@ def cmd_demo(args) -> int:
     """Teacher once (cached), then KD and LKD students on the same recipe; prints both."""
     from .data import build_data
     from .train import build_run
+    from .train.inputs import check_inputs
 
     base = build_config(args.recipe, args.config, args.overrides, preset=args.preset)
+    check_inputs(base)
     data = build_data(base.data, base.run.seed, cache_dir=base.run.cache_dir)
     rows = []
     info = {}
@@ -85,15 +96,10 @@ def cmd_gradcheck(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import PlotError, make_figures
-    from .storage import StorageError
+    from .plot import make_figures
 
-    try:
-        paths = make_figures(args.lossnet, None if args.accuracy == "none" else args.accuracy, args.out,
-                             args.endpoint_url, args.max_versions, None if args.methods == ["all"] else args.methods, args.tag)
-    except (PlotError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    paths = make_figures(args.lossnet, None if args.accuracy == "none" else args.accuracy, args.out,
+                         args.endpoint_url, args.max_versions, None if args.methods == ["all"] else args.methods, args.tag)
     for p in paths:
         print(p)
     return 0
@@ -131,13 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=["all"],
                    help="methods drawn in the training curves ('all': every method in the records)")
     p.add_argument("--tag", default="", help="suffix for the figure files")
+    _add_debug(p)
     p.set_defaults(func=cmd_plot)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except LossNetArtifactError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        with user_errors(getattr(args, "debug", False)):
+            return args.func(args)
+    except SystemExit as e:  # a reported failure: its exit code
+        return e.code

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import InputError
+
 
 # The model vocabulary (``lkd_ray.models.registry`` implements exactly these names and checks so at import):
 # kept here so a config is validated without building or importing any model.
@@ -22,7 +24,7 @@ MODEL_NAMES = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resne
                "mobilenet_v1", "cnn_teacher", "cnn_student")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError, ValueError):
     """A configuration problem, worded for the person who wrote the config."""
 
 

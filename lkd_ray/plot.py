@@ -20,6 +20,7 @@ from typing import Sequence
 import torch
 
 from .config import Config
+from .errors import InputError
 from .losses import build_lossnets, handcrafted
 from .losses.learnable import STATE_DIM, LogitLossNet
 from .storage import open_storage
@@ -27,7 +28,7 @@ from .storage import open_storage
 NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "parquet": 1000}
 
 
-class PlotError(ValueError):
+class PlotError(InputError, ValueError):
     """Missing or unusable input for a figure, worded with what to do."""
 
 

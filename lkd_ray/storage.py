@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 
+from .errors import StorageFailure
 
-class StorageError(RuntimeError):
+
+class StorageError(StorageFailure, RuntimeError):
     """Storage unreachable, missing, forbidden or corrupt — with what to do about it."""
 
 

@@ -99,5 +99,16 @@ class BreakPersister:
             Path(self.marker).write_text(json.dumps(report))
 
 
+class RaiseBadInput:
+    """After the first epoch on rank 0: raise the bad-input error a worker meets in data the driver could not check
+    (a file damaged after the driver read it)."""
+
+    def on_epoch_end(self, rec) -> None:
+        if rec.rank == 0:
+            from lkd_ray.data.fashion import DataDamaged
+
+            raise DataDamaged("data.root /d/train-images-idx3-ubyte.gz", "is not a complete gzip file", "copy it again")
+
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 ray.cloudpickle.register_pickle_by_value(proxy)

@@ -67,11 +67,11 @@ def test_a_samples_view_depends_on_seed_epoch_and_id_not_on_its_rank_or_batch(fa
 
 
 def test_missing_data_paths_fail_clearly(tmp_path):
-    with pytest.raises(DataNotFound, match="no Fashion-MNIST IDX files"):
+    with pytest.raises(DataNotFound, match="the folder lacks train-images-idx3-ubyte.gz"):
         build_data(DataCfg(root=str(tmp_path)))
-    with pytest.raises(DataNotFound, match="is not a directory"):
+    with pytest.raises(DataNotFound, match="is not a folder"):
         build_data(build_config("cifar100", data={"root": str(tmp_path / "nope")}).data)
-    with pytest.raises(DataNotFound, match="cifar100 not found"):
+    with pytest.raises(DataNotFound, match="no cifar100 there"):
         build_data(build_config("cifar100", data={"root": str(tmp_path)}).data)
     with pytest.raises(DataNotFound, match="train/ and val/"):
         build_data(build_config("imagenet", data={"root": str(tmp_path)}).data)

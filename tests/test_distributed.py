@@ -422,3 +422,22 @@ def test_a_job_shows_phases_one_line_per_epoch_and_the_results_not_worker_chatte
     assert changed.returncode == 2 and "optim.lr: 0.05 → 0.01" in changed.stderr and "run.name" in changed.stderr
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert again.returncode == 0 and "already finished with this config" in again.stderr
+
+
+def test_a_worker_that_meets_bad_input_exits_2_with_the_same_one_line(tmp_path, capfd):
+    """Bad input the driver could not see, met by a worker: Ray Train wraps it; the job still names the input in one
+    last line, exit 2, no traceback on the console."""
+    from tests.faults import RaiseBadInput
+
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from _common import launch, parser
+
+    cfg = small_cfg("workerbad", tmp_path, loss={"method": "ce"}, optim={"epochs": 1})
+    args = parser("t", "fashion_mnist").parse_args(["--storage", str(tmp_path / "store"), "--max-failures", "0"])
+    with pytest.raises(SystemExit) as e:
+        launch(cfg, args, worker_callbacks=[RaiseBadInput()])
+    out, err = capfd.readouterr()
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip()]
+    assert e.value.code == 2, err[-3000:]
+    assert lines[-1] == "error: data.root /d/train-images-idx3-ubyte.gz: is not a complete gzip file — copy it again"
+    assert "Traceback" not in out + err, (out + err)[-3000:]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lkd_ray.config import ConfigError, MetaCfg, build_config
-from lkd_ray.data.label_files import LabelFileError, load_noisy_labels, load_trusted
+from lkd_ray.data.label_files import load_noisy_labels, load_trusted
+from lkd_ray.errors import BadInput
 from lkd_ray.data.regimes import FASHION_CONFUSION, apply_label_noise, regime_split
 from lkd_ray.search_spaces import HANDCRAFTED, RULE_GRIDS, lkd_rule_trials, pick_on_selection, rule_trials, selection_band
 from lkd_ray.train.run import meta_schedule
@@ -60,7 +61,7 @@ def test_confusion_noise_flips_only_the_mapped_classes_to_their_look_alikes():
             assert (noisy[m] != c).sum() == 30 and set(noisy[m][noisy[m] != c]) == {FASHION_CONFUSION[c]}
         else:
             assert (noisy[m] == c).all()
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(BadInput, match="outside"):
         apply_label_noise(clean, 0.3, "confusion", 10, seed=2, confusion={0: 12})
 
 
@@ -104,9 +105,9 @@ def test_a_bad_noisy_label_file_names_itself_and_what_to_do(tmp_path, case, matc
     elif case == "text":
         path = tmp_path / "l.txt"
         path.write_text("1\n2\nx\n")
-    with pytest.raises(LabelFileError, match=match) as e:
+    with pytest.raises(BadInput, match=match) as e:
         load_noisy_labels(str(path), 50, 10)
-    assert e.value.field == "data.noisy_labels" and str(path) in str(e.value)
+    assert e.value.input == f"data.noisy_labels={path}" and str(path) in str(e.value)
 
 
 def test_a_trusted_subset_becomes_the_quiz_and_is_never_trained_on(tmp_path):
@@ -122,10 +123,10 @@ def test_a_trusted_subset_becomes_the_quiz_and_is_never_trained_on(tmp_path):
     np.testing.assert_array_equal(sp.labels[sp.teacher], given[sp.teacher])
     np.testing.assert_array_equal(sp.labels[idx], clean[idx])
     (tmp_path / "dup.csv").write_text(f"{idx[0]},1\n{idx[0]},1\n")
-    with pytest.raises(LabelFileError, match="given 2 times"):
+    with pytest.raises(BadInput, match="given 2 times"):
         load_trusted(str(tmp_path / "dup.csv"), len(clean), 10)
     (tmp_path / "far.csv").write_text("999,1\n")
-    with pytest.raises(LabelFileError, match="outside the training set"):
+    with pytest.raises(BadInput, match="outside the training set"):
         load_trusted(str(tmp_path / "far.csv"), len(clean), 10)
 
 

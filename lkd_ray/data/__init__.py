@@ -6,7 +6,7 @@ import torch
 
 from ..config import DataCfg
 from .bundle import CIFAR_STATS, FASHION_MEAN, FASHION_STD, IMAGENET_STATS, DataBundle, audited, split_for
-from .fashion import DataNotFound, load_fashion_mnist
+from .fashion import DataDamaged, DataNotFound, load_fashion_mnist
 from .loaders import Batch, InMemoryLoader, cycle
 from .transforms import CropFlip
 from .split import stratified_split
@@ -122,4 +122,4 @@ def build_data(cfg: DataCfg, seed: int = 0, rank: int = 0, world_size: int = 1, 
     return build_torchvision_data(cfg, seed, rank, world_size, role)
 
 
-__all__ = ["CIFAR_STATS", "IMAGENET_STATS", "FASHION_MEAN", "FASHION_STD", "Batch", "CropFlip", "train_augmentation", "DataBundle", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]
+__all__ = ["CIFAR_STATS", "IMAGENET_STATS", "FASHION_MEAN", "FASHION_STD", "Batch", "CropFlip", "train_augmentation", "DataBundle", "DataDamaged", "DataNotFound", "build_data", "cycle", "stratified_split", "InMemoryLoader", "load_fashion_mnist"]

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..config import DataCfg
 from .loaders import InMemoryLoader
+from ..errors import BadInput
 from .regimes import DEFAULT_CONFUSION, RegimeSplit, regime_split
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -68,8 +69,8 @@ def confusion_map(cfg: DataCfg) -> dict[int, int] | None:
     if cfg.confusion_map is not None:
         return {int(k): int(v) for k, v in cfg.confusion_map.items()}
     if cfg.dataset not in DEFAULT_CONFUSION:
-        raise ValueError(f"data.noise_kind=confusion: no look-alike classes are shipped for {cfg.dataset!r}; "
-                         "give data.confusion_map (source class → the class it is mistaken for)")
+        raise BadInput("data.noise_kind=confusion", f"no look-alike classes are shipped for {cfg.dataset!r}",
+                       "give data.confusion_map (source class → the class it is mistaken for)")
     return dict(DEFAULT_CONFUSION[cfg.dataset])
 
 

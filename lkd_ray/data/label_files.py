@@ -6,7 +6,7 @@ Formats, so published noisy-label sets load as they come:
                 file — a dict of label arrays (CIFAR-10N: ``aggre_label``, ``worse_label``, ``random_label1..3``,
                 ``clean_label``), read with ``torch.load(weights_only=True)`` and the key ``data.noisy_labels_key``
   trusted       .csv ``index,label`` a line (a header line is skipped); .npy (M, 2) integers
-Every problem names the file and says what to do: a wrong length, a label outside the model's classes, a
+Every problem is a ``BadInput`` that names the field and the file and says what to do: a wrong length, a label outside the model's classes, a
 trusted index out of range or given twice, a class the trusted set has too few images of.
 """
 from __future__ import annotations
@@ -15,15 +15,13 @@ import io
 
 import numpy as np
 
+from ..errors import BadInput
 from ..storage import read_uri_bytes
 
 
-class LabelFileError(ValueError):
-    """A label file that cannot be used as given; ``field`` is the config field that names it."""
-
-    def __init__(self, field: str, uri: str, problem: str, fix: str):
-        self.field, self.uri, self.problem, self.fix = field, uri, problem, fix
-        super().__init__(f"{field}={uri}: {problem}; {fix}")
+def LabelFileError(field: str, uri: str, problem: str, fix: str) -> BadInput:  # noqa: N802 - reads as the error it makes
+    """Bad input naming the field and the file: one line, exit 2, from the CLI, the jobs and Ray workers alike."""
+    return BadInput(f"{field}={uri}", problem, fix)
 
 
 def _read(field: str, uri: str) -> bytes:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import BadInput
 from .split import stratified_split
 
 NOISE_KINDS = ("symmetric", "pairflip", "confusion")
@@ -39,10 +40,11 @@ def apply_label_noise(labels: np.ndarray, rate: float, kind: str, num_classes: i
         raise ValueError(f"label noise rate must be in [0, 1), got {rate}")
     if kind == "confusion":
         if not confusion:
-            raise ValueError("noise kind 'confusion' needs a class map (data.confusion_map)")
+            raise BadInput("data.noise_kind=confusion", "no class map", "give data.confusion_map")
         bad = sorted(c for pair in confusion.items() for c in pair if not 0 <= c < num_classes)
         if bad:
-            raise ValueError(f"data.confusion_map names classes {bad} outside 0..{num_classes - 1}")
+            raise BadInput(f"data.confusion_map={confusion}", f"names classes {bad} outside 0..{num_classes - 1}",
+                           "map classes of this data set")
     labels = np.asarray(labels)
     out = labels.copy()
     if rate == 0:
@@ -62,14 +64,18 @@ def apply_label_noise(labels: np.ndarray, rate: float, kind: str, num_classes: i
     return out
 
 
-def per_class_subset(idx: np.ndarray, labels: np.ndarray, k: int, seed: int, what: str) -> np.ndarray:
-    """Sorted: k entries of ``idx`` per class of ``labels[idx]``, drawn by ``seed``."""
+def per_class_subset(idx: np.ndarray, labels: np.ndarray, k: int, seed: int, what: str, pool: str = "", more: str = "") -> np.ndarray:
+    """Sorted: k entries of ``idx`` per class of ``labels[idx]``, drawn by ``seed``. Too few images in a class is
+    bad input (``BadInput`` naming the field ``what`` and the largest value that fits)."""
     rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels[idx], return_counts=True)
+    if len(counts) and counts.min() < k:
+        c = classes[counts.argmin()]
+        raise BadInput(f"{what}={k}", f"class {c} has only {counts.min()} image(s){pool} to draw {k} per class from",
+                       f"set {what} to at most {counts.min()}{more}")
     out = []
-    for c in np.unique(labels[idx]):
+    for c in classes:
         members = idx[labels[idx] == c]
-        if len(members) < k:
-            raise ValueError(f"{what}={k} per class, but class {c} has only {len(members)} image(s) to draw from")
         out.append(rng.choice(members, size=k, replace=False))
     return np.sort(np.concatenate(out))
 
@@ -121,17 +127,21 @@ def regime_split(clean: np.ndarray, num_classes: int, quiz_fraction: float, spli
                                          split_seed if noise_seed is None else noise_seed, confusion)
     student = pool
     if labels_per_class is not None:  # stratified by the labels the user has (the given ones)
-        student = per_class_subset(pool, labels, labels_per_class, split_seed + 2, "data.labels_per_class")
+        student = per_class_subset(pool, labels, labels_per_class, split_seed + 2, "data.labels_per_class",
+                                   " in the training split")
     select = np.zeros(0, dtype=np.int64)
     if select_per_class is not None and quiz_per_class is None:  # the quiz is what the selection split leaves
-        select = per_class_subset(held_out, clean, select_per_class, split_seed + 4, "data.select_per_class")
+        select = per_class_subset(held_out, clean, select_per_class, split_seed + 4, "data.select_per_class",
+                                  " in the held-out split", f", or raise data.quiz_fraction (now {quiz_fraction:g})")
         held_out = np.setdiff1d(held_out, select)
     quiz = held_out
     if quiz_per_class is not None:
-        quiz = per_class_subset(held_out, clean, quiz_per_class, split_seed + 3, "data.quiz_per_class")
+        quiz = per_class_subset(held_out, clean, quiz_per_class, split_seed + 3, "data.quiz_per_class",
+                                " in the held-out split", f", or raise data.quiz_fraction (now {quiz_fraction:g})")
         if select_per_class is not None:  # drawn after the quiz, from the rest: the quiz is the same with or without it
             select = per_class_subset(np.setdiff1d(held_out, quiz), clean, select_per_class, split_seed + 4,
-                                      "data.select_per_class")
+                                      "data.select_per_class", " in the held-out split beside the quiz",
+                                      f", or lower data.quiz_per_class (now {quiz_per_class})")
     return RegimeSplit(student, pool, quiz, labels, clean, select)
 
 

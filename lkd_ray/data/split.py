@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import BadInput
+
 
 def stratified_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Return sorted (train_idx, quiz_idx): each class contributes round(fraction·n_c) ≥ 1 to the quiz."""
@@ -15,7 +17,8 @@ def stratified_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         if len(idx) < 2:
-            raise ValueError(f"class {c} has {len(idx)} training example(s); a stratified quiz split needs at least 2 per class")
+            raise BadInput("data.root", f"class {c} has {len(idx)} training image(s); a stratified quiz split needs at "
+                           "least 2 per class", "give every class at least 2 training images")
         k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
         quiz.append(rng.choice(idx, size=k, replace=False))
     quiz_idx = np.sort(np.concatenate(quiz))

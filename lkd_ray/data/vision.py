@@ -56,7 +56,7 @@ def _datasets(cfg: DataCfg, train_tf, test_tf):
 
     root = cfg.root
     if not root or not os.path.isdir(root):
-        raise DataNotFound(f"data.root {root!r} is not a directory; point it at your {cfg.dataset} copy (nothing is downloaded)")
+        raise DataNotFound(f"data.root={root!r}", "is not a folder", f"point it at your {cfg.dataset} copy (nothing is downloaded)")
     try:
         if cfg.dataset in ("cifar10", "cifar100"):
             cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
@@ -65,10 +65,12 @@ def _datasets(cfg: DataCfg, train_tf, test_tf):
         tr, va = os.path.join(root, "train"), os.path.join(root, "val")
         for d in (tr, va):
             if not os.path.isdir(d):
-                raise DataNotFound(f"ImageNet root {root!r} needs train/ and val/ class folders (ImageFolder layout); {d!r} is missing")
+                raise DataNotFound(f"data.root={root!r}", f"{d!r} is missing",
+                                   "an ImageNet root needs train/ and val/ class folders (ImageFolder layout)")
         return datasets.ImageFolder(tr, train_tf), datasets.ImageFolder(tr, test_tf), datasets.ImageFolder(va, test_tf)
     except RuntimeError as e:
-        raise DataNotFound(f"{cfg.dataset} not found under {root!r}: {e}. Download it yourself and pass data.root.") from e
+        raise DataNotFound(f"data.root={root!r}", f"no {cfg.dataset} there ({str(e).splitlines()[0]})",
+                           "download it yourself and point data.root at it") from e
 
 
 class _ShardedLoader:

@@ -2,7 +2,8 @@
 output cache), start the LossNetServer and SnapshotPool, run the TorchTrainer with one progress line
 that updates in place, write ``<run>/result.json``, clean up.
 
-Config is already validated (``jobs/_common.py``); storage is checked before any worker starts.
+Config is already validated (``jobs/_common.py``); the inputs it names (``train.inputs.check_inputs``) and storage
+are checked before the run claims its name and before any worker starts.
 """
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
+from ..errors import InputError
 from ..storage import Storage, StorageError, default_outage_s, open_storage, safe_key
 from ..train.outputs import dumps, json_safe
 
 log = logging.getLogger(__name__)
 
 
-class RunConflict(ValueError):
+class RunConflict(InputError, ValueError):
     """A run name already holds a run with another config."""
 
 
@@ -198,7 +200,10 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
     from .streaming import EpochClock
     from .worker import train_loop_per_worker
 
+    from ..train.inputs import check_inputs
+
     run = safe_key(cfg.run.name)
+    check_inputs(cfg)  # bad data, teacher or loss network: stop before anything is written under the run's name
     outage = opts.storage_outage_s if opts.storage_outage_s is not None else default_outage_s()
     storage = open_storage(opts.storage, opts.endpoint_url, outage)
     storage.check()  # unreachable endpoint, missing bucket, bad credentials: fail before any worker starts

@@ -37,12 +37,13 @@ from ..config import Config
 from ..losses import build_lossnets
 from ..meta import ESEstimator, LossNetOptimizer, es_index, flatten
 from ..meta.versions import VersionStore, content_sha256
+from ..errors import RecordFailure
 from ..storage import StorageError, open_storage, safe_key
 
 log = logging.getLogger(__name__)
 
 
-class LossNetPersistError(RuntimeError):
+class LossNetPersistError(RecordFailure, RuntimeError):
     """The LossNetServer could not save its state for a reason other than a storage outage (a bug or a
     payload that cannot be written): the run stops rather than continue without its record."""
 

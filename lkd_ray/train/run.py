@@ -17,6 +17,7 @@ import torch
 
 from ..config import Config, ConfigError, MetaCfg
 from ..data import DataBundle, build_data
+from ..errors import InputError
 from ..losses import LossNetworks, build_lossnets, build_method
 from ..losses.methods import METHODS
 from ..meta import LossNetOptimizer
@@ -30,7 +31,7 @@ from .snapshots import InMemorySnapshotStore
 from .teacher_source import CachedTeacher, LiveTeacher, NoTeacher
 
 
-class LossNetArtifactError(ValueError):
+class LossNetArtifactError(InputError, ValueError):
     """A loss network to start from (``lossnet.init_from``) is missing or does not fit this config."""
 
 
@@ -50,7 +51,8 @@ def read_lossnet_artifact(uri: str, endpoint_url: str | None = None) -> dict[str
         root, key = _split_uri(uri)
         st = open_storage(root, endpoint_url)
         if not st.exists(key):
-            raise LossNetArtifactError(f"lossnet.init_from={uri!r}: no such file")
+            raise LossNetArtifactError(f"lossnet.init_from={uri!r}: no such file — point it at a v<N>.pt file or at the "
+                                       "folder of an LKD run holding lossnet/")
         sd = st.get_torch(key)
         m = re.fullmatch(r"v(\d+)\.pt", key)
         if isinstance(sd, dict) and m:
