@@ -118,6 +118,10 @@ def per_sample_summary(trainer, teacher) -> dict | None:
         if z_t is None:
             z_t = torch.cat([teacher(x[i:i + 1024]).float() for i in range(0, len(y), 1024)])
         o = net.per_sample(zs, z_t, y, trainer.student_state())
+        if getattr(net, "rule", None) is not None:  # what the learned loss does beside the rule it started from
+            ce = torch.nn.functional.cross_entropy(zs, y, reduction="none").clamp_min(1e-12)
+            o["rule_w"] = net.rule.per_sample(zs, y, z_t, net.epoch) / ce  # the rule's own weight on each sample's CE
+            o["w_ce_x_rule"] = o["w_ce"] * o["rule_w"]                      # … and with the learned weight on it
     trainer.bundle.train()
     regime = data.regime
     flipped = torch.from_numpy(regime.flipped[ids]) if regime is not None else torch.zeros(len(y), dtype=torch.bool)

@@ -130,4 +130,24 @@ def transfer(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-BLOCKS = {"field-tuning": field_tuning, "field-finals": field_finals, "transfer": transfer}
+def field_per_sample(results: Path | None = None) -> str:
+    """What the learned residual does beside the rule it started from, per group of training images: the rule's own
+    weight on each sample's CE, the learned weight on it, their product, and the learned distillation weight and τ."""
+    recs = [r for r in _load("accuracy_field.json", results) if r.get("per_sample") and "rule_w" in r["per_sample"]]
+    if not recs:
+        return "_No per-sample field runs recorded yet._\n"
+    cols = ("rule_w", "w_ce", "w_ce_x_rule", "w_kd", "tau")
+    lines = ["| regime | row | images | rule's CE weight | learned CE weight | learned × rule | distillation weight | τ |",
+             "|---|---|---|---|---|---|---|---|"]
+    for regime in REGIMES:
+        for m in dict.fromkeys(r["method"] for r in recs if r["regime"] == regime):
+            rs = [r for r in recs if r["regime"] == regime and r["method"] == m]
+            for g in ("clean", "flipped", "agree", "disagree"):
+                vals = {o: [r["per_sample"][o][g]["mean"] for r in rs if r["per_sample"][o][g]["n"]] for o in cols}
+                if vals["w_ce"]:
+                    lines.append(f"| {regime} | {m} | {g} | " + " | ".join(f"{statistics.mean(vals[o]):.2f}" for o in cols) + " |")
+    return "\n".join(lines) + "\n\nMeans over the runs of each group's mean (φ₀: learned weights 1, τ the base's).\n"
+
+
+BLOCKS = {"field-tuning": field_tuning, "field-finals": field_finals, "transfer": transfer,
+          "field-per-sample": field_per_sample}
