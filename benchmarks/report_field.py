@@ -149,5 +149,14 @@ def field_per_sample(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n\nMeans over the runs of each group's mean (φ₀: learned weights 1, τ the base's).\n"
 
 
-BLOCKS = {"field-tuning": field_tuning, "field-finals": field_finals, "transfer": transfer,
+def asha(results: Path | None = None) -> str:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import early_stop
+
+    return early_stop.table(results or RESULTS)
+
+
+BLOCKS = {"asha": asha, "field-tuning": field_tuning, "field-finals": field_finals, "transfer": transfer,
           "field-per-sample": field_per_sample}

@@ -294,3 +294,18 @@ def test_the_field_and_transfer_tables_come_from_the_records(tmp_path):
     (tmp_path / "accuracy_transfer.json").write_text(json.dumps(tr))
     assert "| `noisy-pair30` | pair20 | agree[x] | 3 | 81.00 | 81.50 | -0.50 ± 0.00 | -0.50 | 47 | no |" in \
         report_field.transfer(tmp_path)
+
+
+def test_early_stopping_soundness_is_read_off_the_recorded_curves():
+    import early_stop
+
+    assert early_stop._ranks([3.0, 1.0, 3.0, 2.0]) == [2.5, 0.0, 2.5, 1.0]
+    assert early_stop.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert early_stop.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # six trials whose order at a quarter of the run is the reverse of the end: halving there drops the final best
+    trials = [{"regime": "r", "curve": [{"quiz_top1": 50 - i}, {"quiz_top1": 60 - i}, {"quiz_top1": 70 + i}, {"quiz_top1": 80 + i}]}
+              for i in range(6)]
+    rows = early_stop.soundness(trials)
+    quarter = next(r for r in rows if r["rung"] == 0.25)
+    assert quarter["spearman"] == pytest.approx(-1.0) and not quarter["keeps_best"] and quarter["best_rank_at_rung"] == 6
+    assert next(r for r in rows if r["rung"] == 0.75)["keeps_best"] and early_stop.sound_rung(rows) == 0.75
