@@ -1,4 +1,4 @@
-"""Command line: ``python -m lkd_ray {train,demo,gradcheck,plot}``. Config errors exit 2 before any work."""
+"""Command line: ``python -m lkd_ray {train,demo,gradcheck,plot,auto}``. Config errors exit 2 before any work."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,12 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_auto(args) -> int:
+    from .distributed.auto import main as auto_main
+
+    return auto_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkd_ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -132,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="methods drawn in the training curves ('all': every method in the records)")
     p.add_argument("--tag", default="", help="suffix for the figure files")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("auto", help="tune every loss family on your data with Ray Tune and ship the quiz pick")
+    from .auto_plan import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_auto)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
