@@ -98,11 +98,10 @@ def write_outputs(storage, prefix: str, rows: list[dict], winner: dict, summary:
     """Every output, each written atomically to ``<storage>/<prefix>/``; returns {what: storage key}."""
     from .storage import safe_key
 
-    table_rows = [{k: v for k, v in r.items() if k not in ("sections",)} for r in rows]
     files: dict[str, bytes] = {
         "best_config.yaml": best_yaml.encode(),
         "trials.csv": _csv(rows),
-        "trials.json": (json.dumps(table_rows, indent=1, default=str) + "\n").encode(),
+        "trials.json": (json.dumps(rows, indent=1, default=str) + "\n").encode(),
         "pick.json": (json.dumps({**summary, "pick_sections": winner["sections"]}, indent=1, default=str) + "\n").encode(),
         "summary.txt": (console_summary(rows, summary) + "\n").encode(),
     }
