@@ -235,3 +235,24 @@ def test_both_commands_take_the_same_flags_and_exit_2_on_a_bad_family(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.strip().startswith("error: unknown families ['nope']"), out.stderr
         assert "valid families are kd, dkd, dist, ls, wsl, lkd-sample, lkd-sample-dist" in out.stderr
+
+
+def test_benchmark_record_sets_the_pick_beside_the_best_trial_in_hindsight():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_auto", ROOT / "benchmarks" / "auto.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = lambda label, q, t, **kw: {"label": label, "family": label.split("[")[0], "stage": 1, "quiz_top1": q,  # noqa: E731
+                                     "quiz_loss": 0.5, "test_top1": t, "epochs": 2, "budget_epochs": 2, "wall_s": 10.0, **kw}
+    rows = [row("kd[a]", 80.0, 79.0), row("dist[b]", 82.0, 78.0), row("ls[c]", 70.0, 90.0, epochs=1),  # ls cut short
+            row("wsl[d]", 75.0, 81.0)]
+    res = {"rows": rows, "winner": rows[1], "budget": {"epochs": 2}, "wall_s": 60.0, "why": "best quiz", "stage2_bases": {}}
+    rec = bench.make_record("noisy-pair30", 100, res, None, 2, "abc")
+    assert (rec["picked"], rec["picked_test_top1"], rec["best_trial"], rec["best_trial_test_top1"]) == \
+        ("dist[b]", 78.0, "wsl[d]", 81.0)
+    assert rec["trials"] == 4 and rec["trials_finished"] == 3 and rec["trials_per_hour"] == 180.0
+    rec = bench.make_record("noisy-pair30", 100, res, {"dist[b]": [85.0, 87.0], "wsl[d]": [86.0]}, 2, "abc")
+    assert rec["picked_test_top1"] == 86.0 and rec["best_trial_test_top1"] == 86.0 and rec["test_from"] == "full re-runs"
+    assert {"setting", "search_seed", "budget", "picked", "picked_test_top1", "best_trial", "best_trial_test_top1",
+            "trials", "wall_s", "concurrent", "config_sha"} <= set(rec)

@@ -260,7 +260,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     del kd_run
     budget = {"epochs": epochs, "trials_per_family": opts.trials, "time_budget_s": opts.time_budget_s,
               "max_concurrent": opts.max_concurrent, "cpus_per_trial": opts.cpus_per_trial,
-              "gpus_per_trial": opts.gpus_per_trial, "seed": base["run"]["seed"]}
+              "gpus_per_trial": opts.gpus_per_trial, "seed": base["run"]["seed"] if opts.seed is None else opts.seed}
     ctx = {"trials": specs, "storage": storage.uri, "endpoint_url": opts.endpoint_url, "name": safe_key(opts.name),
            "cache_uri": _join(storage.uri, safe_key(opts.name), "cache"), "teacher_info": info,
            "cpus_per_trial": opts.cpus_per_trial}
