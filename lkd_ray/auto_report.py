@@ -1,6 +1,6 @@
 """What an ``auto`` search gives back under ``<storage>/<name>/``: the trial table (CSV and JSON), the pick and why,
-``best_config.yaml``, a plain-text summary (also printed) and two figures (quiz top-1 per family; the winner's
-learning curve). Never reads the test split for anything it says about the pick."""
+``best_config.yaml``, a plain-text summary (also printed) and figures (quiz top-1 per family; the winner's
+learning curve; what a per-sample loss learned, by teacher–label agreement, when a learned family ran). Never reads the test split for anything it says about the pick."""
 from __future__ import annotations
 
 import csv
@@ -66,6 +66,11 @@ def figures(rows: list[dict], winner: dict, out: Path) -> list[Path]:
     for i, f in enumerate(fams):
         ys = [r["quiz_top1"] for r in done if r["family"] == f]
         ax.scatter([i] * len(ys), ys, s=18, alpha=0.8)
+    for i, f in enumerate(fams):
+        bad = sum(1 for r in rows if r["family"] == f and r.get("error"))
+        if bad:
+            ax.annotate(f"{bad} failed", (i, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                        textcoords="offset points", ha="center", fontsize=7, color="tab:red")
     wi = fams.index(winner["family"])
     ax.scatter([wi], [winner["quiz_top1"]], s=120, facecolors="none", edgecolors="k", label=f"pick: {winner['label']}")
     ax.set_xticks(range(len(fams)), fams, rotation=30, ha="right")
@@ -91,7 +96,39 @@ def figures(rows: list[dict], winner: dict, out: Path) -> list[Path]:
     paths.append(out / "winner_curve.png")
     fig.savefig(paths[1], dpi=110)
     plt.close(fig)
+    learned = [r for r in done if r.get("per_sample")]
+    if learned:
+        paths.append(per_sample_figure(winner if winner.get("per_sample") else search_pick(learned), out))
     return paths
+
+
+def search_pick(rows: list[dict]) -> dict:
+    from .search_spaces import pick
+
+    return pick(rows)
+
+
+def per_sample_figure(row: dict, out: Path) -> Path:
+    """per_sample.png: a per-sample loss's outputs on the training images, by teacher–label agreement (and by
+    flipped label where the data set knows it): median and 10–90 % range per group, one panel per output."""
+    import matplotlib.pyplot as plt
+
+    ps = row["per_sample"]
+    fig, axes = plt.subplots(1, len(ps), figsize=(3.0 * len(ps), 3.2), squeeze=False)
+    for ax, (k, groups) in zip(axes[0], ps.items()):
+        names = [g for g, v in groups.items() if v.get("n")]
+        med = [groups[g]["q50"] for g in names]
+        lo = [groups[g]["q50"] - groups[g]["q10"] for g in names]
+        hi = [groups[g]["q90"] - groups[g]["q50"] for g in names]
+        ax.bar(range(len(names)), med, yerr=[lo, hi], capsize=3, color="tab:blue", alpha=0.7)
+        ax.set_xticks(range(len(names)), [f"{g}\n(n={groups[g]['n']})" for g in names], fontsize=7)
+        ax.set_title(k, fontsize=9)
+    fig.suptitle(f"what {row['label']} learned, per training image (median, 10–90 %)", fontsize=9)
+    fig.tight_layout()
+    path = out / "per_sample.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def write_outputs(storage, prefix: str, rows: list[dict], winner: dict, summary: dict, best_yaml: str) -> dict[str, str]:

@@ -144,7 +144,9 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     for section in ("loss", "lossnet", "meta", "data", "model"):
         assert best.to_dict()[section] == trial_cfg[section], section
     assert best.optim.epochs == 4 and best.run.seed == 0  # the config's own, not the search's trial budget and seed
-    for f in ("trials.csv", "summary.txt", "quiz_per_family.png", "winner_curve.png"):
+    groups = rows[2]["per_sample"]["w_ce"]  # what the learned loss did, by teacher–label agreement
+    assert groups["teacher agrees"]["n"] + groups["teacher disagrees"]["n"] == 600 and "per_sample" not in rows[0]
+    for f in ("trials.csv", "summary.txt", "quiz_per_family.png", "winner_curve.png", "per_sample.png"):
         assert (d / f).stat().st_size > 0, f
     assert "[auto] 2/3 trials done, 0 running, 0 left, 1 failed; best so far" in out
     assert f"pick: {pick['pick']} has the best quiz top-1" in out and (d / "summary.txt").read_text().strip() in out

@@ -28,6 +28,42 @@ def _join(uri: str, *parts: str) -> str:
 
 
 # --------------------------------------------------------------------------- one trial (a Tune function trainable)
+def per_sample_groups(trainer, teacher, max_images: int = 10000) -> dict | None:
+    """What a per-sample loss network learned, at the end of training, on (up to ``max_images``) training images
+    grouped by whether the teacher's top class agrees with the given label (and, where the data set knows it,
+    whether the label was flipped): {output: {group: {n, mean, q10, q50, q90}}}. None for other losses."""
+    import torch
+
+    net = getattr(trainer.lossnets, "logit", None) if trainer.lossnets is not None else None
+    loader = trainer.data.train
+    if net is None or not hasattr(net, "per_sample") or teacher is None or not hasattr(loader, "images"):
+        return None
+    n = min(len(loader.labels), max_images)
+    x, y = loader.images[:n], loader.labels[:n]
+    trainer.bundle.eval()
+    with torch.no_grad():
+        chunks = [(trainer.bundle(x[i:i + 1024].to(trainer.device)).logits.float(),
+                   teacher.to(trainer.device)(x[i:i + 1024].to(trainer.device)).float()) for i in range(0, n, 1024)]
+        zs, zt = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
+        yy = y.to(trainer.device)
+        outs = net.per_sample(zs, zt, yy, trainer.student_state())
+    trainer.bundle.train()
+    agree = (zt.argmax(1) == yy).cpu()
+    groups = {"teacher agrees": agree, "teacher disagrees": ~agree}
+    regime = trainer.data.regime
+    if regime is not None and getattr(regime, "flipped", None) is not None:
+        flipped = torch.from_numpy(regime.flipped[loader.ids[:n]])
+        if flipped.any():
+            groups |= {"label kept": ~flipped, "label flipped": flipped}
+    out = {}
+    for k, v in outs.items():
+        v = v.detach().float().cpu()
+        out[k] = {g: {"n": int(m.sum()), **({"mean": float(v[m].mean()), "q10": float(v[m].quantile(0.1)),
+                                              "q50": float(v[m].quantile(0.5)), "q90": float(v[m].quantile(0.9))}
+                                             if m.any() else {})} for g, m in groups.items()}
+    return out
+
+
 def auto_trial(config: dict, ctx: dict) -> None:
     """One setting: a single-process run on the shared teacher and its output cache; reports every epoch to Tune
     and stores its result before it returns. A result already stored is reported, not re-run."""
@@ -68,12 +104,14 @@ def auto_trial(config: dict, ctx: dict) -> None:
                     log=lambda *_: None)
     res = run.fit(None, callbacks=[Report()], progress=False)
     last = res["history"][-1]
+    per_sample = per_sample_groups(res["_trainer"], teacher)
     store.put_json(key, {**{k: spec[k] for k in ("label", "family", "setting", "stage", "sha", "base", "sections")},
                          "quiz_top1": res["quiz_top1"], "quiz_loss": last.get("quiz_loss"), "test_top1": res["test_top1"],
                          "epochs": res["epochs"], "budget_epochs": cfg.optim.epochs, "wall_s": time.perf_counter() - t0,
                          "fit_s": res["wall_s"], "meta_s": res.get("meta_s"), "quiz_size": data.quiz_size,
                          "curve": [{"epoch": h["epoch"], "quiz_top1": h["quiz_top1"], "quiz_loss": h.get("quiz_loss"),
-                                    "test_top1": h["test_top1"], "train_loss": h.get("train_loss")} for h in res["history"]]})
+                                    "test_top1": h["test_top1"], "train_loss": h.get("train_loss")} for h in res["history"]],
+                         **({"per_sample": per_sample} if per_sample else {})})
 
 
 # --------------------------------------------------------------------------- the driver
