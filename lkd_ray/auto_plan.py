@@ -76,14 +76,13 @@ def all_families() -> list[str]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags ``python -m lkd_ray auto`` and ``jobs/auto_loss.py`` share."""
-    import os
-
     p.add_argument("--recipe", default="fashion_mnist", help="base recipe")
     p.add_argument("--preset", default=None, help="loss settings applied before --config/--set (the search replaces the loss)")
     p.add_argument("--config", help="YAML with sections model/data/optim/loss/lossnet/meta/run (your data, your teacher)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    p.add_argument("--storage", default=os.environ.get("LKD_STORAGE") or "runs",
-                   help="local folder or s3://bucket/prefix: results go to <storage>/<name>/ (default $LKD_STORAGE, else ./runs)")
+    p.add_argument("--storage", default=None,
+                   help="local folder or s3://bucket/prefix: results go to <storage>/<name>/ (default $LKD_STORAGE, else "
+                        "./runs; required under `ray job submit`, whose working directory Ray deletes)")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint (default AWS_ENDPOINT_URL or AWS)")
     p.add_argument("--name", default="auto", help="search name; re-run with the same name to resume (finished trials are kept)")
     p.add_argument("--trials", type=int, default=None, help="at most this many settings per family, spread over its grid (default: all)")
@@ -107,10 +106,25 @@ def options_from_args(args) -> AutoOptions:
         raise AutoInputError(f"--time-budget {args.time_budget}: give a positive number of seconds")
     if args.cpus_per_trial <= 0 or args.gpus_per_trial < 0:
         raise AutoInputError("--cpus-per-trial must be > 0 and --gpus-per-trial ≥ 0")
-    return AutoOptions(name=args.name, storage=args.storage, endpoint_url=args.endpoint_url, trials=args.trials,
+    return AutoOptions(name=args.name, storage=resolve_storage(args.storage), endpoint_url=args.endpoint_url, trials=args.trials,
                        epochs=args.epochs, families=args.families, time_budget_s=args.time_budget,
                        max_concurrent=args.max_concurrent, cpus_per_trial=args.cpus_per_trial,
                        gpus_per_trial=args.gpus_per_trial, seed=args.seed)
+
+
+def resolve_storage(storage: str | None) -> str:
+    """--storage, else $LKD_STORAGE, else ./runs — except under `ray job submit`, whose working directory Ray
+    deletes when the job ends: there the search must name storage that outlives it."""
+    import os
+
+    if storage:
+        return storage
+    if os.environ.get("LKD_STORAGE"):
+        return os.environ["LKD_STORAGE"]
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        raise AutoInputError("under `ray job submit` the job's working directory is deleted when it ends, so ./runs would "
+                             "lose the search: pass --storage s3://bucket/prefix (or a path every node shares)")
+    return "runs"
 
 
 # --------------------------------------------------------------------------- families and trials
@@ -214,16 +228,19 @@ def slug(label: str) -> str:
 
 
 # --------------------------------------------------------------------------- checks before any trial
-def check_quiz(quiz_labels, num_classes: int) -> None:
+def check_quiz(quiz_labels, num_classes: int, quiz_size: int | None = None) -> None:
     """The pick is made on the quiz split: it must hold every class, at least MIN_QUIZ_PER_CLASS images each on
-    average, or the search has nothing sound to pick on."""
+    average, or the search has nothing sound to pick on (``quiz_labels`` None: only the count is known)."""
     import numpy as np
 
-    y = np.asarray(quiz_labels)
-    present = len(np.unique(y))
-    if len(y) < MIN_QUIZ_PER_CLASS * num_classes or present < num_classes:
+    if quiz_labels is None:
+        n, present = quiz_size or 0, num_classes
+    else:
+        y = np.asarray(quiz_labels)
+        n, present = len(y), len(np.unique(y))
+    if n < MIN_QUIZ_PER_CLASS * num_classes or present < num_classes:
         raise AutoInputError(
-            f"no usable quiz split: it holds {len(y)} images of {present} of the {num_classes} classes, and the pick needs "
+            f"no usable quiz split: it holds {n} images of {present} of the {num_classes} classes, and the pick needs "
             f"every class and at least {MIN_QUIZ_PER_CLASS * num_classes} images ({MIN_QUIZ_PER_CLASS} per class): give a "
             f"trusted subset (data.trusted where available) or a larger held-out split (data.quiz_fraction, "
             f"data.quiz_per_class)")

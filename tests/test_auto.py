@@ -79,6 +79,17 @@ def test_pick_is_search_spaces_pick_over_finished_trials_and_says_why():
         plan.pick_with_reason(rows[1:3])
 
 
+def test_storage_must_outlive_a_submitted_job(monkeypatch):
+    monkeypatch.delenv("LKD_STORAGE", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert plan.resolve_storage(None) == "runs" and plan.resolve_storage("s3://b/p") == "s3://b/p"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(plan.AutoInputError, match="pass --storage"):
+        plan.resolve_storage(None)
+    monkeypatch.setenv("LKD_STORAGE", "s3://b/q")
+    assert plan.resolve_storage(None) == "s3://b/q"
+
+
 def test_checks_say_what_to_do_and_map_to_exit_codes():
     import numpy as np
 
@@ -89,6 +100,9 @@ def test_checks_say_what_to_do_and_map_to_exit_codes():
     with pytest.raises(plan.AutoInputError, match="no usable quiz split"):
         plan.check_quiz(np.zeros(100, dtype=int), 10)  # one class only
     plan.check_quiz(np.arange(50) % 10, 10)
+    plan.check_quiz(None, 10, 50)  # a streamed quiz: only its size is known
+    with pytest.raises(plan.AutoInputError, match="it holds 49 images"):
+        plan.check_quiz(None, 10, 49)
     with pytest.raises(plan.AutoInputError, match="data.trusted"):
         plan.check_labels_source({"noisy_labels": "labels.json", "trusted": None})
     with pytest.raises(plan.AutoInputError, match="predicts 5 classes but the labels have 10"):
@@ -214,7 +228,7 @@ def test_bad_input_stops_before_any_trial_with_one_line(tmp_path, cache_dir, fas
     store = tmp_path / "store"
     # no quiz split to pick on: a held-out share too small for ten classes
     code, err = _run_main([*base, "--set", "data.quiz_fraction=0.0005", "--storage", str(store)])
-    assert code == 2 and "no usable quiz split" in err and "data.quiz_per_class" in err and err.count("\n") == 1
+    assert code == 2 and "no usable quiz split: it holds 30 images" in err and "data.quiz_per_class" in err and err.count("\n") == 1
     # a teacher with other classes than the labels'
     weights = tmp_path / "t5.pt"
     torch.save(build_model("cnn_teacher", 5, 1).state_dict(), weights)
@@ -224,6 +238,11 @@ def test_bad_input_stops_before_any_trial_with_one_line(tmp_path, cache_dir, fas
     (tmp_path / "file").write_text("x")
     code, err = _run_main([*base, "--storage", str(tmp_path / "file" / "store")])
     assert code == 3 and "cannot be used" in err and "choose another --storage" in err
+    # an S3 endpoint nobody answers: exit 3 before any trial
+    from tests.conftest import free_port
+
+    code, err = _run_main([*base, "--storage", "s3://lkd-auto/x", "--endpoint-url", f"http://127.0.0.1:{free_port()}"])
+    assert code == 3 and "cannot be used" in err and err.count("\n") == 1
     # a time budget that cannot fit the families asked (measured KD epoch × rounds)
     code, err = _run_main([*TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--time-budget", "0.5"])
     assert code == 2 and "budget too small for the families asked" in err and "raise --time-budget" in err

@@ -235,7 +235,8 @@ def prepare(cfg: Config, storage, name: str, endpoint_url: str | None, log) -> t
     plan.check_labels_source(cfg.data.model_dump())
     data = build_data(cfg.data, cfg.run.seed, cache_dir=cfg.run.cache_dir)
     quiz = data.quiz_eval or data.quiz
-    plan.check_quiz(quiz.labels.numpy() if hasattr(quiz.labels, "numpy") else quiz.labels, data.num_classes)
+    quiz_labels = getattr(quiz, "labels", None)  # streamed data sets hold no label tensor: count what they say
+    plan.check_quiz(quiz_labels.numpy() if hasattr(quiz_labels, "numpy") else quiz_labels, data.num_classes, data.quiz_size)
     kd = cfg.model_copy(deep=True)
     kd.loss.method = "kd"
     try:
@@ -244,8 +245,9 @@ def prepare(cfg: Config, storage, name: str, endpoint_url: str | None, log) -> t
         raise plan.AutoInputError(f"the teacher does not fit these labels: {e}") from None
     with torch.no_grad():
         out = teacher(torch.zeros(2, data.in_channels, data.image_size, data.image_size)).shape[1]
-    train_labels = data.train.labels
-    plan.check_teacher_classes(out, data.num_classes, int(train_labels.max()), cfg.model.teacher_weights or "trained here")
+    train_labels = getattr(data.train, "labels", None)
+    max_label = int(train_labels.max()) if train_labels is not None and len(train_labels) else data.num_classes - 1
+    plan.check_teacher_classes(out, data.num_classes, max_label, cfg.model.teacher_weights or "trained here")
     buf = io.BytesIO()
     torch.save(teacher.state_dict(), buf)
     storage.put_bytes(safe_key(name, "teacher.pt"), buf.getvalue())
