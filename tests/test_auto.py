@@ -277,3 +277,14 @@ def test_benchmark_record_sets_the_pick_beside_the_best_trial_in_hindsight():
     assert rec["picked_test_top1"] == 86.0 and rec["best_trial_test_top1"] == 86.0 and rec["test_from"] == "full re-runs"
     assert {"setting", "search_seed", "budget", "picked", "picked_test_top1", "best_trial", "best_trial_test_top1",
             "trials", "wall_s", "concurrent", "config_sha"} <= set(rec)
+
+
+def test_a_family_setting_that_does_not_fit_the_config_is_bad_input_before_any_trial():
+    from lkd_ray.distributed.auto import _specs
+
+    # the user's per-sample network sets a per-sample KD weight; a setting with no KD term leaves it dead, which the
+    # config refuses: the search says so before any trial instead of failing inside one
+    base = build_config("fashion_mnist", lossnet={"kind": "sample", "sample_outputs": ["w_kd"]}).to_dict()
+    trial = Trial("x", "w0", {"loss": {"method": "lkd", "w_logit": 0.0}})
+    with pytest.raises(plan.AutoInputError, match=r"x\[w0\] does not fit your config .*w_kd.*leave x out of --families"):
+        _specs([trial], 1, base, plan.AutoOptions())

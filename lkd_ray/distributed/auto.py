@@ -18,7 +18,9 @@ from typing import Any
 
 from .. import auto_plan as plan
 from .. import auto_report as report
-from ..config import Config, build_config
+from pydantic import ValidationError
+
+from ..config import Config, _explain, build_config
 from ..search_spaces import Trial
 from ..storage import StorageError, open_storage, safe_key
 
@@ -204,7 +206,11 @@ def _specs(trials: list[Trial], stage: int, base_cfg: dict, opts: plan.AutoOptio
     for t in trials:
         cfg = plan.trial_config(base_cfg, t, opts.epochs, opts.seed)
         cfg["run"]["name"] = safe_key(f"{opts.name}-{plan.slug(t.label)}")[:128]
-        Config.model_validate(cfg)  # a family whose setting does not fit this config is bad input, before any trial
+        try:  # a family whose setting does not fit this config is bad input, found before any trial
+            Config.model_validate(cfg)
+        except ValidationError as e:
+            raise plan.AutoInputError(f"{t.label} does not fit your config ({_explain(e).replace(chr(10), ' ')}): "
+                                      f"change the config, or leave {t.family} out of --families") from None
         out[t.label] = {"label": t.label, "family": t.family, "setting": t.name, "stage": stage, "config": cfg,
                         "sha": plan.config_sha(cfg), "sections": t.sections,
                         "base": (bases or {}).get(t.family)}
