@@ -139,7 +139,7 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     store = tmp_path / "store"
     code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "e2e",
                  "--families", "dist", "boom", "lkd-sample-dist", "--trials", "1", "--max-concurrent", "2",
-                 "--cpus-per-trial", "1", "--seed", "3"])
+                 "--cpus-per-trial", "1", "--seed", "3", "--time-budget", "3000"])
     out = capsys.readouterr().out
     assert code == 0, out
     d = store / "e2e"
@@ -163,6 +163,7 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     for f in ("trials.csv", "summary.txt", "quiz_per_family.png", "winner_curve.png", "per_sample.png"):
         assert (d / f).stat().st_size > 0, f
     assert "[auto] 2/3 trials done, 0 running, 0 left, 1 failed; best so far" in out
+    assert "time budget 3000 s" in out and pick["budget"]["seed"] == 3
     assert f"pick: {pick['pick']} has the best quiz top-1" in out and (d / "summary.txt").read_text().strip() in out
 
 
