@@ -131,6 +131,14 @@ def per_sample_figure(row: dict, out: Path) -> Path:
     return path
 
 
+def write_table(storage, prefix: str, rows: list[dict]) -> None:
+    """trials.csv and trials.json alone (a search with nothing to pick still reports its trials)."""
+    from .storage import safe_key
+
+    storage.put_bytes(safe_key(prefix, "trials.csv"), _csv(rows))
+    storage.put_bytes(safe_key(prefix, "trials.json"), (json.dumps(rows, indent=1, default=str) + "\n").encode())
+
+
 def write_outputs(storage, prefix: str, rows: list[dict], winner: dict, summary: dict, best_yaml: str) -> dict[str, str]:
     """Every output, each written atomically to ``<storage>/<prefix>/``; returns {what: storage key}."""
     from .storage import safe_key

@@ -164,6 +164,13 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
         assert (d / f).stat().st_size > 0, f
     assert "[auto] 2/3 trials done, 0 running, 0 left, 1 failed; best so far" in out
     assert "time budget 3000 s" in out and pick["budget"]["seed"] == 3
+    # a search where no trial finishes still writes its table of errors, and exits 1 with where to look
+    code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "fails",
+                 "--families", "boom"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no trial of search 'fails' finished" in err and "trials.csv" in err
+    assert "TrainingDiverged" in json.loads((store / "fails" / "trials.json").read_text())[0]["error"]
+    assert not (store / "fails" / "best_config.yaml").exists()
     assert f"pick: {pick['pick']} has the best quiz top-1" in out and (d / "summary.txt").read_text().strip() in out
 
 

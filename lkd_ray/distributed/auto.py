@@ -345,6 +345,12 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     order = list(specs)
     results.sort(key=lambda r: order.index(r["label"]))
     plan.add_costs(results)
+    if not plan.finished(results):  # nothing to ship: the table of errors is still the answer
+        where = _join(storage.uri, safe_key(opts.name))
+        report.write_table(storage, safe_key(opts.name), results)
+        log(report.trials_table(results))
+        raise plan.AutoError(f"no trial of search {opts.name!r} finished, so there is nothing to ship: their errors are "
+                             f"in {where}/trials.csv; fix the cause and re-run the same command (it resumes)")
     win, why = plan.pick_with_reason(results)
     summary = {"name": opts.name, "pick": win["label"], "why": why, "notes": notes, "budget": budget, "teacher": info,
                "stage2_bases": bases, "wall_s": time.perf_counter() - t_start, "storage": _join(storage.uri, safe_key(opts.name))}
