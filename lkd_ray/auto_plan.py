@@ -277,7 +277,8 @@ def check_budget(time_budget_s: float | None, n1: int, n2: int, max_concurrent: 
     if need > time_budget_s:
         raise AutoInputError(
             f"budget too small for the families asked: {n1 + n2} trials of {epochs} epochs, {max_concurrent} at a time, need "
-            f"at least {need:.0f} s (a KD epoch measured at {epoch_s:.1f} s) and --time-budget is {time_budget_s:.0f} s: "
+            f"at least {need:.0f} s (a KD epoch measured at {epoch_s:.1f} s) and --time-budget leaves {time_budget_s:.0f} s "
+            f"for them: "
             f"raise --time-budget, or lower --trials/--epochs, or name fewer --families")
 
 

@@ -297,12 +297,16 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     s1 = plan.stage1_trials(stage1_fams, opts.trials)
     specs = _specs(s1, 1, base, opts)
     n2 = plan.stage2_count(stage2_fams, opts.trials)
+    for f in stage2_fams:  # the learned settings, on the recipe's base, must fit the config too: known before stage 1
+        _specs(plan.capped(plan.search_spaces.LEARNED[f].build(None), opts.trials), 2, base, opts)
     epochs = opts.epochs or cfg.optim.epochs
     for n in notes:
         log(f"[auto] {n}")
     info, kd_run = prepare(cfg, storage, opts.name, opts.endpoint_url, log)
     if opts.time_budget_s is not None:
-        plan.check_budget(opts.time_budget_s, len(s1), n2, opts.max_concurrent, epochs, epoch_seconds(kd_run))
+        epoch_s = epoch_seconds(kd_run)  # what is left after the teacher, for the trials
+        plan.check_budget(opts.time_budget_s - (time.perf_counter() - t_start), len(s1), n2, opts.max_concurrent, epochs,
+                          epoch_s)
     del kd_run
     budget = {"epochs": epochs, "trials_per_family": opts.trials, "time_budget_s": opts.time_budget_s,
               "max_concurrent": opts.max_concurrent, "cpus_per_trial": opts.cpus_per_trial,
