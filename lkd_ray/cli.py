@@ -1,5 +1,5 @@
-"""Command line: ``python -m lkd_ray {train,demo,gradcheck,plot}``. Bad input (config, data, teacher, ...) exits 2
-before any work, storage 3, with one line (``lkd_ray.errors``); ``--debug`` shows the traceback."""
+"""Command line: ``python -m lkd_ray {train,demo,gradcheck,plot,auto}``. Bad input (config, data, teacher, ...) exits
+2 before any work, storage 3, with one line (``lkd_ray.errors``); ``--debug`` shows the traceback."""
 from __future__ import annotations
 
 import argparse
@@ -105,6 +105,12 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_auto(args) -> int:
+    from .distributed.auto import main as auto_main
+
+    return auto_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lkd_ray", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -139,6 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix for the figure files")
     _add_debug(p)
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("auto", help="tune every loss family on your data with Ray Tune and ship the quiz pick")
+    from .auto_plan import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_auto)
     args = parser.parse_args(argv)
     try:
         with user_errors(getattr(args, "debug", False)):

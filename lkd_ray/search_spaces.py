@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,25 @@ def lkd_sample_dist_trials(base: Trial | None = None) -> list[Trial]:
                 out.append(Trial("lkd-sample-dist", f"lock={lock},every={every},lr={_num(lr)}",
                                  {"loss": copy.deepcopy(loss), "lossnet": lossnet, "meta": {"meta_every": every, "lr": lr}}))
     return out
+
+
+@dataclass(frozen=True)
+class Learned:
+    """A learned family: its trials are built on a tuned hand-crafted trial (``base``: the family whose quiz pick it
+    starts from; ``"*"``: the best hand-crafted pick of every family run)."""
+    base: str
+    build: Callable[[Trial | None], list[Trial]]
+
+
+LEARNED: dict[str, Learned] = {
+    "lkd-sample": Learned("kd", lkd_sample_trials),
+    "lkd-sample-dist": Learned("dist", lkd_sample_dist_trials),
+    "lkd-rule": Learned("*", lkd_rule_trials),  # the residual on the best hand-crafted loss, field rules included
+}
+# The field's rules (issue 25) run after the hand-crafted families they sit on: each on the tuned KD and the tuned
+# DIST (``rule_trials(family, {"kd": pick, "dist": pick})``); a learned family with base "*" starts from the best
+# pick over the hand-crafted families and these rules.
+RULE_BASES = ("kd", "dist")
 
 
 SPACES = {"handcrafted": lambda: [t for ts in HANDCRAFTED.values() for t in ts]}

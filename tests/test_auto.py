@@ -1,0 +1,298 @@
+"""`python -m lkd_ray auto`: the plan and pick (no Ray), an end-to-end search on Fashion-MNIST through the real local
+Ray, a search killed with SIGKILL and re-run (finished trials are not run again), and bad input stopped before any
+trial with exit 2 (storage: 3)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lkd_ray import auto_plan as plan
+from lkd_ray import search_spaces
+from lkd_ray.config import ConfigError, build_config
+from lkd_ray.search_spaces import Trial
+from lkd_ray.storage import StorageError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "data.train_subset=600", "--set", "data.batch_size=64", "--set", "model.teacher_epochs=1", "--epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("auto-cache"))  # one tiny teacher for every test here
+
+
+# --------------------------------------------------------------------------- the plan, without Ray
+def test_families_come_from_the_registries_and_a_learned_family_brings_its_base(monkeypatch):
+    s1, s2, notes = plan.resolve_families(None)
+    assert s1 == list(search_spaces.HANDCRAFTED) and s2 == list(search_spaces.LEARNED)
+    s1, s2, notes = plan.resolve_families(["lkd-sample-dist", "ls"])
+    assert s1 == ["dist", "ls"] and s2 == ["lkd-sample-dist"] and "dist added" in notes[0]
+    # a family the lead adds to the registry is searched with no change to auto
+    monkeypatch.setitem(search_spaces.HANDCRAFTED, "agree", [Trial("agree", "tau=1", {"loss": {"method": "dist", "tau": 1.0}})])
+    assert "agree" in plan.resolve_families(None)[0]
+    assert [t.label for t in plan.stage1_trials(["agree"], None)] == ["agree[tau=1]"]
+    with pytest.raises(plan.AutoInputError, match="unknown families \\['nope'\\].*valid families are"):
+        plan.resolve_families(["nope"])
+
+
+def test_cap_spreads_over_the_grid_and_stage2_starts_from_its_base_pick():
+    kd = search_spaces.HANDCRAFTED["kd"]
+    assert plan.capped(kd, 2) == [kd[0], kd[-1]] and len(plan.capped(kd, 5)) == 5 and plan.capped(kd, None) == kd
+    assert plan.capped(kd, 1) == [kd[7]]
+    rows = [{"label": "dist[tau=1]", "family": "dist", "quiz_top1": 80.0, "quiz_loss": 0.5},
+            {"label": "dist[tau=4]", "family": "dist", "quiz_top1": 81.0, "quiz_loss": 0.6},
+            {"label": "kd[alpha=0.1,tau=1]", "family": "kd", "quiz_top1": 90.0, "quiz_loss": 0.4}]
+    trials, bases, notes = plan.stage2_trials(["lkd-sample-dist", "lkd-sample"], 2, rows)
+    assert bases == {"lkd-sample-dist": "dist[tau=4]", "lkd-sample": "kd[alpha=0.1,tau=1]"} and not notes
+    assert {t.sections["loss"]["tau"] for t in trials if t.family == "lkd-sample-dist"} == {4.0}
+    assert len(trials) == 4 and plan.stage2_count(["lkd-sample-dist", "lkd-sample"], 2) == 4
+    trials, bases, notes = plan.stage2_trials(["lkd-sample"], 2, rows[:2])
+    assert not trials and "lkd-sample skipped" in notes[0]
+
+
+def test_a_trial_is_exactly_its_familys_setting_and_its_sha_ignores_where_it_writes():
+    base = build_config("fashion_mnist", loss={"method": "kd", "w_ce": 0.0, "tau": 8.0}).to_dict()
+    t = search_spaces.HANDCRAFTED["dist"][0]
+    cfg = plan.trial_config(base, t, 3, 7)
+    assert cfg["loss"]["method"] == "dist" and cfg["loss"]["w_ce"] == 1.0 and cfg["loss"]["tau"] == t.sections["loss"]["tau"]
+    assert cfg["optim"]["epochs"] == 3 and cfg["run"]["seed"] == 7 and base["optim"]["epochs"] == 4
+    moved = json.loads(json.dumps(cfg))
+    moved["run"]["cache_dir"], moved["run"]["name"] = "/elsewhere", "other"
+    assert plan.config_sha(moved) == plan.config_sha(cfg)
+    assert plan.config_sha(plan.trial_config(base, t, 4, 7)) != plan.config_sha(cfg)
+
+
+def test_pick_is_search_spaces_pick_over_finished_trials_and_says_why():
+    rows = [{"label": "a[x]", "family": "a", "quiz_top1": 90.0, "quiz_loss": 0.3, "epochs": 2, "budget_epochs": 2, "quiz_size": 500},
+            {"label": "b[x]", "family": "b", "quiz_top1": 95.0, "quiz_loss": 0.2, "epochs": 1, "budget_epochs": 2},  # cut short
+            {"label": "c[x]", "family": "c", "quiz_top1": None, "error": "TrainingDiverged: boom"},
+            {"label": "d[x]", "family": "d", "quiz_top1": 90.0, "quiz_loss": 0.25, "epochs": 2, "budget_epochs": 2, "quiz_size": 500}]
+    win, why = plan.pick_with_reason(rows)
+    assert win["label"] == "d[x]" and "tied on quiz top-1 with a[x]" in why and "2 SE" in why and "of 2 finished" in why
+    with pytest.raises(plan.AutoError, match="no trial finished"):
+        plan.pick_with_reason(rows[1:3])
+
+
+def test_storage_must_outlive_a_submitted_job(monkeypatch):
+    monkeypatch.delenv("LKD_STORAGE", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert plan.resolve_storage(None) == "runs" and plan.resolve_storage("s3://b/p") == "s3://b/p"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    with pytest.raises(plan.AutoInputError, match="pass --storage"):
+        plan.resolve_storage(None)
+    monkeypatch.setenv("LKD_STORAGE", "s3://b/q")
+    assert plan.resolve_storage(None) == "s3://b/q"
+
+
+def test_checks_say_what_to_do_and_map_to_exit_codes():
+    import numpy as np
+
+    from lkd_ray.models.teacher import TeacherLoadError
+
+    with pytest.raises(plan.AutoInputError, match="no usable quiz split.*data.quiz_per_class"):
+        plan.check_quiz(np.arange(10) % 10, 10)
+    with pytest.raises(plan.AutoInputError, match="no usable quiz split"):
+        plan.check_quiz(np.zeros(100, dtype=int), 10)  # one class only
+    plan.check_quiz(np.arange(50) % 10, 10)
+    plan.check_quiz(None, 10, 50)  # a streamed quiz: only its size is known
+    with pytest.raises(plan.AutoInputError, match="it holds 49 images"):
+        plan.check_quiz(None, 10, 49)
+    with pytest.raises(plan.AutoInputError, match="data.trusted"):
+        plan.check_labels_source({"noisy_labels": "labels.json", "trusted": None})
+    with pytest.raises(plan.AutoInputError, match="predicts 5 classes but the labels have 10"):
+        plan.check_teacher_classes(5, 10, 9, "t.pt")
+    with pytest.raises(plan.AutoInputError, match="budget too small.*raise --time-budget"):
+        plan.check_budget(8.0, 4, 2, 2, 3, 1.0)  # (2 + 1 rounds of 2 trials) × 3 epochs × 1 s = 9 s > 8 s
+    plan.check_budget(9.0, 4, 2, 2, 3, 1.0)
+    assert [plan.exit_code(e) for e in (plan.AutoInputError("x"), ConfigError("x"), TeacherLoadError("t", "x", "y"),
+                                         plan.AutoStorageError("x"), StorageError("x"), plan.AutoError("x"),
+                                         RuntimeError("x"))] == [2, 2, 2, 3, 3, 1, None]
+
+
+# --------------------------------------------------------------------------- through the real local Ray
+@pytest.fixture
+def local_ray():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_failed_trial(
+        tmp_path, cache_dir, fashion_available, local_ray, monkeypatch, capsys):
+    """dist and a family added to the registry at run time whose trial diverges (its error is a row; the search goes
+    on), then the learned DIST family on the dist pick: 3 trials, 1 epoch each, 2 at a time."""
+    from lkd_ray.cli import main
+
+    monkeypatch.setitem(search_spaces.HANDCRAFTED, "boom", [Trial("boom", "lr=1e30", {"loss": {"method": "ce"},
+                                                                                       "optim": {"lr": 1e30}})])
+    store = tmp_path / "store"
+    code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "e2e",
+                 "--families", "dist", "boom", "lkd-sample-dist", "--trials", "1", "--max-concurrent", "2",
+                 "--cpus-per-trial", "1", "--seed", "3", "--time-budget", "3000"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    d = store / "e2e"
+    rows = json.loads((d / "trials.json").read_text())
+    assert [r["label"] for r in rows] == ["dist[tau=2]", "boom[lr=1e30]", "lkd-sample-dist[lock=none,every=80,lr=0.01]"]
+    assert "TrainingDiverged" in rows[1]["error"] and rows[1]["quiz_top1"] is None
+    assert all(r["quiz_top1"] is not None and r["epochs"] == 1 and r["wall_s"] > 0 for r in (rows[0], rows[2]))
+    assert rows[2]["base"] == "dist[tau=2]" and rows[2]["stage"] == 2
+    pick = json.loads((d / "pick.json").read_text())
+    win = next(r for r in rows if r["label"] == pick["pick"])
+    assert win["label"] == search_spaces.pick([rows[0], rows[2]])["label"]
+    # best_config.yaml goes through the config loader unchanged: the user's config with the pick's loss, full epochs
+    best = build_config("fashion_mnist", d / "best_config.yaml")
+    trial_cfg = plan.trial_config(build_config("fashion_mnist", overrides=TINY[1:-2:2] + [f"run.cache_dir={cache_dir}"]).to_dict(),
+                                  Trial(win["family"], win["setting"], win["sections"]), 1, 3)
+    for section in ("loss", "lossnet", "meta", "data", "model"):
+        assert best.to_dict()[section] == trial_cfg[section], section
+    assert best.optim.epochs == 4 and best.run.seed == 0  # the config's own, not the search's trial budget and seed
+    groups = rows[2]["per_sample"]["w_ce"]  # what the learned loss did, by teacher–label agreement
+    assert groups["teacher agrees"]["n"] + groups["teacher disagrees"]["n"] == 600 and "per_sample" not in rows[0]
+    for f in ("trials.csv", "summary.txt", "quiz_per_family.png", "winner_curve.png", "per_sample.png"):
+        assert (d / f).stat().st_size > 0, f
+    assert "[auto] 2/3 trials done, 0 running, 0 left, 1 failed; best so far" in out
+    assert "time budget 3000 s" in out and pick["budget"]["seed"] == 3
+    # a search where no trial finishes still writes its table of errors, and exits 1 with where to look
+    code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "fails",
+                 "--families", "boom"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no trial of search 'fails' finished" in err and "trials.csv" in err
+    assert "TrainingDiverged" in json.loads((store / "fails" / "trials.json").read_text())[0]["error"]
+    assert not (store / "fails" / "best_config.yaml").exists()
+    assert f"pick: {pick['pick']} has the best quiz top-1" in out and (d / "summary.txt").read_text().strip() in out
+
+
+# --------------------------------------------------------------------------- killed and re-run
+def _auto_cmd(store: Path, cache: str) -> list[str]:
+    return [sys.executable, "-m", "lkd_ray", "auto", "--set", "data.train_subset=1200", "--set", "data.batch_size=64",
+            "--set", "model.teacher_epochs=1", "--set", f"run.cache_dir={cache}", "--epochs", "2", "--storage", str(store),
+            "--name", "kill", "--families", "dist", "--trials", "3", "--max-concurrent", "1"]
+
+
+@pytest.mark.slow
+def test_search_killed_with_sigkill_resumes_without_rerunning_finished_trials(tmp_path, cache_dir, fashion_available):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    store = tmp_path / "store"
+    trials_dir = store / "kill" / "trials"
+    proc = subprocess.Popen(_auto_cmd(store, cache_dir), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (trials_dir.is_dir() and any(trials_dir.glob("*.json"))):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the search, its Ray cluster and its running trial, mid-way
+        proc.wait(30)
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in trials_dir.glob("*.json")}
+    assert 1 <= len(finished) < 3, finished.keys()
+    again = subprocess.run(_auto_cmd(store, cache_dir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"{len(finished)} already finished" in again.stdout
+    for name, (mtime, data) in finished.items():  # not run again: the stored result is untouched
+        p = trials_dir / name
+        assert p.stat().st_mtime_ns == mtime and p.read_bytes() == data
+    rows = json.loads((store / "kill" / "trials.json").read_text())
+    assert len(rows) == 3 and all(r["quiz_top1"] is not None and not r.get("error") for r in rows)
+    assert len(list(trials_dir.glob("*.json"))) == 3
+    # the second run's Tune grid held only the trials that were missing
+    second = sorted((store / "kill" / "tune").glob("stage1-*"), key=lambda p: p.stat().st_mtime)[-1]
+    assert len([p for p in second.iterdir() if p.is_dir() and p.name.startswith("auto_trial")]) == 3 - len(finished)
+
+
+# --------------------------------------------------------------------------- bad input, before any trial
+def _run_main(args: list[str]) -> tuple[int, str]:
+    from lkd_ray.cli import main
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["auto", *args])
+    return code, err.getvalue()
+
+
+@pytest.mark.slow
+def test_bad_input_stops_before_any_trial_with_one_line(tmp_path, cache_dir, fashion_available):
+    import torch
+
+    from lkd_ray.models.registry import build_model
+
+    ray = pytest.importorskip("ray")
+    base = [*TINY, "--set", f"run.cache_dir={cache_dir}", "--families", "dist"]
+    store = tmp_path / "store"
+    # no quiz split to pick on: a held-out share too small for ten classes
+    code, err = _run_main([*base, "--set", "data.quiz_fraction=0.0005", "--storage", str(store)])
+    assert code == 2 and "no usable quiz split: it holds 30 images" in err and "data.quiz_per_class" in err and err.count("\n") == 1
+    # a teacher with other classes than the labels'
+    weights = tmp_path / "t5.pt"
+    torch.save(build_model("cnn_teacher", 5, 1).state_dict(), weights)
+    code, err = _run_main([*base, "--set", f"model.teacher_weights={weights}", "--storage", str(store)])
+    assert code == 2 and "the teacher does not fit these labels" in err and "5 classes" in err
+    # storage that cannot be written: a folder under a plain file
+    (tmp_path / "file").write_text("x")
+    code, err = _run_main([*base, "--storage", str(tmp_path / "file" / "store")])
+    assert code == 3 and "cannot be used" in err and "choose another --storage" in err
+    # an S3 endpoint nobody answers: exit 3 before any trial
+    from tests.conftest import free_port
+
+    code, err = _run_main([*base, "--storage", "s3://lkd-auto/x", "--endpoint-url", f"http://127.0.0.1:{free_port()}"])
+    assert code == 3 and "cannot be used" in err and err.count("\n") == 1
+    # a time budget that cannot fit the families asked (measured KD epoch × rounds)
+    code, err = _run_main([*TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--time-budget", "0.5"])
+    assert code == 2 and "budget too small for the families asked" in err and "raise --time-budget" in err
+    assert not ray.is_initialized() and not (store / "auto" / "trials").exists()  # no Ray, no trial
+
+
+def test_both_commands_take_the_same_flags_and_exit_2_on_a_bad_family(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for cmd in ([sys.executable, "-m", "lkd_ray", "auto"], [sys.executable, "jobs/auto_loss.py"]):
+        out = subprocess.run([*cmd, "--families", "kd", "nope", "--storage", str(tmp_path)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.strip().startswith("error: unknown families ['nope']"), out.stderr
+        assert "valid families are kd, dkd, dist, ls, wsl, lkd-sample, lkd-sample-dist" in out.stderr
+
+
+def test_benchmark_record_sets_the_pick_beside_the_best_trial_in_hindsight():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_auto", ROOT / "benchmarks" / "auto.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = lambda label, q, t, **kw: {"label": label, "family": label.split("[")[0], "stage": 1, "quiz_top1": q,  # noqa: E731
+                                     "quiz_loss": 0.5, "test_top1": t, "epochs": 2, "budget_epochs": 2, "wall_s": 10.0, **kw}
+    rows = [row("kd[a]", 80.0, 79.0), row("dist[b]", 82.0, 78.0), row("ls[c]", 70.0, 90.0, epochs=1),  # ls cut short
+            row("wsl[d]", 75.0, 81.0)]
+    res = {"rows": rows, "winner": rows[1], "budget": {"epochs": 2}, "wall_s": 60.0, "why": "best quiz", "stage2_bases": {}}
+    rec = bench.make_record("noisy-pair30", 100, res, None, 2, "abc")
+    assert (rec["picked"], rec["picked_test_top1"], rec["best_trial"], rec["best_trial_test_top1"]) == \
+        ("dist[b]", 78.0, "wsl[d]", 81.0)
+    assert rec["trials"] == 4 and rec["trials_finished"] == 3 and rec["trials_per_hour"] == 180.0
+    rec = bench.make_record("noisy-pair30", 100, res, {"dist[b]": [85.0, 87.0], "wsl[d]": [86.0]}, 2, "abc")
+    assert rec["picked_test_top1"] == 86.0 and rec["best_trial_test_top1"] == 86.0 and rec["test_from"] == "full re-runs"
+    assert {"setting", "search_seed", "budget", "picked", "picked_test_top1", "best_trial", "best_trial_test_top1",
+            "trials", "wall_s", "concurrent", "config_sha"} <= set(rec)
+
+
+def test_a_family_setting_that_does_not_fit_the_config_is_bad_input_before_any_trial():
+    from lkd_ray.distributed.auto import _specs
+
+    # the user's per-sample network sets a per-sample KD weight; a setting with no KD term leaves it dead, which the
+    # config refuses: the search says so before any trial instead of failing inside one
+    base = build_config("fashion_mnist", lossnet={"kind": "sample", "sample_outputs": ["w_kd"]}).to_dict()
+    trial = Trial("x", "w0", {"loss": {"method": "lkd", "w_logit": 0.0}})
+    with pytest.raises(plan.AutoInputError, match=r"x\[w0\] does not fit your config .*w_kd.*leave x out of --families"):
+        _specs([trial], 1, base, plan.AutoOptions())
