@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -87,17 +86,25 @@ def config_sha(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+LOCK_TIMEOUT_S = 600.0  # a read-modify-write takes well under a second; ten minutes means a stuck writer
+
+
 @contextlib.contextmanager
-def locked(path: Path):
+def locked(path: Path, timeout: float | None = None):
     """Hold an exclusive lock on ``path``'s lock file for a read-modify-write: two benchmarks appending to the same
-    records (or the same config store) at once would otherwise each write back the file without the other's rows."""
+    records (or the same config store) at once would otherwise each write back the file without the other's rows.
+    A lock still held after ``timeout`` seconds stops the writer with the lock file's name instead of waiting forever."""
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+    lock = path.with_suffix(path.suffix + ".lock")
+    wait = LOCK_TIMEOUT_S if timeout is None else timeout
+    try:
+        with FileLock(lock, timeout=wait):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except Timeout:
+        raise TimeoutError(f"{lock} is still held by another writer after {wait:.0f} s; wait for that benchmark to "
+                           "finish (or, if none runs, delete the lock file) and run again") from None
 
 
 def keep_configs(configs: list[dict[str, Any]], path: Path = CONFIGS) -> list[str]:
