@@ -16,12 +16,6 @@ MAIN = ("ce", "kd", "lkd")
 COLOURS = {"clean": "tab:green", "flipped": "tab:red", "agree": "tab:blue", "disagree": "tab:orange"}  # one per group, every figure
 
 
-def _best_tuned(recs: list[dict]) -> str | None:
-    from benchmarks.report import best_tuned
-
-    return best_tuned(recs)
-
-
 def distil_term(recs: list[dict], configs: dict) -> str:
     """What the per-sample network weighs besides CE, read from the configs the records ran (``lossnet.base``)."""
     bases = {configs.get(r.get("config_sha"), {}).get("lossnet", {}).get("base") for r in recs}
@@ -71,7 +65,7 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suf
 def draw_all(results: Path, out: Path) -> list[Path]:
     from lkd_ray.plot import plot_training_curves
 
-    from benchmarks.report import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT
+    from benchmarks.regimes import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT, best_tuned
 
     path = results / "accuracy_regimes.json"
     recs = json.loads(path.read_text()) if path.is_file() else []
@@ -83,7 +77,7 @@ def draw_all(results: Path, out: Path) -> list[Path]:
         rs = [r for r in recs if r["regime"] == regime]
         if not rs:
             continue
-        best = _best_tuned(rs)
+        best = best_tuned(rs)
         present = {r["method"] for r in rs}
         methods = [m for m in (*MAIN, best, *PER_SAMPLE) if m and m in present]
         paths += plot_training_curves(rs, out, list(dict.fromkeys(methods)), tag=f"_{regime}", ref=best or "kd",

@@ -24,17 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.records import paired  # noqa: E402
+from benchmarks.regimes import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT, best_tuned, rows  # noqa: E402,F401
+
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
 DOCS = {"BENCHMARKS.md": ROOT / "BENCHMARKS.md", "README.md": ROOT / "README.md"}
 BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z0-9_-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
-REGIME_ORDER = ("noisy-sym40", "noisy-pair30", "scarce", "full")
-REGIME_TEXT = {
-    "full": "full, clean training split (54 000 images), student 12 epochs",
-    "scarce": "100 labelled images per class for the student (teacher: the full split), 20-per-class clean quiz, 40 epochs",
-    "noisy-sym40": "40 % symmetric label noise on the training split (teacher trained on it too), 50-per-class clean quiz, 12 epochs",
-    "noisy-pair30": "30 % pair-flip label noise (class c → c + 1) on the training split (teacher too), 50-per-class clean quiz, 12 epochs",
-}
 TEACHER_TEXT = {
     "full": "the clean training split (54 000 images)",
     "scarce": "the clean training split (the `full` teacher)",
@@ -51,22 +46,6 @@ def load(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- statistics
-def rows(recs: list[dict]) -> list[dict]:
-    out = []
-    for m in dict.fromkeys(r["method"] for r in recs):
-        rs = [r for r in recs if r["method"] == m]
-        t, q = [r["test_top1"] for r in rs], [r["quiz_top1"] for r in rs]
-        out.append({"method": m, "n": len(rs), "test": statistics.mean(t), "std": statistics.stdev(t) if len(t) > 1 else 0.0,
-                    "worst": min(t), "quiz": statistics.mean(q), "wall": statistics.median(r["wall_s"] for r in rs)})
-    return out
-
-
-def best_tuned(recs: list[dict]) -> str | None:
-    """The tuned hand-crafted loss a user would ship: the best mean quiz top-1 over the seeds (not test)."""
-    cands = [r for r in rows(recs) if r["method"].endswith("-tuned") and not r["method"].startswith("lkd")]
-    return max(cands, key=lambda r: r["quiz"])["method"] if cands else None
-
-
 def pm(d: dict | None) -> str:
     return f"{d['mean']:+.2f} ± {d['se']:.2f}" if d else "—"
 
@@ -302,9 +281,6 @@ def teachers_table() -> str:
         if t:
             lines.append(f"| {regime} | `{t['key']}` | {t['test_top1']:.2f} | {TEACHER_TEXT[regime]} |")
     return "\n".join(lines) + "\n"
-
-
-PER_SAMPLE = {"lkd-sample-tuned": "", "lkd-sample-dist-tuned": "_dist"}  # the per-sample tuned rows → figure suffix
 
 
 def per_sample_text() -> str:

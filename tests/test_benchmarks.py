@@ -200,3 +200,34 @@ def test_dropping_rows_removes_only_what_matches_and_logs_why(tmp_path):
         r = subprocess.run(cli + bad, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
     assert json.loads(recs.read_text()) == left and len(json.loads((tmp_path / "dropped.json").read_text())) == 1
+
+
+def test_the_benchmark_modules_import_no_circle():
+    """Every import between benchmarks/*.py (top level or inside a function, `benchmarks.x` or the scripts' `import x`)
+    forms no circle: report and figures once imported each other."""
+    import ast
+
+    mods = {p.stem for p in (ROOT / "benchmarks").glob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for m in mods:
+        deps = set()
+        for node in ast.walk(ast.parse((ROOT / "benchmarks" / f"{m}.py").read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            for n in names:
+                n = n.removeprefix("benchmarks.")
+                if n in mods and n != m:
+                    deps.add(n)
+        graph[m] = deps
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            n = todo.pop()
+            if n not in seen:
+                seen.add(n)
+                todo += graph[n]
+        return seen
+
+    circles = sorted(m for m in mods if m in reach(m))
+    assert not circles, f"benchmark modules in an import circle: {circles} ({ {m: sorted(graph[m]) for m in circles} })"
