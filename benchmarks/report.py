@@ -97,6 +97,27 @@ def _cost_ratio(setting: str) -> float | None:
     return statistics.median(row["ratios"]) if row else None
 
 
+def preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT) -> tuple[str | None, str]:
+    """What a regime's records pick for its preset: the tuned method (learned or hand-crafted, at least ``seeds``
+    seeds) with the best mean quiz top-1 whose whole run was measured within the cost bar. One measured over the bar
+    is passed over; an unmeasured one stops the pick — its cost is unknown, not within the bar. Returns the method
+    (None when there is none) and why."""
+    rs = [r for r in finals if r["regime"] == regime and r["method"].endswith("-tuned")]
+    by = {m: [r["quiz_top1"] for r in rs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rs)}
+    quiz = {m: statistics.mean(q) for m, q in by.items() if len(q) >= seeds}
+    passed = []
+    for m in sorted(quiz, key=quiz.get, reverse=True):
+        ratio = _cost_ratio(f"{regime}:{m}")
+        if ratio is None:
+            after = f" after {', '.join(passed)}" if passed else ""
+            return None, (f"{m} has the best quiz top-1 ({quiz[m]:.2f}) of what is left{after}, but its whole-run "
+                          f"cost is not measured: run `benchmarks/cost.py --setting {regime}:{m}`")
+        if ratio <= COST_BOUND:
+            return m, f"best quiz top-1 ({quiz[m]:.2f}) within the cost bar ({ratio:.2f}× ≤ {COST_BOUND})"
+        passed.append(f"{m} ({ratio:.2f}× > {COST_BOUND})")
+    return None, f"no tuned method of {regime} with {seeds} seeds is within the cost bar"
+
+
 def verdicts() -> str:
     """Issue 15's bars per regime. What ships for a regime is the shipped ``lkd`` and, where one exists, the regime's
     preset (``--preset <regime>``); a win needs a learned loss among them ≥ +0.5 at ≥ 2 SE over the best tuned
