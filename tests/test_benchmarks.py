@@ -231,3 +231,37 @@ def test_the_benchmark_modules_import_no_circle():
 
     circles = sorted(m for m in mods if m in reach(m))
     assert not circles, f"benchmark modules in an import circle: {circles} ({ {m: sorted(graph[m]) for m in circles} })"
+
+
+def test_every_record_re_plans_from_its_command():
+    """CI: each accuracy record (final and tuning) and each cost row, planned again from its own command (nothing
+    runs), builds the config its config_sha names — or the record is re-run or dropped with its reason."""
+    problems = _load("replan").check(ROOT / "benchmarks" / "results")
+    assert not problems, "\n".join(p[:1500] for p in problems)
+
+
+def test_the_replan_check_names_a_record_whose_command_builds_another_config(tmp_path):
+    """On records written here: rows planned from their command pass; a row whose stored config differs (another τ)
+    is reported with the field, a row its command does not plan is named, and the script exits 1."""
+    acc, replan = _load("accuracy"), _load("replan")
+    command = "python benchmarks/accuracy.py --regime full --methods kd ce --seeds 0 1 --out /r --cache-dir /c"
+    tasks, _ = acc.plan(acc.parser().parse_args(replan.script_args(command, "accuracy.py")), [])
+    store = {acc.records.config_sha(t["config"]): t["config"] for t in tasks}
+    rows = [{"regime": t["regime"], "method": t["method"], "seed": t["seed"], "command": command,
+             "config_sha": acc.records.config_sha(t["config"])} for t in tasks]
+    (tmp_path / "configs.json").write_text(json.dumps(store))
+    (tmp_path / "accuracy_regimes.json").write_text(json.dumps(rows))
+    assert replan.check(tmp_path) == []
+    other = json.loads(json.dumps(tasks[0]["config"]))
+    other["loss"]["tau"] = 2.5
+    store[acc.records.config_sha(other)] = other
+    rows[0]["config_sha"] = acc.records.config_sha(other)
+    rows.append({**rows[1], "seed": 7})
+    (tmp_path / "configs.json").write_text(json.dumps(store))
+    (tmp_path / "accuracy_regimes.json").write_text(json.dumps(rows))
+    problems = replan.check(tmp_path)
+    assert len(problems) == 2 and "full/ce seed 7 is not among the runs" in problems[0]
+    assert "1 record(s)" in problems[1] and "full/kd seed 0" in problems[1] and "loss.tau: 2.5 → 4.0" in problems[1]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replan.py"), "--results", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "loss.tau: 2.5 → 4.0" in r.stderr
