@@ -359,8 +359,23 @@ def dropped_table() -> str:
     return "\n".join(lines) + "\n\nFrom `benchmarks/results/dropped.json`; the rows themselves stay in git history.\n"
 
 
+def corrected_table() -> str:
+    """Every provenance flag corrected through ``benchmarks/records.py correct``: which rows, from what, to what, why."""
+    log = load("corrected.json") or []
+    if not log:
+        return "_No records corrected through `benchmarks/records.py correct` yet._\n"
+    lines = ["| corrected (UTC) | file | rows | which | field: was → now | why |", "|---|---|---|---|---|---|"]
+    for d in log:
+        which = ", ".join(f"{k}={v[:7] if k == 'commit' else v}" for k, v in d["where"].items())
+        was = ", ".join(f"{v} ×{n}" for v, n in d["old"].items())
+        lines.append(f"| {d['corrected'][:16].replace('T', ' ')} | `{d['file']}` | {d['rows']} | {which} | "
+                     f"`{d['field']}`: {was} → {json.dumps(d['new'])} | {d['reason']} |")
+    return "\n".join(lines) + "\n\nFrom `benchmarks/results/corrected.json`, which keeps each correction's command and commit.\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "dropped": dropped_table,
+    "corrected": corrected_table,
     "presets": presets_table,
     "overhead": overhead_table,
     "units": units_table,

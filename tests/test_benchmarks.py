@@ -265,3 +265,41 @@ def test_the_replan_check_names_a_record_whose_command_builds_another_config(tmp
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "replan.py"), "--results", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "loss.tau: 2.5 → 4.0" in r.stderr
+
+
+def test_correcting_a_provenance_flag_changes_only_matching_rows_and_logs_the_old_values(tmp_path):
+    """The correct command (as a user runs it) sets ``dirty`` in the matching rows only, in a list file and in
+    cost.json's rows, and logs what it replaced, why, the command and the commit; another field, a value the flag
+    cannot hold, no reason, no match or nothing to change is refused and changes nothing."""
+    recs = tmp_path / "accuracy_regimes.json"
+    rows = [{"regime": g, "method": "kd", "seed": s, "test_top1": 80.0, "commit": c, "dirty": False}
+            for g, c in (("noisy-sym40", "aaa"), ("scarce", "bbb")) for s in range(3)]
+    recs.write_text(json.dumps(rows))
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"rows": [{"setting": "x", "commit": "aaa", "dirty": False, "ratios": [1.0]},
+                                         {"setting": "y", "commit": "ccc", "dirty": False, "ratios": [1.1]}]}))
+    cli = [sys.executable, str(ROOT / "benchmarks" / "records.py"), "correct", "--results", str(tmp_path)]
+
+    r = subprocess.run(cli + [recs.name, "--where", "commit=aaa", "--set", "dirty=null", "--reason", "broken check"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(recs.read_text()) == [{**x, "dirty": None} if x["commit"] == "aaa" else x for x in rows]
+    r = subprocess.run(cli + [cost.name, "--where", "commit=aaa", "--set", "dirty=true", "--reason", "tree held a change"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [x["dirty"] for x in json.loads(cost.read_text())["rows"]] == [True, False]
+    first, second = json.loads((tmp_path / "corrected.json").read_text())
+    assert (first["file"], first["rows"], first["field"], first["old"], first["new"]) == (recs.name, 3, "dirty", {"false": 3}, None)
+    assert first["reason"] == "broken check" and "records.py correct" in first["command"] and "commit" in first
+    assert first["keys"] == [["noisy-sym40", "kd", str(s), "None"] for s in range(3)]
+    assert (second["file"], second["rows"], second["new"], second["keys"]) == (cost.name, 1, True, [["None", "None", "None", "x"]])
+
+    for bad in ([recs.name, "--where", "commit=aaa", "--set", "dirty=null", "--reason", "again"],  # nothing to change
+                [recs.name, "--where", "commit=zzz", "--set", "dirty=true", "--reason", "no match"],
+                [recs.name, "--where", "commit=bbb", "--set", "test_top1=90", "--reason", "a measurement"],
+                [recs.name, "--where", "commit=bbb", "--set", "dirty=1", "--reason", "not a flag value"],
+                [recs.name, "--where", "commit=bbb", "--set", "dirty=yes", "--reason", "not JSON"],
+                [recs.name, "--where", "commit=bbb", "--set", "dirty=true", "--reason", " "]):
+        r = subprocess.run(cli + bad, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
+    assert json.loads(recs.read_text())[3:] == rows[3:] and len(json.loads((tmp_path / "corrected.json").read_text())) == 2
