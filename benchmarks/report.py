@@ -2,9 +2,10 @@
 
 BENCHMARKS.md and README.md hold generated blocks between ``<!-- report:NAME -->`` and
 ``<!-- /report:NAME -->``; this script rewrites each block from ``benchmarks/results/*.json`` (and draws
-the figures under ``docs/figures/``). ``--check`` rewrites nothing and fails (exit 1, with a diff) when a
-committed block differs from what the records give — CI runs it, so prose and tables cannot drift from
-what ran.
+the figures under ``docs/figures/``, with ``inputs.json``: a hash of the record fields each figure was drawn
+from). ``--check`` rewrites nothing and fails (exit 1, with a diff) when a committed block differs from what the
+records give, or a figure was drawn from other records than they give now (or is missing) — CI runs it, so
+prose, tables and figures cannot drift from what ran.
 
     python -m benchmarks.report           # rewrite the blocks and redraw the figures
     python -m benchmarks.report --check   # CI: the committed text matches the records
@@ -437,10 +438,16 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(new)
             print(f"rewrote {name}")
     if args.check:
-        if bad:
-            print(f"\n{bad} document(s) differ from the records: run `python -m benchmarks.report`", file=sys.stderr)
+        from benchmarks.figures import check as check_figures
+
+        stale = check_figures(RESULTS, FIGURES)
+        for line in stale:
+            print(line)
+        if bad or stale:
+            print(f"\n{bad} document(s) and {len(stale)} figure(s) differ from the records: run "
+                  "`python -m benchmarks.report`", file=sys.stderr)
             return 1
-        print("report: every generated block matches the records")
+        print("report: every generated block and figure matches the records")
         return 0
     if not args.no_figures:
         from benchmarks.figures import draw_all
