@@ -466,3 +466,17 @@ def test_a_fresh_batch_stream_never_moves_the_training_loader_s_epoch():
     fresh = run.trainer.meta.fresh._own
     fresh.set_epoch(0)
     assert not torch.equal(next(iter(fresh)).y, next(iter(ref)).y)
+
+
+def test_a_ray_shard_s_fork_keeps_its_own_epoch_and_leaves_the_epoch_clock_alone():
+    """The streaming loader's fork (a fresh-batch stream on Ray) has no handle on the run's shared epoch clock and no
+    id record: its passes never move the epoch the workers' augmentation reads."""
+    pytest.importorskip("ray")
+    from lkd_ray.distributed.streaming import StreamingLoader
+
+    clock = object()  # the EpochClock actor's handle; the fork must not keep it
+    loader = StreamingLoader(shard=None, batch_size=4, rows=64, world_size=2, record_ids=True, clock=clock)
+    fork = loader.fork()
+    assert fork.clock is None and not fork.record_ids and fork.shard is loader.shard and len(fork) == len(loader)
+    fork.set_epoch(3)
+    assert (fork.epoch, loader.epoch, loader.clock) == (3, 0, clock)
