@@ -280,7 +280,7 @@ def plan(args, tuning: list[dict]) -> tuple[list[dict], str]:
     out_root = Path(args.out) / args.regime
     tasks: list[dict] = []
 
-    suite = args.suite
+    suite = getattr(args, "suite", "regimes")
     if suite == "field":
         out_root = Path(args.out) / "field" / args.regime
 
@@ -405,7 +405,7 @@ def report(results: Path, file: str = RECORDS) -> None:
                                                    if best else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:  # its own function: benchmarks/replan.py parses recorded commands with it
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--regime", choices=list(REGIMES), default="full")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -426,6 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "lkd_ray"), help="teachers and teacher-output caches")
     ap.add_argument("--results", default=str(RESULTS), help="where the records go (default benchmarks/results)")
     ap.add_argument("--report", action="store_true", help="print the tables from the records; run nothing")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     results = Path(args.results)
     if args.report:

@@ -51,9 +51,9 @@ def configs(setting: str, cache_dir: str, results: Path = records.RESULTS) -> tu
     tuning_path = Path(results) / accuracy.TUNING
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else []
     variant = method.startswith("lkd-") and not method.endswith("-tuned")
-    args = argparse.Namespace(regime=regime, out=tempfile.mkdtemp(), cache_dir=cache_dir, threads=1, seeds=[0], tune=None,
+    args = argparse.Namespace(regime=regime, suite="regimes", noise_draws=[0], out="unused", cache_dir=cache_dir, threads=1, seeds=[0], tune=None,
                               variant=None, overrides=[], methods=["kd"] if variant else ["kd", method])
-    tasks, _ = accuracy.plan(args, tuning)
+    tasks, _ = accuracy.plan(args, tuning)  # plans only (``out`` names no folder the configs hold); creates nothing
     by = {t["method"]: t["config"] for t in tasks}
     if variant:  # a variant is whatever its --set said: take the config its seed-0 record ran
         by[method] = recorded_config(regime, method, cache_dir, results)

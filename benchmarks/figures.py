@@ -8,18 +8,13 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 from pathlib import Path
 
 MAIN = ("ce", "kd", "lkd")
 COLOURS = {"clean": "tab:green", "flipped": "tab:red", "agree": "tab:blue", "disagree": "tab:orange"}  # one per group, every figure
-
-
-def _best_tuned(recs: list[dict]) -> str | None:
-    from benchmarks.report import best_tuned
-
-    return best_tuned(recs)
 
 
 def distil_term(recs: list[dict], configs: dict) -> str:
@@ -68,28 +63,80 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suf
     return path
 
 
-def draw_all(results: Path, out: Path) -> list[Path]:
+DRAWN = ("method", "seed", "test_top1", "curve", "per_sample", "config_sha")  # every record field a figure reads
+MANIFEST = "inputs.json"  # beside the figures: what each was drawn from (``report --check`` compares it)
+
+
+def _drawn(recs: list[dict]) -> list[dict]:
+    return [{k: r[k] for k in DRAWN if k in r} for r in recs]
+
+
+def plan(results: Path) -> list[dict]:
+    """Every figure the records give: a key, the data it is drawn from (the record fields it reads and its
+    settings) and how to draw it — one list for drawing and for checking, so the two cannot drift apart."""
     from lkd_ray.plot import plot_training_curves
 
-    from benchmarks.report import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT
+    from benchmarks.regimes import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT, best_tuned
 
     path = results / "accuracy_regimes.json"
     recs = json.loads(path.read_text()) if path.is_file() else []
     configs_path = results / "configs.json"
     configs = json.loads(configs_path.read_text()) if configs_path.is_file() else {}
-    paths: list[Path] = []
-    out.mkdir(parents=True, exist_ok=True)
+    figs: list[dict] = []
     for regime in REGIME_ORDER:
         rs = [r for r in recs if r["regime"] == regime]
         if not rs:
             continue
-        best = _best_tuned(rs)
+        best = best_tuned(rs)
         present = {r["method"] for r in rs}
-        methods = [m for m in (*MAIN, best, *PER_SAMPLE) if m and m in present]
-        paths += plot_training_curves(rs, out, list(dict.fromkeys(methods)), tag=f"_{regime}", ref=best or "kd",
-                                      title=f"{regime}: {REGIME_TEXT[regime]}")
+        methods = list(dict.fromkeys(m for m in (*MAIN, best, *PER_SAMPLE) if m and m in present))
+        ref, title = best or "kd", f"{regime}: {REGIME_TEXT[regime]}"
+        figs.append({"key": f"curves_{regime}", "data": {"methods": methods, "ref": ref, "title": title,
+                                                         "records": _drawn([r for r in rs if r["method"] in {*methods, ref}])},
+                     "draw": lambda out, rs=rs, methods=methods, regime=regime, ref=ref, title=title:
+                         plot_training_curves(rs, out, methods, tag=f"_{regime}", ref=ref, title=title)})
         for method, suffix in PER_SAMPLE.items():
-            p = per_sample_figure(rs, method, out, regime, suffix, configs)
-            if p is not None:
-                paths.append(p)
+            ps = [r for r in rs if r["method"] == method and r.get("per_sample")]
+            if ps:
+                figs.append({"key": f"per_sample{suffix}_{regime}",
+                             "data": {"method": method, "regime": regime, "distil": distil_term(ps, configs),
+                                      "records": _drawn(ps)},
+                             "draw": lambda out, rs=rs, method=method, regime=regime, suffix=suffix:
+                                 [per_sample_figure(rs, method, out, regime, suffix, configs)]})
+    return figs
+
+
+def _sha(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def draw_all(results: Path, out: Path) -> list[Path]:
+    """Draw every figure and write the manifest of what each was drawn from."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    manifest = {}
+    for f in plan(results):
+        drawn = f["draw"](out)
+        paths += drawn
+        manifest[f["key"]] = {"inputs": _sha(f["data"]), "files": sorted(p.name for p in drawn)}
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out / MANIFEST)
     return paths
+
+
+def check(results: Path, out: Path) -> list[str]:
+    """What differs between the committed figures and the records: a figure drawn from other data than the records
+    give now, one the records give that was never drawn, one drawn that they no longer give, or a missing file."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return [f"{path} is missing: the figures were never drawn by `python -m benchmarks.report`"]
+    manifest = json.loads(path.read_text())
+    want = {f["key"]: _sha(f["data"]) for f in plan(results)}
+    problems = [f"figure {k}: drawn from other records than the records give now" for k in want
+                if k in manifest and manifest[k]["inputs"] != want[k]]
+    problems += [f"figure {k}: the records give it, it was never drawn" for k in want if k not in manifest]
+    problems += [f"figure {k}: drawn, but the records no longer give it" for k in manifest if k not in want]
+    problems += [f"figure {k}: {out / name} is missing" for k, m in manifest.items() for name in m["files"]
+                 if not (out / name).is_file()]
+    return problems

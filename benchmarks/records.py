@@ -9,12 +9,17 @@ in ``results/dropped.json`` (the rows themselves stay in git history)::
 
     python benchmarks/records.py drop accuracy_regimes.json --where regime=noisy-sym40 method=lkd-sample-tuned \
         --reason "the per-sample CE output was dead (its KD pick had no CE term)"
+
+A provenance flag that a broken check wrote wrong (``dirty``; nothing else) is corrected the same way, logged with
+the old values in ``results/corrected.json``::
+
+    python benchmarks/records.py correct accuracy_regimes.json --where commit=537c0f1... --set dirty=null \
+        --reason "the dirty check of that commit ran git where its pathspecs matched nothing"
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
@@ -31,6 +36,10 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = RESULTS / "configs.json"
 DROPPED = "dropped.json"
+CORRECTED = "corrected.json"
+# What a correction may set: provenance flags only, to the values they can hold (None: not known). A measurement or
+# a config is never corrected: its row is re-run or dropped.
+CORRECTABLE: dict[str, tuple] = {"dirty": (True, False, None)}
 
 
 def _git(*args: str, cwd: Path | None = None) -> str | None:
@@ -87,6 +96,9 @@ def config_sha(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+LOCK_TIMEOUT_S = 600.0  # a read-modify-write takes well under a second; ten minutes means a stuck writer
+
+
 # Config fields added after records were first made, each at the value that reproduces what ran before it existed.
 # A config holding one of them at that value is the same run as one without the field: a new field does not turn
 # every earlier record into a different config.
@@ -115,16 +127,21 @@ def config_identity(config: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def locked(path: Path):
+def locked(path: Path, timeout: float | None = None):
     """Hold an exclusive lock on ``path``'s lock file for a read-modify-write: two benchmarks appending to the same
-    records (or the same config store) at once would otherwise each write back the file without the other's rows."""
+    records (or the same config store) at once would otherwise each write back the file without the other's rows.
+    A lock still held after ``timeout`` seconds stops the writer with the lock file's name instead of waiting forever."""
+    from filelock import FileLock, Timeout
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(path.suffix + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+    lock = path.with_suffix(path.suffix + ".lock")
+    wait = LOCK_TIMEOUT_S if timeout is None else timeout
+    try:
+        with FileLock(lock, timeout=wait):
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    except Timeout:
+        raise TimeoutError(f"{lock} is still held by another writer after {wait:.0f} s; wait for that benchmark to "
+                           "finish (or, if none runs, delete the lock file) and run again") from None
 
 
 def keep_configs(configs: list[dict[str, Any]], path: Path = CONFIGS) -> list[str]:
@@ -207,14 +224,58 @@ def drop(path: Path, where: dict[str, str], reason: str) -> list[dict[str, Any]]
     return gone
 
 
+def _table(obj: Any) -> list[dict[str, Any]]:
+    """The rows of a records file: the file itself (a list) or its ``rows`` (cost.json)."""
+    return obj["rows"] if isinstance(obj, dict) else obj
+
+
+def correct(path: Path, where: dict[str, str], field: str, value: Any, reason: str) -> list[dict[str, Any]]:
+    """Set ``field`` (a provenance flag in ``CORRECTABLE``) to ``value`` in the rows of ``path`` that match every
+    ``where`` condition and log the correction, with the values it replaced, in ``results/corrected.json``; returns
+    the rows as they were. Refused without a reason or a condition, for any other field or value, and when no row
+    matches or every match already holds the value (a correction logged twice would say it happened twice)."""
+    if not reason.strip():
+        raise ValueError("a correction needs --reason: say why the recorded value is wrong")
+    if not where:
+        raise ValueError("a correction needs at least one --where field=value")
+    if field not in CORRECTABLE:
+        raise ValueError(f"{field!r} cannot be corrected (only {', '.join(CORRECTABLE)}): a wrong measurement or "
+                         "config is re-run or dropped, never edited")
+    if not any(value is v for v in CORRECTABLE[field]):
+        raise ValueError(f"{field} takes {' / '.join(json.dumps(v) for v in CORRECTABLE[field])}, got {json.dumps(value)}")
+    with locked(path):
+        obj = json.loads(path.read_text()) if path.is_file() else []
+        hit = [r for r in _table(obj) if _matches(r, where)]
+        if not hit:
+            raise ValueError(f"no row of {path.name} matches {where}; nothing corrected")
+        if all(field in r and r[field] is value for r in hit):
+            raise ValueError(f"every row of {path.name} matching {where} already has {field}={json.dumps(value)}")
+        before = [dict(r) for r in hit]
+        for r in hit:
+            r[field] = value
+        write_json(path, obj)
+    old = sorted({json.dumps(r.get(field, "<absent>")) for r in before})
+    append(path.parent / CORRECTED, [{
+        "file": path.name, "where": where, "rows": len(hit), "field": field,
+        "old": {v: sum(json.dumps(r.get(field, "<absent>")) == v for r in before) for v in old}, "new": value,
+        "keys": sorted({tuple(str(r.get(k)) for k in ("regime", "method", "seed", "setting")) for r in before}),
+        "reason": reason, "corrected": now(), "command": command(), **commit()}])
+    return before
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Drop whole benchmark rows, with the reason logged in results/dropped.json.")
+    ap = argparse.ArgumentParser(description="Drop whole benchmark rows, or correct a provenance flag, with the reason "
+                                             "logged in results/dropped.json or results/corrected.json.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("drop", help="remove the rows matching every --where and log it")
-    d.add_argument("file", help="a records file in --results, e.g. accuracy_regimes.json")
-    d.add_argument("--where", nargs="+", required=True, metavar="FIELD=VALUE")
-    d.add_argument("--reason", required=True)
-    d.add_argument("--results", default=str(RESULTS))
+    c = sub.add_parser("correct", help=f"set a provenance flag ({', '.join(CORRECTABLE)}) of the rows matching every "
+                                       "--where and log it with the old values")
+    c.add_argument("--set", dest="assign", required=True, metavar="FIELD=JSON", help="e.g. dirty=null")
+    for p in (d, c):
+        p.add_argument("file", help="a records file in --results, e.g. accuracy_regimes.json")
+        p.add_argument("--where", nargs="+", required=True, metavar="FIELD=VALUE")
+        p.add_argument("--reason", required=True)
+        p.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
     bad = [w for w in args.where if "=" not in w]
     if bad:
@@ -222,12 +283,22 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.results) / args.file
     if not path.is_file():
         ap.error(f"{path} does not exist")
+    where = dict(w.split("=", 1) for w in args.where)
     try:
-        gone = drop(path, dict(w.split("=", 1) for w in args.where), args.reason)
+        if args.cmd == "drop":
+            gone = drop(path, where, args.reason)
+            print(f"dropped {len(gone)} row(s) from {path}; logged in {path.parent / DROPPED}")
+            return 0
+        field, _, text = args.assign.partition("=")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set takes FIELD=JSON (true, false or null), got {args.assign!r}") from None
+        rows = correct(path, where, field, value, args.reason)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"dropped {len(gone)} row(s) from {path}; logged in {path.parent / DROPPED}")
+    print(f"corrected {field} in {len(rows)} row(s) of {path}; logged in {path.parent / CORRECTED}")
     return 0
 
 

@@ -2,9 +2,10 @@
 
 BENCHMARKS.md and README.md hold generated blocks between ``<!-- report:NAME -->`` and
 ``<!-- /report:NAME -->``; this script rewrites each block from ``benchmarks/results/*.json`` (and draws
-the figures under ``docs/figures/``). ``--check`` rewrites nothing and fails (exit 1, with a diff) when a
-committed block differs from what the records give — CI runs it, so prose and tables cannot drift from
-what ran.
+the figures under ``docs/figures/``, with ``inputs.json``: a hash of the record fields each figure was drawn
+from). ``--check`` rewrites nothing and fails (exit 1, with a diff) when a committed block differs from what the
+records give, or a figure was drawn from other records than they give now (or is missing) — CI runs it, so
+prose, tables and figures cannot drift from what ran.
 
     python -m benchmarks.report           # rewrite the blocks and redraw the figures
     python -m benchmarks.report --check   # CI: the committed text matches the records
@@ -24,18 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.records import paired  # noqa: E402
+from benchmarks.regimes import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT, best_tuned, rows  # noqa: E402,F401
+
 from benchmarks.report_field import BLOCKS as FIELD_BLOCKS  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
 DOCS = {"BENCHMARKS.md": ROOT / "BENCHMARKS.md", "README.md": ROOT / "README.md"}
 BLOCK = re.compile(r"(<!-- report:(?P<name>[a-z0-9_-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)", re.S)
-REGIME_ORDER = ("noisy-sym40", "noisy-pair30", "scarce", "full")
-REGIME_TEXT = {
-    "full": "full, clean training split (54 000 images), student 12 epochs",
-    "scarce": "100 labelled images per class for the student (teacher: the full split), 20-per-class clean quiz, 40 epochs",
-    "noisy-sym40": "40 % symmetric label noise on the training split (teacher trained on it too), 50-per-class clean quiz, 12 epochs",
-    "noisy-pair30": "30 % pair-flip label noise (class c → c + 1) on the training split (teacher too), 50-per-class clean quiz, 12 epochs",
-}
 TEACHER_TEXT = {
     "full": "the clean training split (54 000 images)",
     "scarce": "the clean training split (the `full` teacher)",
@@ -52,22 +48,6 @@ def load(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- statistics
-def rows(recs: list[dict]) -> list[dict]:
-    out = []
-    for m in dict.fromkeys(r["method"] for r in recs):
-        rs = [r for r in recs if r["method"] == m]
-        t, q = [r["test_top1"] for r in rs], [r["quiz_top1"] for r in rs]
-        out.append({"method": m, "n": len(rs), "test": statistics.mean(t), "std": statistics.stdev(t) if len(t) > 1 else 0.0,
-                    "worst": min(t), "quiz": statistics.mean(q), "wall": statistics.median(r["wall_s"] for r in rs)})
-    return out
-
-
-def best_tuned(recs: list[dict]) -> str | None:
-    """The tuned hand-crafted loss a user would ship: the best mean quiz top-1 over the seeds (not test)."""
-    cands = [r for r in rows(recs) if r["method"].endswith("-tuned") and not r["method"].startswith("lkd")]
-    return max(cands, key=lambda r: r["quiz"])["method"] if cands else None
-
-
 def pm(d: dict | None) -> str:
     return f"{d['mean']:+.2f} ± {d['se']:.2f}" if d else "—"
 
@@ -117,6 +97,27 @@ def _cost_row(setting: str) -> dict | None:
 def _cost_ratio(setting: str) -> float | None:
     row = _cost_row(setting)
     return statistics.median(row["ratios"]) if row else None
+
+
+def preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT) -> tuple[str | None, str]:
+    """What a regime's records pick for its preset: the tuned method (learned or hand-crafted, at least ``seeds``
+    seeds) with the best mean quiz top-1 whose whole run was measured within the cost bar. One measured over the bar
+    is passed over; an unmeasured one stops the pick — its cost is unknown, not within the bar. Returns the method
+    (None when there is none) and why."""
+    rs = [r for r in finals if r["regime"] == regime and r["method"].endswith("-tuned")]
+    by = {m: [r["quiz_top1"] for r in rs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rs)}
+    quiz = {m: statistics.mean(q) for m, q in by.items() if len(q) >= seeds}
+    passed = []
+    for m in sorted(quiz, key=quiz.get, reverse=True):
+        ratio = _cost_ratio(f"{regime}:{m}")
+        if ratio is None:
+            after = f" after {', '.join(passed)}" if passed else ""
+            return None, (f"{m} has the best quiz top-1 ({quiz[m]:.2f}) of what is left{after}, but its whole-run "
+                          f"cost is not measured: run `benchmarks/cost.py --setting {regime}:{m}`")
+        if ratio <= COST_BOUND:
+            return m, f"best quiz top-1 ({quiz[m]:.2f}) within the cost bar ({ratio:.2f}× ≤ {COST_BOUND})"
+        passed.append(f"{m} ({ratio:.2f}× > {COST_BOUND})")
+    return None, f"no tuned method of {regime} with {seeds} seeds is within the cost bar"
 
 
 def verdicts() -> str:
@@ -305,9 +306,6 @@ def teachers_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-PER_SAMPLE = {"lkd-sample-tuned": "", "lkd-sample-dist-tuned": "_dist"}  # the per-sample tuned rows → figure suffix
-
-
 def per_sample_text() -> str:
     recs = load("accuracy_regimes.json") or []
     lines = ["| regime | row | images | CE weight | distillation weight | temperature |", "|---|---|---|---|---|---|"]
@@ -363,8 +361,23 @@ def dropped_table() -> str:
     return "\n".join(lines) + "\n\nFrom `benchmarks/results/dropped.json`; the rows themselves stay in git history.\n"
 
 
+def corrected_table() -> str:
+    """Every provenance flag corrected through ``benchmarks/records.py correct``: which rows, from what, to what, why."""
+    log = load("corrected.json") or []
+    if not log:
+        return "_No records corrected through `benchmarks/records.py correct` yet._\n"
+    lines = ["| corrected (UTC) | file | rows | which | field: was → now | why |", "|---|---|---|---|---|---|"]
+    for d in log:
+        which = ", ".join(f"{k}={v[:7] if k == 'commit' else v}" for k, v in d["where"].items())
+        was = ", ".join(f"{v} ×{n}" for v, n in d["old"].items())
+        lines.append(f"| {d['corrected'][:16].replace('T', ' ')} | `{d['file']}` | {d['rows']} | {which} | "
+                     f"`{d['field']}`: {was} → {json.dumps(d['new'])} | {d['reason']} |")
+    return "\n".join(lines) + "\n\nFrom `benchmarks/results/corrected.json`, which keeps each correction's command and commit.\n"
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
     "dropped": dropped_table,
+    "corrected": corrected_table,
     "presets": presets_table,
     "overhead": overhead_table,
     "units": units_table,
@@ -430,10 +443,16 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(new)
             print(f"rewrote {name}")
     if args.check:
-        if bad:
-            print(f"\n{bad} document(s) differ from the records: run `python -m benchmarks.report`", file=sys.stderr)
+        from benchmarks.figures import check as check_figures
+
+        stale = check_figures(RESULTS, FIGURES)
+        for line in stale:
+            print(line)
+        if bad or stale:
+            print(f"\n{bad} document(s) and {len(stale)} figure(s) differ from the records: run "
+                  "`python -m benchmarks.report`", file=sys.stderr)
             return 1
-        print("report: every generated block matches the records")
+        print("report: every generated block and figure matches the records")
         return 0
     if not args.no_figures:
         from benchmarks.figures import draw_all

@@ -195,12 +195,16 @@ def trials(space: str, families: list[str] | None = None) -> list[Trial]:
 
 
 def pick(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The winning trial result: highest ``quiz_top1``, then lowest ``quiz_loss``, then the earliest trial
-    (grid order) — the test split is never read."""
+    """The winning trial result: highest ``quiz_top1``, then lowest ``quiz_loss`` (a missing one ranks after any
+    measured one, never as a loss of 0), then the earliest trial (grid order) — the test split is never read."""
     if not results:
         raise ValueError("no trial results to pick from")
-    return min(enumerate(results), key=lambda ir: (-ir[1]["quiz_top1"], ir[1].get("quiz_loss") is None,
-                                                   ir[1].get("quiz_loss") or 0.0, ir[0]))[1]
+    return min(enumerate(results), key=lambda ir: (-ir[1]["quiz_top1"], *loss_rank(ir[1].get("quiz_loss")), ir[0]))[1]
+
+
+def loss_rank(loss: float | None) -> tuple[bool, float]:
+    """Sort key of a quiz loss, lower first: a missing loss after every measured one."""
+    return (loss is None, 0.0 if loss is None else loss)
 
 
 def selection_band(top1: float, n: int) -> float:

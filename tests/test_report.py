@@ -95,3 +95,36 @@ def test_the_per_sample_figure_names_the_term_its_records_ran_and_refuses_record
     assert path.is_file() and path.stat().st_size > 10_000
     with pytest.raises(ValueError, match="configs.json complete"):
         per_sample_figure(rs, "lkd-sample-dist-tuned", tmp_path, "noisy-pair30", "_dist", {})
+
+
+def test_the_check_fails_on_a_figure_drawn_from_other_records(tmp_path, monkeypatch):
+    """``report --check`` compares each figure's inputs (the record fields it reads) with what the records give now:
+    a changed accuracy fails it, a changed field no figure reads does not, and a missing figure file fails it."""
+    import json
+    import shutil
+
+    from benchmarks import figures, report
+
+    results, out = tmp_path / "results", tmp_path / "figures"
+    results.mkdir()
+    src = ROOT / "benchmarks" / "results"
+    recs = [r for r in json.loads((src / "accuracy_regimes.json").read_text()) if r["regime"] == "noisy-pair30"]
+    (results / "accuracy_regimes.json").write_text(json.dumps(recs))
+    shutil.copy(src / "configs.json", results / "configs.json")
+    monkeypatch.setattr(report, "RESULTS", results)
+    monkeypatch.setattr(report, "FIGURES", out)
+    monkeypatch.setattr(report, "DOCS", {})
+    assert report.main(["--check"]) == 1  # never drawn
+    drawn = figures.draw_all(results, out)
+    assert len(drawn) == 4 and report.main(["--check"]) == 0
+    recs[0]["wall_s"] += 100.0  # no figure reads it
+    recs[0]["dirty"] = None
+    (results / "accuracy_regimes.json").write_text(json.dumps(recs))
+    assert figures.check(results, out) == []
+    recs[0]["test_top1"] += 1.0
+    (results / "accuracy_regimes.json").write_text(json.dumps(recs))
+    assert figures.check(results, out) == ["figure curves_noisy-pair30: drawn from other records than the records give now"]
+    assert report.main(["--check"]) == 1
+    figures.draw_all(results, out)
+    (out / "per_sample_noisy-pair30.png").unlink()
+    assert figures.check(results, out) == [f"figure per_sample_noisy-pair30: {out / 'per_sample_noisy-pair30.png'} is missing"]

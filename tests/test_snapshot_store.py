@@ -42,3 +42,29 @@ def test_max_snapshots_still_bounds_the_count_and_deletes_spilled_files(tmp_path
 def test_the_trainers_default_store_is_bounded():
     cfg = build_config("fashion_mnist")
     assert cfg.meta.snapshot_memory_mb == 1024
+
+
+class _Reads(list):
+    """A list that counts how many of its items are read (the store's work per record)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        _Reads.reads += 1
+        return super().__getitem__(i)
+
+
+def test_recording_does_not_rescan_the_history(tmp_path):
+    """Each record spills at most what went over the byte bound: the work per call stays flat as the history grows
+    (it once walked every earlier snapshot on every call)."""
+    one = state_bytes(_state(0))
+    store = InMemorySnapshotStore("uniform", max_bytes=2 * one, spill_dir=str(tmp_path))
+    store.states = _Reads()
+    per_call = []
+    for i in range(200):
+        before = _Reads.reads
+        store.record(i, _state(i))
+        per_call.append(_Reads.reads - before)
+    assert max(per_call[100:]) <= 2, per_call[-5:]
+    assert store.spilled == 198 and store.in_memory == 2 * one
+    assert torch.equal(store.sample(random.Random(3))["w"], _state(int(store.sample(random.Random(3))["b"][0]))["w"])

@@ -437,3 +437,46 @@ def test_a_resumed_stream_seeks_instead_of_replaying():
         type(loader).iter_from = orig
     assert torch.equal(got.x, expect.x) and torch.equal(got.y, expect.y)  # the batch the replay reaches ...
     assert built == [2]  # ... reached by seeking into the second pass, not by building n + 2 batches
+
+
+def test_a_fresh_batch_stream_never_moves_the_training_loader_s_epoch():
+    """meta.batch_source=fresh draws from a fork of the training loader: with two fresh batches per step its stream
+    enters its next pass halfway through epoch 0, and the batches the student trains on in epoch 0 stay exactly
+    those of the loader's epoch 0 (the stream once set the shared loader's epoch, changing the rest of the epoch's
+    augmentation); its own order is not the training order."""
+    cfg, data = _synthetic(meta={"meta_every": 1, "unroll_steps": 2, "p_snapshot": 0.0, "batch_source": "fresh"})
+    assert data.train.augment is not None
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    trained, step = [], run.trainer.train_step
+
+    def record_step(batch):
+        trained.append(batch.x.clone())
+        return step(batch)
+
+    run.trainer.train_step = record_step
+    run.fit(progress=False)
+    assert run.trainer.meta.fresh.consumed == 2 * len(trained) > len(data.train)  # the stream passed an epoch
+    ref = build_data(cfg.data).train
+    ref.set_epoch(0)
+    expected = [b.x for b in ref]
+    assert len(trained) == len(expected)
+    for i, (a, b) in enumerate(zip(trained, expected)):
+        assert torch.equal(a, b), f"training batch {i} of epoch 0 differs from the loader's epoch 0"
+    ref.set_epoch(0)
+    fresh = run.trainer.meta.fresh._own
+    fresh.set_epoch(0)
+    assert not torch.equal(next(iter(fresh)).y, next(iter(ref)).y)
+
+
+def test_a_ray_shard_s_fork_keeps_its_own_epoch_and_leaves_the_epoch_clock_alone():
+    """The streaming loader's fork (a fresh-batch stream on Ray) has no handle on the run's shared epoch clock and no
+    id record: its passes never move the epoch the workers' augmentation reads."""
+    pytest.importorskip("ray")
+    from lkd_ray.distributed.streaming import StreamingLoader
+
+    clock = object()  # the EpochClock actor's handle; the fork must not keep it
+    loader = StreamingLoader(shard=None, batch_size=4, rows=64, world_size=2, record_ids=True, clock=clock)
+    fork = loader.fork()
+    assert fork.clock is None and not fork.record_ids and fork.shard is loader.shard and len(fork) == len(loader)
+    fork.set_epoch(3)
+    assert (fork.epoch, loader.epoch, loader.clock) == (3, 0, clock)

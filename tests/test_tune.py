@@ -102,3 +102,21 @@ def test_handcrafted_search_runs_every_trial_to_the_end_and_names_its_pick(tmp_p
     assert picked == next(t.sections for t in HANDCRAFTED["dist"] if t.label == best["param.trial"])
     assert "hand-crafted loss dist[" in (tmp_path / "out" / "best_config.yaml").read_text()
     build_config("fashion_mnist", **picked)  # a valid config section set, as a job takes it
+
+
+def test_the_tune_table_ranks_a_trial_without_a_quiz_loss_after_one_with_it(tmp_path):
+    """Same quiz top-1: the measured quiz loss wins over a missing one (once read as a loss of 0), as in ``pick``."""
+    from ray.tune import Result
+
+    from lkd_ray.distributed.tune import write_results
+    from lkd_ray.search_spaces import trials
+    from lkd_ray.storage import open_storage
+
+    a, b = (t.label for t in trials("handcrafted")[:2])
+    grid = [Result(metrics={"trial_id": "t0", "quiz_top1": 81.0, "quiz_loss": None, "config/trial": a}, checkpoint=None,
+                   error=None, path=str(tmp_path / "t0")),
+            Result(metrics={"trial_id": "t1", "quiz_top1": 81.0, "quiz_loss": 0.4, "config/trial": b}, checkpoint=None,
+                   error=None, path=str(tmp_path / "t1"))]
+    out = write_results(grid, build_config("fashion_mnist"), tmp_path / "out", open_storage(str(tmp_path / "store")),
+                        "s", space="handcrafted")
+    assert [r["trial_id"] for r in out["rows"]] == ["t1", "t0"] and out["best_params"] == {"trial": b}

@@ -8,6 +8,7 @@ for exactly the view they hold.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -16,6 +17,9 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from .transforms import CropFlip
+
+
+FORK_SEED = 0x5EED  # how far a fresh-batch stream's shuffle seed sits from the training loader's
 
 
 class Batch(NamedTuple):
@@ -54,6 +58,16 @@ class InMemoryLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
+
+    def fork(self, reseed: int = 0) -> InMemoryLoader:
+        """The same images, labels and teacher cache (shared, not copied) with a sampler and epoch of its own (its
+        shuffle seed moved by ``reseed``): a second stream that never moves the epoch of the loader it came from —
+        with ``reseed=FORK_SEED`` (fresh meta-batches) nor repeats the order of the one being trained on."""
+        other = copy.copy(self)
+        other.sampler = DistributedSampler(range(len(self.labels)), num_replicas=self.world_size, rank=self.rank,
+                                           shuffle=self.shuffle, seed=self.seed + reseed, drop_last=True)
+        other.epoch = 0
+        return other
 
     def __len__(self) -> int:
         n = len(self.sampler)

@@ -2,6 +2,7 @@
 downloaded: the data must already be at ``data.root``."""
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -85,6 +86,17 @@ class _ShardedLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
         self.ds.epoch = epoch
+
+    def fork(self, reseed: int = 0) -> _ShardedLoader:
+        """The same images with a data set epoch and sampler of their own (see ``InMemoryLoader.fork``)."""
+        other = copy.copy(self)
+        other.ds = copy.copy(self.ds)
+        other.ds.epoch = 0
+        other.subset = Subset(other.ds, self.subset.indices)
+        s = self.sampler
+        other.sampler = DistributedSampler(other.subset, num_replicas=s.num_replicas, rank=s.rank, shuffle=s.shuffle,
+                                           seed=s.seed + reseed, drop_last=True)
+        return other
 
     def __len__(self):
         n = len(self.sampler)

@@ -160,13 +160,9 @@ def _watch(progress, label: str, total: int, epochs: int, done: threading.Event,
     """Render the run's progress in the driver: one bar updating in place and a short line per epoch."""
     import ray
 
-    from ..train.progress import epoch_line
+    from ..train.progress import RunBar, epoch_line
 
-    bar = None
-    if enabled:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=label, leave=False, dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    bar = RunBar(label, total, enabled, sys.stderr)
     seen = 0
     while True:
         finished = done.wait(0.5)
@@ -175,18 +171,12 @@ def _watch(progress, label: str, total: int, epochs: int, done: threading.Event,
         except Exception:  # the actor is gone at shutdown: nothing more to show
             break
         seen += len(new)
-        if bar is not None:
-            bar.n = min(step, total)
-            if loss is not None:
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.refresh()
+        bar.show(step, loss)
         for m in new:
-            line = epoch_line(label, int(m.get("epoch", 0)), epochs, m)
-            (bar.write(line, file=sys.stderr) if bar is not None else print(line, file=sys.stderr, flush=True))
+            bar.write(epoch_line(label, int(m.get("epoch", 0)), epochs, m))
         if finished:
             break
-    if bar is not None:
-        bar.close()
+    bar.close()
 
 
 def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:

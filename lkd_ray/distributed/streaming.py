@@ -76,6 +76,16 @@ class StreamingLoader:
         if self.clock is not None:
             ray.get(self.clock.set.remote(epoch))
 
+    def fork(self, reseed: int = 0) -> StreamingLoader:
+        """The same shard for a second stream (fresh meta-batches): its own epoch, no shared epoch clock and no id
+        record, so drawing from it never moves the epoch of the loader being trained on (the shard's order is Ray
+        Data's local shuffle: ``reseed`` has nothing to move)."""
+        import copy
+
+        other = copy.copy(self)
+        other.clock, other.record_ids, other.seen, other.epoch = None, False, [], 0
+        return other
+
     def __len__(self) -> int:
         return (self.rows // self.world) // self.batch_size
 

@@ -149,6 +149,8 @@ def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: 
 
 
 def write_results(grid, cfg: Config, out_dir: str | Path, storage, name: str, space: str = "lossnet") -> dict[str, Any]:
+    from ..search_spaces import loss_rank
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -158,7 +160,7 @@ def write_results(grid, cfg: Config, out_dir: str | Path, storage, name: str, sp
         rows.append({"trial_id": m.get("trial_id"), "epochs": m.get("training_iteration", 0), METRIC: m.get(METRIC),
                      "quiz_loss": m.get("quiz_loss"), "test_top1": m.get("test_top1"),
                      "error": str(r.error) if r.error else None, **{f"param.{k}": v for k, v in params.items()}})
-    rows.sort(key=lambda r: (-(r[METRIC] if r[METRIC] is not None else -1), r["quiz_loss"] or 0.0))
+    rows.sort(key=lambda r: (-(r[METRIC] if r[METRIC] is not None else -1), *loss_rank(r["quiz_loss"])))
     import csv
 
     cols = sorted({k for r in rows for k in r}, key=lambda k: (not k.startswith(("trial", "epochs", METRIC, "test")), k))

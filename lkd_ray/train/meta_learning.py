@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import MetaCfg
 from ..data import Batch, cycle
+from ..data.loaders import FORK_SEED
 from ..losses import LossNetworks, TeacherOutputs
 from ..meta import ESEstimator, LossNetOptimizer, MetaBatch, MetaStep, MetaUpdater, es_index, flatten
 from ..meta.gradient import quiz_objective
@@ -80,14 +81,19 @@ def detached(lossnets: nn.Module) -> Mapping[str, torch.Tensor]:
 
 class Stream:
     """An endless stream of batches from a loader that resumes where it stopped without replaying the batches it
-    already gave (``cycle(loader, start)`` seeks straight to batch ``consumed``)."""
+    already gave (``cycle(loader, start)`` seeks straight to batch ``consumed``). It draws from a fork of the
+    loader (``fork``: its own sampler and epoch, taken at the first draw so a teacher cache attached after
+    construction comes along): moving to its next pass never moves the epoch of the loader the Trainer iterates.
+    ``reseed`` moves the fork's shuffle seed (a fresh-batch stream: not the training order)."""
 
-    def __init__(self, loader):
-        self.loader, self.consumed, self._it = loader, 0, None
+    def __init__(self, loader, reseed: int = 0):
+        self.loader, self.reseed, self.consumed, self._it, self._own = loader, reseed, 0, None, None
 
     def next(self):
         if self._it is None:
-            self._it = cycle(self.loader, start=self.consumed)
+            if self._own is None:
+                self._own = self.loader.fork(self.reseed) if hasattr(self.loader, "fork") else self.loader
+            self._it = cycle(self._own, start=self.consumed)
         self.consumed += 1
         return next(self._it)
 
@@ -104,7 +110,7 @@ class GradientMetaLearner:
         self.teacher, self.to_device, self.rank = teacher, to_device, rank
         self.step_fn = MetaStep(cfg, method, lossnets)
         self.snap_rng = random.Random(seed * 7919 + 1 + 104729 * rank)
-        self.quiz, self.fresh = Stream(data.quiz), Stream(data.train)
+        self.quiz, self.fresh = Stream(data.quiz), Stream(data.train, reseed=FORK_SEED)
         self.meta_time = 0.0
 
     def active(self, epoch: int) -> bool:

@@ -36,13 +36,49 @@ class Progress:
             return
         self.bar.update(1)
         self._n += 1
-        if self._n % 25 == 0:
-            self.bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.3f}", refresh=False)
+        if self._n % 25 == 0 and stats.get("loss") is not None:  # no loss before the first log sync: show none
+            self.bar.set_postfix(loss=f"{stats['loss']:.3f}", refresh=False)
 
     def epoch(self, rec) -> None:
         if not self.enabled:
             return
         line = epoch_line(self.label, rec.epoch, self.epochs, rec.metrics)
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class RunBar:
+    """The driver's bar of a Ray run, fed the steps its workers report. It appears at the first step, counting from
+    there: the workers' start-up (minutes on a cold cluster) is not read as slow steps, so no ETA shows until a rate
+    is measured; the loss shows once one is logged."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, stream=None):
+        self.label, self.total, self.enabled = label, total, enabled
+        self.stream = stream or sys.stderr
+        self.bar = None
+
+    def show(self, step: int, loss: float | None) -> None:
+        if not self.enabled or step <= 0:
+            return
+        step = min(step, self.total)
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, initial=step, desc=self.label, leave=False, dynamic_ncols=True,
+                            file=self.stream, mininterval=0.5)
+        self.bar.n = step
+        if loss is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        self.bar.refresh()
+
+    def write(self, line: str) -> None:
         if self.bar is not None:
             self.bar.write(line, file=self.stream)
         else:

@@ -57,6 +57,7 @@ class InMemorySnapshotStore:
         self.states: list[dict[str, torch.Tensor] | str] = []  # a state in memory, or the path of its spill file
         self.in_memory = 0
         self.spilled = 0
+        self._mem_from = 0  # states[_mem_from:] are in memory, the older ones spilled (spills go oldest first)
         self._spill_parent, self._spill_dir = spill_dir, None
 
     def _spill(self, state: dict[str, torch.Tensor], step: int) -> str:
@@ -89,13 +90,15 @@ class InMemorySnapshotStore:
                 import os
 
                 os.unlink(gone)
+            self._mem_from = max(0, self._mem_from - 1)
         if self.max_bytes is not None:
-            i = 0
-            while self.in_memory > self.max_bytes and i < len(self.states) - 1:  # the newest stays in memory
-                if isinstance(self.states[i], dict):
-                    self.in_memory -= state_bytes(self.states[i])
-                    self.states[i] = self._spill(self.states[i], self.steps[i])
-                i += 1
+            # only the oldest in-memory states move to disk: work per call is the number spilled, not the history
+            while self.in_memory > self.max_bytes and self._mem_from < len(self.states) - 1:  # the newest stays
+                i = self._mem_from
+                state = self.states[i]
+                self.in_memory -= state_bytes(state)
+                self.states[i] = self._spill(state, self.steps[i])
+                self._mem_from += 1
 
     def sample(self, rng: random.Random) -> dict[str, torch.Tensor] | None:
         if not self.states:
