@@ -211,3 +211,35 @@ def test_an_es_round_without_a_usable_pair_advances_the_round_not_the_version(tm
     res = core.es_report(1, 1, 2.0, lr_scale=0.5)
     assert res["closed"] and res["round"] == 2 and core.version == core.opt.stats.accepted == 1
     assert core.opt.adam.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5)  # the particles' meta lr schedule applies
+
+
+def test_an_async_round_arriving_after_a_later_one_is_applied_and_only_true_replays_are_duplicates(tmp_path):
+    """Ray's async actor calls do not keep their order: round 0 may arrive after round 1. It is applied; round 1
+    again is a replay — and still is after a restart (the applied rounds are saved with the state)."""
+    cfg, core = _core(tmp_path, mode="async", staleness=4)
+    item = lambda r, v: {"sender": "a", "round": r, "grad": _grad(core), "base_version": v}  # noqa: E731
+    assert core.apply_batch([item(1, 0)])[0]["accepted"] and core.version == 1
+    late = core.apply_batch([item(0, 0)])[0]
+    assert late["accepted"] and not late.get("duplicate") and core.version == 2 and core.stats["duplicates"] == 0
+    assert core.apply_batch([item(1, 1)])[0].get("duplicate") and core.version == 2
+    assert core.apply_batch([item(3, 2)])[0]["accepted"]  # round 2 still in flight
+    assert core.drain_once()
+    again = LossNetServerCore(cfg, str(tmp_path), "run", "async", 4)  # a restart
+    assert again.apply_batch([item(0, 3)])[0].get("duplicate") and again.apply_batch([item(3, 3)])[0].get("duplicate")
+    assert again.apply_batch([item(2, 3)])[0]["accepted"] and again.version == 4  # the one never applied
+    rep = again.report()
+    assert rep["accepted"] + rep["rejected"] + rep["duplicates"] == rep["submitted"] == 7
+
+
+def test_applied_rounds_are_exact_with_gaps_and_bounded_in_memory():
+    from lkd_ray.distributed.rounds import AppliedRounds
+
+    s = AppliedRounds(max_intervals=4)
+    for r in (5, 3, 4, 0, 9):
+        s.add(r)
+    assert [r for r in range(12) if r in s] == [0, 3, 4, 5, 9] and s.to_list() == [[0, 1], [3, 6], [9, 10]]
+    assert AppliedRounds(s.to_list()).to_list() == s.to_list() and s.last == 9
+    for r in (11, 13, 15):  # six gaps' worth of intervals: the oldest gaps are closed, the newest kept exact
+        s.add(r)
+    assert len(s.to_list()) == 4 and 12 not in s and 14 not in s and 15 in s and 1 in s
+    assert [r for r in range(8) if r in AppliedRounds.up_to(3)] == [0, 1, 2, 3]

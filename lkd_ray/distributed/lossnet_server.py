@@ -13,8 +13,9 @@ rejection, counters) and adds what only a shared service needs:
   as a *copy* of φ and the optimizer state taken when it was applied, with a hash of that content
   (``state_sha256``, also kept in ``version_hashes()``), and written in the background with retries, so a
   storage outage never blocks rounds nor loses an applied update, and a file always holds exactly its
-  version. The state carries the counters and the last round per sender, so a restart resumes from the
-  newest intact version, counts nothing twice and recognises replayed submissions. A persister failure that
+  version. The state carries the counters and the set of rounds applied per sender (``rounds.py``: async
+  calls arrive out of order, so a late round is applied, a true replay is not), so a restart resumes from
+  the newest intact version, counts nothing twice and recognises replayed submissions. A persister failure that
   is not a storage outage stops the run with ``LossNetPersistError`` (its own exit code in the jobs).
 
 Validation (sender, sizes, dtype, finiteness, lr scale) rejects bad messages. Counters count each event
@@ -38,6 +39,7 @@ from ..losses import build_lossnets
 from ..meta import ESEstimator, LossNetOptimizer, es_index, flatten
 from ..meta.versions import VersionStore, content_sha256
 from ..storage import StorageError, open_storage, safe_key
+from .rounds import AppliedRounds
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ class LossNetServerCore:
         self.stats: dict[str, Any] = {"submitted": 0, "accepted": 0, "rejected": 0, "rejected_reasons": {},
                                       "max_staleness_seen": 0, "rounds": 0, "batches": 0, "restored_from": None,
                                       "adopted_from": None, "duplicates": 0, "behind": 0}
-        self.last_round: dict[str, int] = {}  # sender → last round applied (replays after a restart are recognised)
+        self.applied: dict[str, AppliedRounds] = {}  # sender → rounds applied (replays, after a restart too, are recognised)
         self.es: ESEstimator | None = None
         self.es_index = None
         if mode == "es":
@@ -109,7 +111,7 @@ class LossNetServerCore:
         """The server's state *now*, as copies (safe to write later while Adam keeps stepping), with the hash of
         its content."""
         sd = {**_copy(self.opt.state_dict()), "version": self.version, "stats": _copy(self.stats),
-              "last_round": dict(self.last_round), "es": _copy(self.es.state_dict()) if self.es is not None else None,
+              "applied_rounds": {k: v.to_list() for k, v in self.applied.items()}, "es": _copy(self.es.state_dict()) if self.es is not None else None,
               "config": self.cfg.to_dict()}
         sd["state_sha256"] = content_sha256(sd)
         return sd
@@ -198,7 +200,10 @@ class LossNetServerCore:
         self.opt.load_state_dict(sd)
         self.opt.stats.version = int(sd["version"])
         self.stats.update({k: v for k, v in sd.get("stats", {}).items() if k in self.stats and k not in ("restored_from",)})
-        self.last_round = {str(k): int(v) for k, v in sd.get("last_round", {}).items()}
+        if sd.get("applied_rounds") is not None:
+            self.applied = {str(k): AppliedRounds(v) for k, v in sd["applied_rounds"].items()}
+        else:  # saved before the set of applied rounds: every round up to the last one counts as applied
+            self.applied = {str(k): AppliedRounds.up_to(int(v)) for k, v in sd.get("last_round", {}).items()}
         if self.es is not None and sd.get("es"):
             self.es.load_state_dict(sd["es"])
         self.stats["restored_from"] = int(sd["version"])
@@ -244,8 +249,13 @@ class LossNetServerCore:
             return None, f"bad lr_scale: {lr_scale!r} (expected a finite number in [0, 100])"
         return grad.float(), None
 
+    def _mark(self, sender: str, round_: int | None) -> None:
+        if round_ is not None:
+            self.applied.setdefault(sender, AppliedRounds()).add(round_)
+
     def _replay(self, sender: str, round_: int | None) -> dict | None:
-        if round_ is not None and self.last_round.get(sender, -1) >= round_:
+        """A round of this sender that was applied already (not merely an older one: async calls arrive out of order)."""
+        if round_ is not None and sender in self.applied and round_ in self.applied[sender]:
             self.stats["duplicates"] += 1
             return {"accepted": True, "duplicate": True, "version": self.version}
         return None
@@ -269,8 +279,7 @@ class LossNetServerCore:
             return replay
         self.opt.stats.rejected_nonfinite += int(nonfinite)  # ranks dropped from the round's mean (a breakdown)
         if grad is None:
-            if round_ is not None:
-                self.last_round[sender] = round_
+            self._mark(sender, round_)
             self.stats["rounds"] += 1
             return self._reject("non-finite: every rank")
         checked, why = self._check(grad, lr_scale)
@@ -285,8 +294,7 @@ class LossNetServerCore:
         if self.mode == "sync" and base_version != self.version:
             return self._reject(f"wrong version: round computed at v{base_version}, server at v{self.version}")
         ok = self._apply([checked], float(lr_scale), from_snapshot, quiz_loss)
-        if round_ is not None:
-            self.last_round[sender] = round_
+        self._mark(sender, round_)
         self.stats["rounds"] += 1
         if not ok:
             return self._reject("non-finite: meta-gradient has NaN/Inf")
@@ -298,9 +306,13 @@ class LossNetServerCore:
         """Async: every queued submission that is within the staleness bound and finite, averaged, one step."""
         out: list[dict] = []
         good: list[tuple[int, torch.Tensor, dict]] = []
+        in_batch: set = set()
         for i, it in enumerate(items):
             self.stats["submitted"] += 1
             replay = self._replay(it["sender"], it.get("round"))
+            if replay is None and it.get("round") is not None and (it["sender"], it["round"]) in in_batch:
+                self.stats["duplicates"] += 1  # the same round twice in one batch: applied once
+                replay = {"accepted": True, "duplicate": True, "version": self.version}
             if replay is not None:
                 out.append(replay)
                 continue
@@ -318,14 +330,14 @@ class LossNetServerCore:
                 out.append(self._reject("non-finite: meta-gradient has NaN/Inf"))
                 continue
             good.append((i, checked, it))
+            in_batch.add((it["sender"], it.get("round")))
             out.append({})
         if good:
             scale = sum(float(it.get("lr_scale", 1.0)) for _, _, it in good) / len(good)
             ok = self._apply([g for _, g, _ in good], scale, sum(int(it.get("from_snapshot", 0)) for _, _, it in good),
                              good[-1][2].get("quiz_loss"))
             for i, _, it in good:
-                if it.get("round") is not None:
-                    self.last_round[it["sender"]] = it["round"]
+                self._mark(it["sender"], it.get("round"))
                 self.stats["accepted"] += int(ok)
                 out[i] = {"accepted": ok, "version": self.version, "batched": len(good)}
             if ok:
