@@ -1,4 +1,5 @@
 """LossNetServer logic (rounds, validation, async batching, ES, persistence, restores) without Ray."""
+import hashlib
 import json
 
 import pytest
@@ -243,3 +244,54 @@ def test_applied_rounds_are_exact_with_gaps_and_bounded_in_memory():
         s.add(r)
     assert len(s.to_list()) == 4 and 12 not in s and 14 not in s and 15 in s and 1 in s
     assert [r for r in range(8) if r in AppliedRounds.up_to(3)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("part", ["stats", "applied_rounds", "es", "version"])
+def test_a_version_whose_saved_state_changed_in_any_part_is_refused_on_restore(tmp_path, part, caplog):
+    """The content hash covers the whole payload: the counters, the applied rounds and the ES state too, not only
+    φ and Adam. Same shapes, other numbers → the restore falls back to the version before, with a warning."""
+    cfg, core = _core(tmp_path, mode="es", particles=2, es_sigma=0.1) if part == "es" else _core(tmp_path)
+    for r in range(2):
+        if part == "es":
+            core.es_report(0, r, 1.0)
+            core.es_report(1, r, 2.0)
+        else:
+            core.submit("trainer", r, _grad(core), core.version)
+    assert core.drain_once() and core.version == 2
+    path = tmp_path / "run" / "lossnet" / "v2.pt"
+    sd = torch.load(path, weights_only=True)
+    if part == "stats":
+        sd["stats"]["accepted"] = 7
+    elif part == "applied_rounds":
+        sd["applied_rounds"]["trainer"] = [[0, 9]]
+    elif part == "es":
+        sd["es"]["xi"] = sd["es"]["xi"] + 1.0
+    else:
+        sd["version"] = 3
+    torch.save(sd, path)
+    ptr = tmp_path / "run" / "lossnet" / "latest.json"  # a pointer that agrees with the changed bytes: only the
+    meta = json.loads(ptr.read_text())                 # content hash can tell
+    meta.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size=path.stat().st_size)
+    ptr.write_text(json.dumps(meta))
+    again = LossNetServerCore(cfg, str(tmp_path), "run", core.mode, 1, particles=2 if part == "es" else 0)
+    assert again.version == 1 and again.stats["restored_from"] == 1
+    assert any("version 2 is corrupt" in r.getMessage() for r in caplog.records)
+
+
+def test_init_from_a_version_file_checks_its_hash_and_refuses_other_numbers(tmp_path):
+    from lkd_ray.train.run import LossNetArtifactError, read_lossnet_artifact
+
+    _, core = _core(tmp_path)
+    core.submit("trainer", 0, _grad(core), 0)
+    assert core.drain_once()
+    path = tmp_path / "run" / "lossnet" / "v1.pt"
+    assert read_lossnet_artifact(str(path))["version"] == 1  # intact: loads
+    sd = torch.load(path, weights_only=True)
+    name = next(iter(sd["lossnets"]))
+    sd["lossnets"][name] = torch.randn_like(sd["lossnets"][name])  # same shape, other numbers
+    torch.save(sd, path)
+    with pytest.raises(LossNetArtifactError, match="is corrupt and was not loaded"):
+        read_lossnet_artifact(str(path))
+    path.write_bytes(b"not a torch file")  # a file that does not load at all: refused by its type, the same way
+    with pytest.raises(LossNetArtifactError, match="is corrupt and was not loaded"):
+        read_lossnet_artifact(str(path))

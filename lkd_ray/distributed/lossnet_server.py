@@ -37,7 +37,7 @@ import torch
 from ..config import Config
 from ..losses import build_lossnets
 from ..meta import ESEstimator, LossNetOptimizer, es_index, flatten
-from ..meta.versions import VersionStore, content_sha256
+from ..meta.versions import VersionStore, with_hash
 from ..storage import StorageError, open_storage, safe_key
 from .rounds import AppliedRounds
 
@@ -109,12 +109,11 @@ class LossNetServerCore:
 
     def state(self) -> dict[str, Any]:
         """The server's state *now*, as copies (safe to write later while Adam keeps stepping), with the hash of
-        its content."""
+        all of it (``with_hash``)."""
         sd = {**_copy(self.opt.state_dict()), "version": self.version, "stats": _copy(self.stats),
               "applied_rounds": {k: v.to_list() for k, v in self.applied.items()}, "es": _copy(self.es.state_dict()) if self.es is not None else None,
               "config": self.cfg.to_dict()}
-        sd["state_sha256"] = content_sha256(sd)
-        return sd
+        return with_hash(sd)
 
     def _enqueue(self) -> None:
         if not self.persist_enabled:
