@@ -182,7 +182,7 @@ def test_a_persister_failure_that_is_not_storage_stops_the_run_with_its_own_erro
         raise TypeError("cannot serialise this payload")
 
     core.versions.save = broken
-    core.persist_forever(sleep=lambda s: None)  # returns: it recorded why it stopped
+    core.persist_forever()  # returns: it recorded why it stopped
     assert core.persist_fatal == "TypeError: cannot serialise this payload"
     core.wait_persisted(stall_s=0.1)  # does not wait for a persister that is gone
     with pytest.raises(LossNetPersistError, match="stopped saving loss-network versions: TypeError"):
@@ -295,3 +295,57 @@ def test_init_from_a_version_file_checks_its_hash_and_refuses_other_numbers(tmp_
     path.write_bytes(b"not a torch file")  # a file that does not load at all: refused by its type, the same way
     with pytest.raises(LossNetArtifactError, match="is corrupt and was not loaded"):
         read_lossnet_artifact(str(path))
+
+
+def _persist_in_thread(core, wait_s: float = 15.0) -> float:
+    import threading
+    import time
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=core.persist_forever, daemon=True)
+    t.start()
+    t.join(wait_s)
+    assert not t.is_alive(), f"the persister still retries after {wait_s:.0f} s: {core.report()['persist_error']}"
+    return time.monotonic() - t0
+
+
+def _stopped_for_storage(core) -> None:
+    from lkd_ray.distributed.lossnet_server import LossNetStorageError
+    from lkd_ray.storage import StorageError
+
+    assert core.persist_fatal_storage and core.report()["persist_fatal_storage"]
+    before = core.get()[1]
+    with pytest.raises(LossNetStorageError, match="could not save a loss-network version") as e:
+        core.submit("trainer", 0, _grad(core), core.version)
+    assert isinstance(e.value, StorageError)  # the jobs' storage exit code (3), found by type
+    assert torch.equal(before, core.get()[1])  # no step taken that could not be recorded
+
+
+def test_a_save_that_storage_refuses_stops_the_run_at_once(tmp_path, s3_bucket, moto_endpoint):
+    """NoSuchBucket (as AccessDenied) is an answer, not an outage: no retry can change it. The persister stops at
+    once and the next round raises a storage error, instead of training on unsaved until the final flush."""
+    import boto3
+
+    cfg = build_config("fashion_mnist", lossnet={"hidden": [4]}, meta={"lr": 0.01})
+    core = LossNetServerCore(cfg, f"s3://{s3_bucket}/lkd", "run", endpoint_url=moto_endpoint, storage_outage_s=30)
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").delete_bucket(Bucket=s3_bucket)
+    assert _persist_in_thread(core) < 10
+    assert "NoSuchBucket" in core.persist_fatal
+    _stopped_for_storage(core)
+
+
+def test_a_save_outage_past_the_bound_stops_the_run(tmp_path, s3_bucket, moto_endpoint):
+    """The endpoint refuses connections for good; the storage layer retries for its bound (1 s), then the
+    persister stops, instead of retrying after the bound for as long as the run lasts."""
+    from tests.proxy import FaultProxy
+
+    px = FaultProxy(moto_endpoint)
+    try:
+        cfg = build_config("fashion_mnist", lossnet={"hidden": [4]}, meta={"lr": 0.01})
+        core = LossNetServerCore(cfg, f"s3://{s3_bucket}/lkd", "run", endpoint_url=px.url, storage_outage_s=1)
+        px.set_mode("refuse")
+        _persist_in_thread(core)
+        assert "outage bound of 1 s" in core.persist_fatal and core.persisted_version is None
+        _stopped_for_storage(core)
+    finally:
+        px.close()

@@ -11,12 +11,14 @@ rejection, counters) and adds what only a shared service needs:
   and the (persistent) ES estimate becomes one update. Messages are a few bytes.
 * **durability**: every version is queued for persisting (``<run>/lossnet/v<N>.pt`` + ``latest.json``)
   as a *copy* of φ and the optimizer state taken when it was applied, with a hash of that content
-  (``state_sha256``, also kept in ``version_hashes()``), and written in the background with retries, so a
-  storage outage never blocks rounds nor loses an applied update, and a file always holds exactly its
+  (``state_sha256``, also kept in ``version_hashes()``), and written in the background (the storage layer
+  rides out an outage up to its bound), so a storage outage never blocks rounds nor loses an applied update,
+  and a file always holds exactly its
   version. The state carries the counters and the set of rounds applied per sender (``rounds.py``: async
   calls arrive out of order, so a late round is applied, a true replay is not), so a restart resumes from
-  the newest intact version, counts nothing twice and recognises replayed submissions. A persister failure that
-  is not a storage outage stops the run with ``LossNetPersistError`` (its own exit code in the jobs).
+  the newest intact version, counts nothing twice and recognises replayed submissions. A save that fails stops
+  the run: storage that refused it or stayed down past the bound with ``LossNetStorageError`` (a
+  ``StorageError``: the jobs' storage exit code), anything else with ``LossNetPersistError`` (its own code).
 
 Validation (sender, sizes, dtype, finiteness, lr scale) rejects bad messages. Counters count each event
 once: ``rejected`` is refused submissions (any reason); ``meta_rejected_nonfinite`` is the non-finite
@@ -47,6 +49,12 @@ log = logging.getLogger(__name__)
 class LossNetPersistError(RuntimeError):
     """The LossNetServer could not save its state for a reason other than a storage outage (a bug or a
     payload that cannot be written): the run stops rather than continue without its record."""
+
+
+class LossNetStorageError(StorageError):
+    """The LossNetServer could not save a version because storage refused it (no bucket, no access: retrying
+    cannot help) or stayed down past the outage bound (the storage layer retried that long already): the run
+    stops with the storage error's exit code rather than train on unrecorded."""
 
 
 def _copy(obj: Any) -> Any:
@@ -95,7 +103,8 @@ class LossNetServerCore:
         self.persisted_version: int | None = None
         self.persist_failures = 0
         self.persist_error: str | None = None
-        self.persist_fatal: str | None = None   # a non-storage failure of the persister: the run must stop
+        self.persist_fatal: str | None = None   # why the persister stopped: the run must stop
+        self.persist_fatal_storage = False      # ... because storage refused or stayed down past the bound
         self.hashes: dict[int, str] = {}        # version → content hash taken when it was applied
         self._qlock = threading.Condition()
         self.restore()
@@ -129,15 +138,18 @@ class LossNetServerCore:
         return dict(self.hashes)
 
     def raise_if_fatal(self) -> None:
-        if self.persist_fatal is not None:
-            raise LossNetPersistError(f"the LossNetServer stopped saving loss-network versions: {self.persist_fatal}")
+        if self.persist_fatal is None:
+            return
+        if self.persist_fatal_storage:
+            raise LossNetStorageError(f"the LossNetServer could not save a loss-network version: {self.persist_fatal}")
+        raise LossNetPersistError(f"the LossNetServer stopped saving loss-network versions: {self.persist_fatal}")
 
     def persist_pending(self) -> int:
         return len(self.queue)
 
-    def drain_once(self, deadline_s: float | None = None) -> bool:
-        """Write queued versions oldest first; on a storage error keep them queued. True if the queue emptied.
-        Any other exception propagates (the persister records it as fatal)."""
+    def drain_once(self) -> bool:
+        """Write queued versions oldest first; on a storage error keep them queued and return False (the error in
+        ``persist_error``). True if the queue emptied. Any other exception propagates."""
         while True:
             with self._qlock:
                 if not self.queue:
@@ -156,26 +168,27 @@ class LossNetServerCore:
                 self.persist_error = None
                 self._qlock.notify_all()
 
-    def persist_forever(self, sleep=time.sleep) -> None:
-        """The persister thread's loop: drain, back off while storage fails, stop (recording why) on anything else."""
-        delay = 0.5
+    def persist_forever(self) -> None:
+        """The persister thread's loop: drain until a save fails, then stop, recording why. It does not retry: the
+        storage layer already rode out the outage up to its bound (``--storage-outage-s``), so a storage error
+        here is an outage past that bound or an answer retrying cannot change (no bucket, access denied), and
+        any other exception is a bug. Either way the run must not go on unrecorded."""
         try:
             while True:
                 with self._qlock:
                     while not self.queue:
                         self._qlock.wait()
-                if self.drain_once():
-                    delay = 0.5
-                    continue
-                log.warning("LossNetServer: saving version %s failed (%s); retrying in %.1fs",
-                            self.queue[0][0] if self.queue else "?", self.persist_error, delay)
-                sleep(delay)
-                delay = min(delay * 2, 10.0)
-        except Exception as e:  # not a storage outage: retrying cannot help, and the run must not go on unrecorded
-            with self._qlock:
-                self.persist_fatal = f"{type(e).__name__}: {e}"
-                self._qlock.notify_all()
-            log.error("LossNetServer: the persister stopped: %s", self.persist_fatal, exc_info=True)
+                if not self.drain_once():
+                    self._stop(f"version {self.queue[0][0] if self.queue else '?'}: {self.persist_error}", storage=True)
+                    return
+        except Exception as e:
+            self._stop(f"{type(e).__name__}: {e}", storage=False)
+
+    def _stop(self, why: str, storage: bool) -> None:
+        with self._qlock:
+            self.persist_fatal, self.persist_fatal_storage = why, storage
+            self._qlock.notify_all()
+        log.error("LossNetServer: the persister stopped: %s", why, exc_info=not storage)
 
     def wait_persisted(self, stall_s: float) -> None:
         """Block until every applied version is persisted, the persister failed, or none was persisted for
@@ -272,6 +285,7 @@ class LossNetServerCore:
                from_snapshot: int = 0, quiz_loss: float | None = None, nonfinite: int = 0) -> dict:
         """One round's meta-gradient from a trainer's leader (sync) — applied now. ``grad`` None means every
         rank's gradient was non-finite (``nonfinite`` counts them); they are counted, nothing is applied."""
+        self.raise_if_fatal()  # no step the run could not record
         self.stats["submitted"] += 1
         replay = self._replay(sender, round_)
         if replay is not None:
@@ -303,6 +317,7 @@ class LossNetServerCore:
 
     def apply_batch(self, items: list[dict]) -> list[dict]:
         """Async: every queued submission that is within the staleness bound and finite, averaged, one step."""
+        self.raise_if_fatal()  # no step the run could not record
         out: list[dict] = []
         good: list[tuple[int, torch.Tensor, dict]] = []
         in_batch: set = set()
@@ -352,6 +367,7 @@ class LossNetServerCore:
         every particle reported: the estimate becomes one update (at the particles' ``lr_scale``, the meta lr
         schedule), and the round advances whether or not a usable pair made an update — so rounds and versions
         are counted apart and ``version == accepted`` holds, as in one process (``ESStrategy``)."""
+        self.raise_if_fatal()  # no step the run could not record
         self.stats["submitted"] += 1
         if self.es is None:
             return self._reject("wrong mode: this server is not running ES")
@@ -389,7 +405,8 @@ class LossNetServerCore:
         return {**self.stats, **{f"meta_{k}": v for k, v in self.opt.counters().items()}, "version": self.version,
                 "es_round": self.es_round, "persisted_version": self.persisted_version,
                 "persist_pending": self.persist_pending(), "persist_failures": self.persist_failures,
-                "persist_error": self.persist_error, "persist_fatal": self.persist_fatal}
+                "persist_error": self.persist_error, "persist_fatal": self.persist_fatal,
+                "persist_fatal_storage": self.persist_fatal_storage}
 
 
 try:
