@@ -452,8 +452,14 @@ if ray is not None:
             while self.pending:
                 await asyncio.sleep(0)  # let every arrival of this tick join the batch
                 batch, self.pending = self.pending, []
-                async with self.lock:
-                    results = self.core.apply_batch([b for b, _ in batch])
+                try:
+                    async with self.lock:
+                        results = self.core.apply_batch([b for b, _ in batch])
+                except Exception as e:  # the persister stopped (or a bug): every submission of the batch gets the
+                    for _, fut in batch:  # error, none waits for an answer that would never come
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
                 for (_, fut), res in zip(batch, results):
                     if not fut.done():
                         fut.set_result(res)
@@ -461,11 +467,17 @@ if ray is not None:
         async def es_report(self, particle: int, round_: int, loss: float, lr_scale: float = 1.0,
                             timeout_s: float = 600.0) -> dict:
             async with self.cond:
-                res = self.core.es_report(particle, round_, loss, lr_scale)
+                try:
+                    res = self.core.es_report(particle, round_, loss, lr_scale)
+                except Exception:  # the persister stopped: wake the particles waiting for this round, which will
+                    self.cond.notify_all()  # not close, so they stop too instead of waiting out ``timeout_s``
+                    raise
                 if res.get("closed"):
                     self.cond.notify_all()
                 elif res.get("accepted") and not res.get("duplicate"):
-                    await asyncio.wait_for(self.cond.wait_for(lambda: self.core.es_round > round_), timeout_s)
+                    await asyncio.wait_for(self.cond.wait_for(
+                        lambda: self.core.es_round > round_ or self.core.persist_fatal is not None), timeout_s)
+                self.core.raise_if_fatal()
                 res["version"], res["round"] = self.core.version, self.core.es_round
                 res["phi"] = self.core.get(-1)[1]
                 return res
