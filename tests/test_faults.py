@@ -371,3 +371,23 @@ def test_snapshot_draws_never_wait_on_a_storage_put_and_accounting_survives_a_re
         faults.clear()
         for a in [index, *loaders]:
             ray.kill(a)
+
+
+@pytest.mark.parametrize("mode", ["async", "es"])
+def test_an_async_or_es_persister_failure_exits_4_with_its_own_message(tmp_path, capsys, mode):
+    """As the sync test above, through the job's launch with ``--mode async`` (two ranks submitting on their own),
+    and with two ES particles: after epoch 1 the server's version writer breaks; the job stops with exit code 4
+    and one line that names the cause — it neither hangs in a worker's flush() nor waits out an ES round."""
+    name = f"persist{mode}"
+    extra = {"meta": {"estimator": "es", "es_particles": 2, "meta_every": 3, "es_sigma": 0.5}} if mode == "es" else {}
+    cfg = small_cfg(name, tmp_path, **extra)
+    args = parser("test", "fashion_mnist").parse_args(
+        ["--storage", str(tmp_path / "store"), "--max-failures", "0", "--num-workers", "2"]
+        + (["--mode", "async"] if mode == "async" else []))
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        launch(cfg, args, worker_callbacks=[BreakPersister(f"lkd-lossnet-{name}", 1, str(tmp_path / "broken.json"))])
+    assert e.value.code == 4
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "stopped saving loss-network versions: TypeError" in errors[0], errors
+    assert time.monotonic() - t0 < 300  # an ES particle waiting for its round would have taken 600 s
