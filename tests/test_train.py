@@ -437,3 +437,15 @@ def test_a_resumed_stream_seeks_instead_of_replaying():
         type(loader).iter_from = orig
     assert torch.equal(got.x, expect.x) and torch.equal(got.y, expect.y)  # the batch the replay reaches ...
     assert built == [2]  # ... reached by seeking into the second pass, not by building n + 2 batches
+
+
+def test_an_es_population_stops_when_any_particle_diverges_not_only_the_owner():
+    from lkd_ray.train import TrainingDiverged
+
+    cfg, data = _synthetic(meta={"estimator": "es", "es_particles": 4, "meta_every": 2, "es_sigma": 0.5})
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    with torch.no_grad():
+        for p in run.trainer.meta.particles[1].bundle.net.parameters():  # particle 2 (the owner is particle 0)
+            p.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"ES particle 2: the student's loss became non-finite at step 1"):
+        run.fit(progress=False)
