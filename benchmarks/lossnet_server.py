@@ -115,7 +115,7 @@ def tally(rep: dict, clients: list[dict]) -> dict:
     server = {k: rep[k] for k in ("submitted", "accepted", "rejected", "duplicates")}
     client = {k: sum(c[k] for c in clients) for k in ("submitted", "accepted", "rejected", "duplicates", "errors")}
     server["uncounted"] = server["submitted"] - server["accepted"] - server["rejected"] - server["duplicates"]
-    client["uncounted"] = client["submitted"] - client["accepted"] - client["rejected"] - client["duplicates"] - client["errors"]
+    client["uncounted"] = client["submitted"] - sum(client[k] for k in ("accepted", "rejected", "duplicates", "errors"))
     return {**server, "client_counted": client}
 
 

@@ -10,15 +10,14 @@ rejection, counters) and adds what only a shared service needs:
 * **es**: particles send (particle, round, quiz loss); a round closes when every particle reported,
   and the (persistent) ES estimate becomes one update. Messages are a few bytes.
 * **durability**: every version is queued for persisting (``<run>/lossnet/v<N>.pt`` + ``latest.json``)
-  as a *copy* of φ and the optimizer state taken when it was applied, with a hash of that content
-  (``state_sha256``, also kept in ``version_hashes()``), and written in the background (the storage layer
-  rides out an outage up to its bound), so a storage outage never blocks rounds nor loses an applied update,
-  and a file always holds exactly its
-  version. The state carries the counters and the set of rounds applied per sender (``rounds.py``: async
-  calls arrive out of order, so a late round is applied, a true replay is not), so a restart resumes from
-  the newest intact version, counts nothing twice and recognises replayed submissions. A save that fails stops
-  the run: storage that refused it or stayed down past the bound with ``LossNetStorageError`` (a
-  ``StorageError``: the jobs' storage exit code), anything else with ``LossNetPersistError`` (its own code).
+  as a *copy* of the whole state taken when it was applied, with a hash of all of it (``state_sha256``,
+  also kept in ``version_hashes()``), and written in the background (the storage layer rides out an outage
+  up to its bound), so an outage never blocks rounds nor loses an applied update, and a file always holds
+  exactly its version. The state carries the counters and the set of rounds applied per sender
+  (``rounds.py``: async calls arrive out of order, so a late round is applied, a true replay is not), so a
+  restart resumes from the newest intact version, counts nothing twice and recognises replays. A save that
+  fails stops the run: storage that refused it or stayed down past the bound with ``LossNetStorageError``
+  (a ``StorageError``: the jobs' storage exit code), anything else with ``LossNetPersistError`` (its own).
 
 Validation (sender, sizes, dtype, finiteness, lr scale) rejects bad messages. Counters count each event
 once: ``rejected`` is refused submissions (any reason); ``meta_rejected_nonfinite`` is the non-finite
@@ -90,7 +89,7 @@ class LossNetServerCore:
         self.stats: dict[str, Any] = {"submitted": 0, "accepted": 0, "rejected": 0, "rejected_reasons": {},
                                       "max_staleness_seen": 0, "rounds": 0, "batches": 0, "restored_from": None,
                                       "adopted_from": None, "duplicates": 0, "behind": 0}
-        self.applied: dict[str, AppliedRounds] = {}  # sender → rounds applied (replays, after a restart too, are recognised)
+        self.applied: dict[str, AppliedRounds] = {}  # sender → rounds applied (replays recognised, restarts too)
         self.es: ESEstimator | None = None
         self.es_index = None
         if mode == "es":
@@ -120,8 +119,8 @@ class LossNetServerCore:
         """The server's state *now*, as copies (safe to write later while Adam keeps stepping), with the hash of
         all of it (``with_hash``)."""
         sd = {**_copy(self.opt.state_dict()), "version": self.version, "stats": _copy(self.stats),
-              "applied_rounds": {k: v.to_list() for k, v in self.applied.items()}, "es": _copy(self.es.state_dict()) if self.es is not None else None,
-              "config": self.cfg.to_dict()}
+              "applied_rounds": {k: v.to_list() for k, v in self.applied.items()},
+              "es": _copy(self.es.state_dict()) if self.es is not None else None, "config": self.cfg.to_dict()}
         return with_hash(sd)
 
     def _enqueue(self) -> None:

@@ -56,8 +56,9 @@ def read_lossnet_artifact(uri: str, endpoint_url: str | None = None) -> dict[str
             sd = st.get_torch(key)
             check_content(sd, uri)
         except CorruptObject as e:
-            raise LossNetArtifactError(f"lossnet.init_from={uri!r} is corrupt and was not loaded ({e}); point it at an "
-                                       "intact version, or at the run folder (its newest intact version is taken)") from None
+            raise LossNetArtifactError(f"lossnet.init_from={uri!r} is corrupt and was not loaded ({e}); point it at "
+                                       "an intact version, or at the run folder (its newest intact version is "
+                                       "taken)") from None
         m = re.fullmatch(r"v(\d+)\.pt", key)
         if isinstance(sd, dict) and m:
             sd.setdefault("version", int(m.group(1)))
