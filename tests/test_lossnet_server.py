@@ -349,3 +349,19 @@ def test_a_save_outage_past_the_bound_stops_the_run(tmp_path, s3_bucket, moto_en
         _stopped_for_storage(core)
     finally:
         px.close()
+
+
+def test_a_version_saved_before_the_applied_round_sets_restores_with_its_old_hash_and_last_rounds(tmp_path):
+    """Files written before this change: a hash over φ, Adam and the version only, and one last round per sender."""
+    from lkd_ray.meta.versions import COVERS, content_sha256
+
+    cfg, core = _core(tmp_path)
+    for r in range(3):
+        core.submit("trainer", r, _grad(core), core.version)
+    old = {k: v for k, v in core.state().items() if k not in ("applied_rounds", COVERS, "state_sha256")}
+    old["last_round"] = {"trainer": 2}
+    old["state_sha256"] = content_sha256(old)  # the old scope, as such a file carries it
+    core.versions.save(3, old)
+    again = LossNetServerCore(cfg, str(tmp_path), "run", "sync", 1)
+    assert again.version == 3 and again.submit("trainer", 1, _grad(again), 3).get("duplicate")
+    assert again.submit("trainer", 3, _grad(again), 3)["accepted"]
