@@ -6,7 +6,8 @@
 * **async**: 2 … 64 clients in the driver, each the shipped ``RemoteMetaUpdater`` in async mode — fire and
   forget: ``submit`` returns without waiting, finished calls are collected later. Reported: what the client
   sees per ``submit`` (latency), and what the server got through per second (accepted + rejected, from the
-  first submission until the last was answered), with its accepted/rejected counts.
+  first submission until the last was answered), with its accepted/rejected/duplicate counts, which add up to
+  the submissions (``uncounted`` 0, checked on both sides).
 * **naive**: the same clients firing the same message at an actor whose method only receives it (the floor
   of one Ray actor call), the same way (fire and forget, collected at the end).
 
@@ -108,6 +109,16 @@ def sync_rounds(ranks: int, rounds: int, cfg, store: str) -> dict:
     return row
 
 
+def tally(rep: dict, clients: list[dict]) -> dict:
+    """Every submission counted once, on the server and by the clients: accepted + rejected + duplicates (true
+    replays; 0 in a run without restarts) + errors (client side) = submitted; ``uncounted`` is what is left over."""
+    server = {k: rep[k] for k in ("submitted", "accepted", "rejected", "duplicates")}
+    client = {k: sum(c[k] for c in clients) for k in ("submitted", "accepted", "rejected", "duplicates", "errors")}
+    server["uncounted"] = server["submitted"] - server["accepted"] - server["rejected"] - server["duplicates"]
+    client["uncounted"] = client["submitted"] - sum(client[k] for k in ("accepted", "rejected", "duplicates", "errors"))
+    return {**server, "client_counted": client}
+
+
 def async_clients(clients: int, rounds: int, cfg, store: str, naive: bool) -> dict:
     """``clients`` fire-and-forget clients, ``rounds`` submissions each: the shipped async client, or the same calls
     at the naive actor."""
@@ -146,9 +157,11 @@ def async_clients(clients: int, rounds: int, cfg, store: str, naive: bool) -> di
     if not naive:
         rep = ray.get(actor.report.remote())
         done = rep["accepted"] + rep["rejected"]
-        extra = {"versions": rep["version"], "batches": rep["batches"], "accepted": rep["accepted"], "rejected": rep["rejected"],
-                 "processed_per_s": done / wall, "mean_batch": rep["accepted"] / max(rep["batches"], 1),
-                 "client_counted": {k: sum(c[k] for _, c in out) for k in ("submitted", "accepted", "rejected", "errors")}}
+        extra = {"versions": rep["version"], "batches": rep["batches"], "processed_per_s": done / wall,
+                 "mean_batch": rep["accepted"] / max(rep["batches"], 1), **tally(rep, [c for _, c in out])}
+        if extra["uncounted"] or extra["client_counted"]["uncounted"]:
+            print(f"WARNING: async clients={clients}: submissions neither accepted, rejected nor duplicates: server "
+                  f"{extra['uncounted']}, clients {extra['client_counted']['uncounted']}", flush=True)
     ray.kill(actor)
     row = _row("naive" if naive else "async", clients, lats, wall, clients * rounds, extra)
     row["submit_latency_ms"] = row.pop("latency_ms")  # what the client waits in submit (fire and forget)

@@ -263,7 +263,8 @@ def server_table() -> str:
             note = f"round trip; all-reduce p50 {r['allreduce_ms']['p50']:.1f} ms, added {r['added_latency_ms_p50']:.1f} ms"
             proc = f"{r['rounds_per_s']:.0f} rounds"
         elif r["mode"] == "async":
-            note = (f"submit latency (fire and forget); accepted {r['accepted']}, rejected {r['rejected']}, "
+            dup = f", duplicates {r['duplicates']}" if "duplicates" in r else ""
+            note = (f"submit latency (fire and forget); accepted {r['accepted']}, rejected {r['rejected']}{dup}, "
                     f"mean batch {r['mean_batch']:.1f}")
             proc = f"{r['processed_per_s']:.0f}"
         else:

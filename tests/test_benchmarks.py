@@ -42,6 +42,8 @@ def test_paired_difference_and_its_standard_error_match_scipy():
 
 
 @pytest.mark.slow
+
+
 def test_gpu_script_runs_every_setting_on_tiny_shapes():
     # the compiled mode traces the student step for real; aot_eager skips code generation to stay fast on CPU
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_core.py"), "--smoke", "--pairs", "resnet32x4->resnet8x4",
@@ -304,3 +306,25 @@ def test_correcting_a_provenance_flag_changes_only_matching_rows_and_logs_the_ol
         r = subprocess.run(cli + bad, capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "error" in r.stderr, (bad, r.stderr)
     assert json.loads(recs.read_text())[3:] == rows[3:] and len(json.loads((tmp_path / "corrected.json").read_text())) == 2
+
+
+def test_the_server_benchmark_counts_every_submission_once(tmp_path):
+    """accepted + rejected + duplicates = submitted, on the server and by the clients, with rounds that arrive out
+    of order (0 true duplicates: nothing was replayed)."""
+    import torch
+
+    from lkd_ray.config import build_config
+    from lkd_ray.distributed.lossnet_server import LossNetServerCore
+
+    bench = _load("lossnet_server")
+    cfg = build_config("fashion_mnist", lossnet={"hidden": [4]})
+    core = LossNetServerCore(cfg, str(tmp_path), "run", "async", 1, persist=False)
+    g = torch.zeros(core.opt.numel)
+    client = {"submitted": 0, "accepted": 0, "rejected": 0, "duplicates": 0, "errors": 0}
+    for r, base in ((1, 0), (0, 0), (3, 2), (2, 0)):  # round 0 after round 1; round 2 late and stale
+        res = core.apply_batch([{"sender": "c0", "round": r, "grad": g, "base_version": base}])[0]
+        client["submitted"] += 1
+        client["duplicates" if res.get("duplicate") else "accepted" if res["accepted"] else "rejected"] += 1
+    t = bench.tally(core.report(), [client])
+    assert (t["submitted"], t["accepted"], t["rejected"], t["duplicates"], t["uncounted"]) == (4, 3, 1, 0, 0)
+    assert t["client_counted"]["uncounted"] == 0 and t["client_counted"]["accepted"] == 3

@@ -441,3 +441,55 @@ def test_a_worker_that_meets_bad_input_exits_2_with_the_same_one_line(tmp_path, 
     assert e.value.code == 2, err[-3000:]
     assert lines[-1] == "error: data.root /d/train-images-idx3-ubyte.gz: is not a complete gzip file — copy it again"
     assert "Traceback" not in out + err, (out + err)[-3000:]
+def _persister_broken(server, after_version: int) -> None:
+    """Once ``after_version`` is saved, the live server's version writer raises what a bug would; returns once the
+    persister stopped on the next version (the actor runs the change itself, through ``__ray_call__``)."""
+    from tests.faults import _break_version_writer
+
+    deadline = time.monotonic() + 60
+    while ray.get(server.report.remote())["persisted_version"] != after_version and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ray.get(server.__ray_call__.remote(_break_version_writer))
+
+
+def _wait_fatal(server) -> None:
+    deadline = time.monotonic() + 60
+    while ray.get(server.report.remote())["persist_fatal"] is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ray.get(server.report.remote())["persist_fatal"], "the broken persister never stopped"
+
+
+def test_an_async_submission_after_the_persister_stopped_gets_the_error_not_a_hang(tmp_path):
+    """apply_batch raised and ended the batcher with the batch's futures unset: every worker's flush() blocked
+    forever. Now each submission of the batch gets the persister's error."""
+    from lkd_ray.distributed.lossnet_server import LossNetPersistError, LossNetServer
+
+    server = LossNetServer.remote(small_cfg("asyncbug", tmp_path), str(tmp_path / "store"), "asyncbug", "async", 4)
+    n = ray.get(server.get.remote(-1))[1].numel()
+    _persister_broken(server, 0)
+    assert ray.get(server.submit_async.remote("a", 0, torch.zeros(n), 0), timeout=30)["accepted"]  # v1, never saved
+    _wait_fatal(server)
+    refs = [server.submit_async.remote(s, 1, torch.zeros(n), 1) for s in ("a", "b")]
+    for ref in refs:
+        with pytest.raises(LossNetPersistError, match="stopped saving loss-network versions: TypeError"):
+            ray.get(ref, timeout=30)
+    assert ray.get(server.report.remote())["version"] == 1  # no step after the persister stopped
+    ray.kill(server)
+
+
+def test_es_particles_waiting_for_a_round_stop_when_the_persister_stopped_not_after_600_s(tmp_path):
+    from lkd_ray.distributed.lossnet_server import LossNetPersistError, LossNetServer
+
+    cfg = small_cfg("esbug", tmp_path, meta={"estimator": "es", "es_particles": 2})
+    server = LossNetServer.remote(cfg, str(tmp_path / "store"), "esbug", "es", 4, particles=2)
+    ray.get([server.es_report.remote(p, 0, 1.0 + p) for p in (0, 1)], timeout=30)  # round 0 closes: v1
+    _persister_broken(server, 1)
+    done, _ = ray.wait([server.es_report.remote(p, 1, 1.0 + p) for p in (0, 1)], num_returns=2, timeout=30)
+    assert len(done) == 2  # round 1 closed (v2, whose save fails: its answers may carry that error already)
+    _wait_fatal(server)
+    waiting = server.es_report.remote(0, 2, 1.0)  # particle 0 reports round 2 and would wait for particle 1
+    closing = server.es_report.remote(1, 2, 2.0)
+    for ref in (waiting, closing):
+        with pytest.raises(LossNetPersistError, match="stopped saving loss-network versions"):
+            ray.get(ref, timeout=30)
+    ray.kill(server)

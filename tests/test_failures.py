@@ -65,3 +65,13 @@ def test_pyarrows_s3_errors_are_storage_errors(text, kind):
 
     cause = failure_cause(ControllerError(OSError(text)))
     assert (cause[0] if cause else None) == kind
+
+
+def test_a_lossnet_server_that_storage_stopped_is_a_storage_failure():
+    import ray.exceptions
+
+    from lkd_ray.distributed.lossnet_server import LossNetStorageError
+
+    e = LossNetStorageError("the LossNetServer could not save a loss-network version: version 3: S3 error AccessDenied")
+    task = ray.exceptions.RayTaskError("LossNetServer.submit_async", "Traceback ...", e).as_instanceof_cause()
+    assert failure_cause(_in_a_worker(task)) == ("storage", str(e))

@@ -1,4 +1,5 @@
 """LossNetServer logic (rounds, validation, async batching, ES, persistence, restores) without Ray."""
+import hashlib
 import json
 
 import pytest
@@ -181,7 +182,7 @@ def test_a_persister_failure_that_is_not_storage_stops_the_run_with_its_own_erro
         raise TypeError("cannot serialise this payload")
 
     core.versions.save = broken
-    core.persist_forever(sleep=lambda s: None)  # returns: it recorded why it stopped
+    core.persist_forever()  # returns: it recorded why it stopped
     assert core.persist_fatal == "TypeError: cannot serialise this payload"
     core.wait_persisted(stall_s=0.1)  # does not wait for a persister that is gone
     with pytest.raises(LossNetPersistError, match="stopped saving loss-network versions: TypeError"):
@@ -211,3 +212,156 @@ def test_an_es_round_without_a_usable_pair_advances_the_round_not_the_version(tm
     res = core.es_report(1, 1, 2.0, lr_scale=0.5)
     assert res["closed"] and res["round"] == 2 and core.version == core.opt.stats.accepted == 1
     assert core.opt.adam.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5)  # the particles' meta lr schedule applies
+
+
+def test_an_async_round_arriving_after_a_later_one_is_applied_and_only_true_replays_are_duplicates(tmp_path):
+    """Ray's async actor calls do not keep their order: round 0 may arrive after round 1. It is applied; round 1
+    again is a replay — and still is after a restart (the applied rounds are saved with the state)."""
+    cfg, core = _core(tmp_path, mode="async", staleness=4)
+    item = lambda r, v: {"sender": "a", "round": r, "grad": _grad(core), "base_version": v}  # noqa: E731
+    assert core.apply_batch([item(1, 0)])[0]["accepted"] and core.version == 1
+    late = core.apply_batch([item(0, 0)])[0]
+    assert late["accepted"] and not late.get("duplicate") and core.version == 2 and core.stats["duplicates"] == 0
+    assert core.apply_batch([item(1, 1)])[0].get("duplicate") and core.version == 2
+    assert core.apply_batch([item(3, 2)])[0]["accepted"]  # round 2 still in flight
+    assert core.drain_once()
+    again = LossNetServerCore(cfg, str(tmp_path), "run", "async", 4)  # a restart
+    assert again.apply_batch([item(0, 3)])[0].get("duplicate") and again.apply_batch([item(3, 3)])[0].get("duplicate")
+    assert again.apply_batch([item(2, 3)])[0]["accepted"] and again.version == 4  # the one never applied
+    rep = again.report()
+    assert rep["accepted"] + rep["rejected"] + rep["duplicates"] == rep["submitted"] == 7
+
+
+def test_applied_rounds_are_exact_with_gaps_and_bounded_in_memory():
+    from lkd_ray.distributed.rounds import AppliedRounds
+
+    s = AppliedRounds(max_intervals=4)
+    for r in (5, 3, 4, 0, 9):
+        s.add(r)
+    assert [r for r in range(12) if r in s] == [0, 3, 4, 5, 9] and s.to_list() == [[0, 1], [3, 6], [9, 10]]
+    assert AppliedRounds(s.to_list()).to_list() == s.to_list() and s.last == 9
+    for r in (11, 13, 15):  # six gaps' worth of intervals: the oldest gaps are closed, the newest kept exact
+        s.add(r)
+    assert len(s.to_list()) == 4 and 12 not in s and 14 not in s and 15 in s and 1 in s
+    assert [r for r in range(8) if r in AppliedRounds.up_to(3)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("part", ["stats", "applied_rounds", "es", "version"])
+def test_a_version_whose_saved_state_changed_in_any_part_is_refused_on_restore(tmp_path, part, caplog):
+    """The content hash covers the whole payload: the counters, the applied rounds and the ES state too, not only
+    φ and Adam. Same shapes, other numbers → the restore falls back to the version before, with a warning."""
+    cfg, core = _core(tmp_path, mode="es", particles=2, es_sigma=0.1) if part == "es" else _core(tmp_path)
+    for r in range(2):
+        if part == "es":
+            core.es_report(0, r, 1.0)
+            core.es_report(1, r, 2.0)
+        else:
+            core.submit("trainer", r, _grad(core), core.version)
+    assert core.drain_once() and core.version == 2
+    path = tmp_path / "run" / "lossnet" / "v2.pt"
+    sd = torch.load(path, weights_only=True)
+    if part == "stats":
+        sd["stats"]["accepted"] = 7
+    elif part == "applied_rounds":
+        sd["applied_rounds"]["trainer"] = [[0, 9]]
+    elif part == "es":
+        sd["es"]["xi"] = sd["es"]["xi"] + 1.0
+    else:
+        sd["version"] = 3
+    torch.save(sd, path)
+    ptr = tmp_path / "run" / "lossnet" / "latest.json"  # a pointer that agrees with the changed bytes: only the
+    meta = json.loads(ptr.read_text())                 # content hash can tell
+    meta.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), size=path.stat().st_size)
+    ptr.write_text(json.dumps(meta))
+    again = LossNetServerCore(cfg, str(tmp_path), "run", core.mode, 1, particles=2 if part == "es" else 0)
+    assert again.version == 1 and again.stats["restored_from"] == 1
+    assert any("version 2 is corrupt" in r.getMessage() for r in caplog.records)
+
+
+def test_init_from_a_version_file_checks_its_hash_and_refuses_other_numbers(tmp_path):
+    from lkd_ray.train.run import LossNetArtifactError, read_lossnet_artifact
+
+    _, core = _core(tmp_path)
+    core.submit("trainer", 0, _grad(core), 0)
+    assert core.drain_once()
+    path = tmp_path / "run" / "lossnet" / "v1.pt"
+    assert read_lossnet_artifact(str(path))["version"] == 1  # intact: loads
+    sd = torch.load(path, weights_only=True)
+    name = next(iter(sd["lossnets"]))
+    sd["lossnets"][name] = torch.randn_like(sd["lossnets"][name])  # same shape, other numbers
+    torch.save(sd, path)
+    with pytest.raises(LossNetArtifactError, match="is corrupt and was not loaded"):
+        read_lossnet_artifact(str(path))
+    path.write_bytes(b"not a torch file")  # a file that does not load at all: refused by its type, the same way
+    with pytest.raises(LossNetArtifactError, match="is corrupt and was not loaded"):
+        read_lossnet_artifact(str(path))
+
+
+def _persist_in_thread(core, wait_s: float = 15.0) -> float:
+    import threading
+    import time
+
+    t0 = time.monotonic()
+    t = threading.Thread(target=core.persist_forever, daemon=True)
+    t.start()
+    t.join(wait_s)
+    assert not t.is_alive(), f"the persister still retries after {wait_s:.0f} s: {core.report()['persist_error']}"
+    return time.monotonic() - t0
+
+
+def _stopped_for_storage(core) -> None:
+    from lkd_ray.distributed.lossnet_server import LossNetStorageError
+    from lkd_ray.storage import StorageError
+
+    assert core.persist_fatal_storage and core.report()["persist_fatal_storage"]
+    before = core.get()[1]
+    with pytest.raises(LossNetStorageError, match="could not save a loss-network version") as e:
+        core.submit("trainer", 0, _grad(core), core.version)
+    assert isinstance(e.value, StorageError)  # the jobs' storage exit code (3), found by type
+    assert torch.equal(before, core.get()[1])  # no step taken that could not be recorded
+
+
+def test_a_save_that_storage_refuses_stops_the_run_at_once(tmp_path, s3_bucket, moto_endpoint):
+    """NoSuchBucket (as AccessDenied) is an answer, not an outage: no retry can change it. The persister stops at
+    once and the next round raises a storage error, instead of training on unsaved until the final flush."""
+    import boto3
+
+    cfg = build_config("fashion_mnist", lossnet={"hidden": [4]}, meta={"lr": 0.01})
+    core = LossNetServerCore(cfg, f"s3://{s3_bucket}/lkd", "run", endpoint_url=moto_endpoint, storage_outage_s=30)
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").delete_bucket(Bucket=s3_bucket)
+    assert _persist_in_thread(core) < 10
+    assert "NoSuchBucket" in core.persist_fatal
+    _stopped_for_storage(core)
+
+
+def test_a_save_outage_past_the_bound_stops_the_run(tmp_path, s3_bucket, moto_endpoint):
+    """The endpoint refuses connections for good; the storage layer retries for its bound (1 s), then the
+    persister stops, instead of retrying after the bound for as long as the run lasts."""
+    from tests.proxy import FaultProxy
+
+    px = FaultProxy(moto_endpoint)
+    try:
+        cfg = build_config("fashion_mnist", lossnet={"hidden": [4]}, meta={"lr": 0.01})
+        core = LossNetServerCore(cfg, f"s3://{s3_bucket}/lkd", "run", endpoint_url=px.url, storage_outage_s=1)
+        px.set_mode("refuse")
+        _persist_in_thread(core)
+        assert "outage bound of 1 s" in core.persist_fatal and core.persisted_version is None
+        _stopped_for_storage(core)
+    finally:
+        px.close()
+
+
+def test_a_version_saved_before_the_applied_round_sets_restores_with_its_old_hash_and_last_rounds(tmp_path):
+    """Files written before this change: a hash over φ, Adam and the version only, and one last round per sender."""
+    from lkd_ray.meta.versions import COVERS, content_sha256
+
+    cfg, core = _core(tmp_path)
+    for r in range(3):
+        core.submit("trainer", r, _grad(core), core.version)
+    old = {k: v for k, v in core.state().items() if k not in ("applied_rounds", COVERS, "state_sha256")}
+    old["last_round"] = {"trainer": 2}
+    old["state_sha256"] = content_sha256(old)  # the old scope, as such a file carries it
+    core.versions.save(3, old)
+    again = LossNetServerCore(cfg, str(tmp_path), "run", "sync", 1)
+    assert again.version == 3 and again.submit("trainer", 1, _grad(again), 3).get("duplicate")
+    assert again.submit("trainer", 3, _grad(again), 3)["accepted"]

@@ -28,6 +28,8 @@ def fashion_setup(tmp_path_factory, fashion_available):
 
 
 @pytest.mark.slow
+
+
 def test_lkd_on_fashion_mnist_learns_the_loss_and_the_student(fashion_setup, tmp_path):
     cfg, data, teacher, info = fashion_setup
     assert len(info["curve"]) == 2  # a short teacher: what is checked below is that distillation transfers it
@@ -101,6 +103,8 @@ def _small_fashion_root(root, shift: int):
 
 @pytest.mark.parametrize("change", ["data.root", "data.train_subset", "data.augment", "data.batch_size", "optim.lr",
                                     "optim.weight_decay", "model.teacher_epochs"])
+
+
 def test_teacher_cache_key_covers_everything_that_trains_the_teacher(tmp_path, change, fashion_available):
     base = {"data": {"root": _small_fashion_root(tmp_path / "fm0", 0), "batch_size": 50, "train_subset": 500},
             "model": {"teacher_epochs": 1}, "run": {"cache_dir": str(tmp_path / "cache"), "progress": False}}
@@ -160,6 +164,8 @@ def test_diverging_student_stops_with_advice():
     ("lkd", {"meta": {"estimator": "implicit", "neumann_steps": 2}}),
     ("lkd", {"lossnet": {"kind": "sample"}}), ("lkd", {"lossnet": {"kind": "sample", "base": "dist"}}),
 ])
+
+
 def test_every_method_runs_through_one_loop_with_features(method, extra, tmp_path):
     over = {"loss": {"method": method, "w_feat": 0.5}, "meta": {"meta_every": 3, "scope": "head"}}
     for k, v in extra.items():
@@ -190,6 +196,8 @@ def test_every_method_runs_through_one_loop_with_features(method, extra, tmp_pat
 
 
 @pytest.mark.parametrize("schedule,expected_ratio", [("constant", 1.0), ("student", 0.5)])
+
+
 def test_meta_lr_follows_the_student_schedule_when_asked(schedule, expected_ratio):
     # cosine over 2 epochs: the student's lr in epoch 2 is lr0·(1 + cos(π/2))/2 = lr0/2
     cfg = build_config("fashion_mnist", data={"dataset": "synthetic", "synthetic_size": 256, "batch_size": 32, "image_size": 16},
@@ -232,6 +240,8 @@ def test_freeze_after_epoch_stops_meta_updates_and_fresh_batches_are_other_batch
 
 
 @pytest.mark.parametrize("sampling", ["recent", "gaussian"])
+
+
 def test_snapshot_sampling_ablations_follow_their_distributions(sampling):
     from scipy.stats import chisquare
 
@@ -480,3 +490,15 @@ def test_a_ray_shard_s_fork_keeps_its_own_epoch_and_leaves_the_epoch_clock_alone
     assert fork.clock is None and not fork.record_ids and fork.shard is loader.shard and len(fork) == len(loader)
     fork.set_epoch(3)
     assert (fork.epoch, loader.epoch, loader.clock) == (3, 0, clock)
+
+
+def test_an_es_population_stops_when_any_particle_diverges_not_only_the_owner():
+    from lkd_ray.train import TrainingDiverged
+
+    cfg, data = _synthetic(meta={"estimator": "es", "es_particles": 4, "meta_every": 2, "es_sigma": 0.5})
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    with torch.no_grad():
+        for p in run.trainer.meta.particles[1].bundle.net.parameters():  # particle 2 (the owner is particle 0)
+            p.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"ES particle 2: the student's loss became non-finite at step 1"):
+        run.fit(progress=False)

@@ -10,12 +10,14 @@ rejection, counters) and adds what only a shared service needs:
 * **es**: particles send (particle, round, quiz loss); a round closes when every particle reported,
   and the (persistent) ES estimate becomes one update. Messages are a few bytes.
 * **durability**: every version is queued for persisting (``<run>/lossnet/v<N>.pt`` + ``latest.json``)
-  as a *copy* of φ and the optimizer state taken when it was applied, with a hash of that content
-  (``state_sha256``, also kept in ``version_hashes()``), and written in the background with retries, so a
-  storage outage never blocks rounds nor loses an applied update, and a file always holds exactly its
-  version. The state carries the counters and the last round per sender, so a restart resumes from the
-  newest intact version, counts nothing twice and recognises replayed submissions. A persister failure that
-  is not a storage outage stops the run with ``LossNetPersistError`` (its own exit code in the jobs).
+  as a *copy* of the whole state taken when it was applied, with a hash of all of it (``state_sha256``,
+  also kept in ``version_hashes()``), and written in the background (the storage layer rides out an outage
+  up to its bound), so an outage never blocks rounds nor loses an applied update, and a file always holds
+  exactly its version. The state carries the counters and the set of rounds applied per sender
+  (``rounds.py``: async calls arrive out of order, so a late round is applied, a true replay is not), so a
+  restart resumes from the newest intact version, counts nothing twice and recognises replays. A save that
+  fails stops the run: storage that refused it or stayed down past the bound with ``LossNetStorageError``
+  (a ``StorageError``: the jobs' storage exit code), anything else with ``LossNetPersistError`` (its own).
 
 Validation (sender, sizes, dtype, finiteness, lr scale) rejects bad messages. Counters count each event
 once: ``rejected`` is refused submissions (any reason); ``meta_rejected_nonfinite`` is the non-finite
@@ -36,9 +38,10 @@ import torch
 from ..config import Config
 from ..losses import build_lossnets
 from ..meta import ESEstimator, LossNetOptimizer, es_index, flatten
-from ..meta.versions import VersionStore, content_sha256
 from ..errors import RecordFailure
+from ..meta.versions import VersionStore, with_hash
 from ..storage import StorageError, open_storage, safe_key
+from .rounds import AppliedRounds
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,12 @@ log = logging.getLogger(__name__)
 class LossNetPersistError(RecordFailure, RuntimeError):
     """The LossNetServer could not save its state for a reason other than a storage outage (a bug or a
     payload that cannot be written): the run stops rather than continue without its record."""
+
+
+class LossNetStorageError(StorageError):
+    """The LossNetServer could not save a version because storage refused it (no bucket, no access: retrying
+    cannot help) or stayed down past the outage bound (the storage layer retried that long already): the run
+    stops with the storage error's exit code rather than train on unrecorded."""
 
 
 def _copy(obj: Any) -> Any:
@@ -81,7 +90,7 @@ class LossNetServerCore:
         self.stats: dict[str, Any] = {"submitted": 0, "accepted": 0, "rejected": 0, "rejected_reasons": {},
                                       "max_staleness_seen": 0, "rounds": 0, "batches": 0, "restored_from": None,
                                       "adopted_from": None, "duplicates": 0, "behind": 0}
-        self.last_round: dict[str, int] = {}  # sender → last round applied (replays after a restart are recognised)
+        self.applied: dict[str, AppliedRounds] = {}  # sender → rounds applied (replays recognised, restarts too)
         self.es: ESEstimator | None = None
         self.es_index = None
         if mode == "es":
@@ -94,7 +103,8 @@ class LossNetServerCore:
         self.persisted_version: int | None = None
         self.persist_failures = 0
         self.persist_error: str | None = None
-        self.persist_fatal: str | None = None   # a non-storage failure of the persister: the run must stop
+        self.persist_fatal: str | None = None   # why the persister stopped: the run must stop
+        self.persist_fatal_storage = False      # ... because storage refused or stayed down past the bound
         self.hashes: dict[int, str] = {}        # version → content hash taken when it was applied
         self._qlock = threading.Condition()
         self.restore()
@@ -108,12 +118,11 @@ class LossNetServerCore:
 
     def state(self) -> dict[str, Any]:
         """The server's state *now*, as copies (safe to write later while Adam keeps stepping), with the hash of
-        its content."""
+        all of it (``with_hash``)."""
         sd = {**_copy(self.opt.state_dict()), "version": self.version, "stats": _copy(self.stats),
-              "last_round": dict(self.last_round), "es": _copy(self.es.state_dict()) if self.es is not None else None,
-              "config": self.cfg.to_dict()}
-        sd["state_sha256"] = content_sha256(sd)
-        return sd
+              "applied_rounds": {k: v.to_list() for k, v in self.applied.items()},
+              "es": _copy(self.es.state_dict()) if self.es is not None else None, "config": self.cfg.to_dict()}
+        return with_hash(sd)
 
     def _enqueue(self) -> None:
         if not self.persist_enabled:
@@ -129,15 +138,18 @@ class LossNetServerCore:
         return dict(self.hashes)
 
     def raise_if_fatal(self) -> None:
-        if self.persist_fatal is not None:
-            raise LossNetPersistError(f"the LossNetServer stopped saving loss-network versions: {self.persist_fatal}")
+        if self.persist_fatal is None:
+            return
+        if self.persist_fatal_storage:
+            raise LossNetStorageError(f"the LossNetServer could not save a loss-network version: {self.persist_fatal}")
+        raise LossNetPersistError(f"the LossNetServer stopped saving loss-network versions: {self.persist_fatal}")
 
     def persist_pending(self) -> int:
         return len(self.queue)
 
-    def drain_once(self, deadline_s: float | None = None) -> bool:
-        """Write queued versions oldest first; on a storage error keep them queued. True if the queue emptied.
-        Any other exception propagates (the persister records it as fatal)."""
+    def drain_once(self) -> bool:
+        """Write queued versions oldest first; on a storage error keep them queued and return False (the error in
+        ``persist_error``). True if the queue emptied. Any other exception propagates."""
         while True:
             with self._qlock:
                 if not self.queue:
@@ -156,26 +168,27 @@ class LossNetServerCore:
                 self.persist_error = None
                 self._qlock.notify_all()
 
-    def persist_forever(self, sleep=time.sleep) -> None:
-        """The persister thread's loop: drain, back off while storage fails, stop (recording why) on anything else."""
-        delay = 0.5
+    def persist_forever(self) -> None:
+        """The persister thread's loop: drain until a save fails, then stop, recording why. It does not retry: the
+        storage layer already rode out the outage up to its bound (``--storage-outage-s``), so a storage error
+        here is an outage past that bound or an answer retrying cannot change (no bucket, access denied), and
+        any other exception is a bug. Either way the run must not go on unrecorded."""
         try:
             while True:
                 with self._qlock:
                     while not self.queue:
                         self._qlock.wait()
-                if self.drain_once():
-                    delay = 0.5
-                    continue
-                log.warning("LossNetServer: saving version %s failed (%s); retrying in %.1fs",
-                            self.queue[0][0] if self.queue else "?", self.persist_error, delay)
-                sleep(delay)
-                delay = min(delay * 2, 10.0)
-        except Exception as e:  # not a storage outage: retrying cannot help, and the run must not go on unrecorded
-            with self._qlock:
-                self.persist_fatal = f"{type(e).__name__}: {e}"
-                self._qlock.notify_all()
-            log.error("LossNetServer: the persister stopped: %s", self.persist_fatal, exc_info=True)
+                if not self.drain_once():
+                    self._stop(f"version {self.queue[0][0] if self.queue else '?'}: {self.persist_error}", storage=True)
+                    return
+        except Exception as e:
+            self._stop(f"{type(e).__name__}: {e}", storage=False)
+
+    def _stop(self, why: str, storage: bool) -> None:
+        with self._qlock:
+            self.persist_fatal, self.persist_fatal_storage = why, storage
+            self._qlock.notify_all()
+        log.error("LossNetServer: the persister stopped: %s", why, exc_info=not storage)
 
     def wait_persisted(self, stall_s: float) -> None:
         """Block until every applied version is persisted, the persister failed, or none was persisted for
@@ -199,7 +212,10 @@ class LossNetServerCore:
         self.opt.load_state_dict(sd)
         self.opt.stats.version = int(sd["version"])
         self.stats.update({k: v for k, v in sd.get("stats", {}).items() if k in self.stats and k not in ("restored_from",)})
-        self.last_round = {str(k): int(v) for k, v in sd.get("last_round", {}).items()}
+        if sd.get("applied_rounds") is not None:
+            self.applied = {str(k): AppliedRounds(v) for k, v in sd["applied_rounds"].items()}
+        else:  # saved before the set of applied rounds: every round up to the last one counts as applied
+            self.applied = {str(k): AppliedRounds.up_to(int(v)) for k, v in sd.get("last_round", {}).items()}
         if self.es is not None and sd.get("es"):
             self.es.load_state_dict(sd["es"])
         self.stats["restored_from"] = int(sd["version"])
@@ -245,8 +261,13 @@ class LossNetServerCore:
             return None, f"bad lr_scale: {lr_scale!r} (expected a finite number in [0, 100])"
         return grad.float(), None
 
+    def _mark(self, sender: str, round_: int | None) -> None:
+        if round_ is not None:
+            self.applied.setdefault(sender, AppliedRounds()).add(round_)
+
     def _replay(self, sender: str, round_: int | None) -> dict | None:
-        if round_ is not None and self.last_round.get(sender, -1) >= round_:
+        """A round of this sender that was applied already (not merely an older one: async calls arrive out of order)."""
+        if round_ is not None and sender in self.applied and round_ in self.applied[sender]:
             self.stats["duplicates"] += 1
             return {"accepted": True, "duplicate": True, "version": self.version}
         return None
@@ -264,14 +285,14 @@ class LossNetServerCore:
                from_snapshot: int = 0, quiz_loss: float | None = None, nonfinite: int = 0) -> dict:
         """One round's meta-gradient from a trainer's leader (sync) — applied now. ``grad`` None means every
         rank's gradient was non-finite (``nonfinite`` counts them); they are counted, nothing is applied."""
+        self.raise_if_fatal()  # no step the run could not record
         self.stats["submitted"] += 1
         replay = self._replay(sender, round_)
         if replay is not None:
             return replay
         self.opt.stats.rejected_nonfinite += int(nonfinite)  # ranks dropped from the round's mean (a breakdown)
         if grad is None:
-            if round_ is not None:
-                self.last_round[sender] = round_
+            self._mark(sender, round_)
             self.stats["rounds"] += 1
             return self._reject("non-finite: every rank")
         checked, why = self._check(grad, lr_scale)
@@ -286,8 +307,7 @@ class LossNetServerCore:
         if self.mode == "sync" and base_version != self.version:
             return self._reject(f"wrong version: round computed at v{base_version}, server at v{self.version}")
         ok = self._apply([checked], float(lr_scale), from_snapshot, quiz_loss)
-        if round_ is not None:
-            self.last_round[sender] = round_
+        self._mark(sender, round_)
         self.stats["rounds"] += 1
         if not ok:
             return self._reject("non-finite: meta-gradient has NaN/Inf")
@@ -297,11 +317,16 @@ class LossNetServerCore:
 
     def apply_batch(self, items: list[dict]) -> list[dict]:
         """Async: every queued submission that is within the staleness bound and finite, averaged, one step."""
+        self.raise_if_fatal()  # no step the run could not record
         out: list[dict] = []
         good: list[tuple[int, torch.Tensor, dict]] = []
+        in_batch: set = set()
         for i, it in enumerate(items):
             self.stats["submitted"] += 1
             replay = self._replay(it["sender"], it.get("round"))
+            if replay is None and it.get("round") is not None and (it["sender"], it["round"]) in in_batch:
+                self.stats["duplicates"] += 1  # the same round twice in one batch: applied once
+                replay = {"accepted": True, "duplicate": True, "version": self.version}
             if replay is not None:
                 out.append(replay)
                 continue
@@ -319,14 +344,14 @@ class LossNetServerCore:
                 out.append(self._reject("non-finite: meta-gradient has NaN/Inf"))
                 continue
             good.append((i, checked, it))
+            in_batch.add((it["sender"], it.get("round")))
             out.append({})
         if good:
             scale = sum(float(it.get("lr_scale", 1.0)) for _, _, it in good) / len(good)
             ok = self._apply([g for _, g, _ in good], scale, sum(int(it.get("from_snapshot", 0)) for _, _, it in good),
                              good[-1][2].get("quiz_loss"))
             for i, _, it in good:
-                if it.get("round") is not None:
-                    self.last_round[it["sender"]] = it["round"]
+                self._mark(it["sender"], it.get("round"))
                 self.stats["accepted"] += int(ok)
                 out[i] = {"accepted": ok, "version": self.version, "batched": len(good)}
             if ok:
@@ -342,6 +367,7 @@ class LossNetServerCore:
         every particle reported: the estimate becomes one update (at the particles' ``lr_scale``, the meta lr
         schedule), and the round advances whether or not a usable pair made an update — so rounds and versions
         are counted apart and ``version == accepted`` holds, as in one process (``ESStrategy``)."""
+        self.raise_if_fatal()  # no step the run could not record
         self.stats["submitted"] += 1
         if self.es is None:
             return self._reject("wrong mode: this server is not running ES")
@@ -379,7 +405,8 @@ class LossNetServerCore:
         return {**self.stats, **{f"meta_{k}": v for k, v in self.opt.counters().items()}, "version": self.version,
                 "es_round": self.es_round, "persisted_version": self.persisted_version,
                 "persist_pending": self.persist_pending(), "persist_failures": self.persist_failures,
-                "persist_error": self.persist_error, "persist_fatal": self.persist_fatal}
+                "persist_error": self.persist_error, "persist_fatal": self.persist_fatal,
+                "persist_fatal_storage": self.persist_fatal_storage}
 
 
 try:
@@ -425,8 +452,14 @@ if ray is not None:
             while self.pending:
                 await asyncio.sleep(0)  # let every arrival of this tick join the batch
                 batch, self.pending = self.pending, []
-                async with self.lock:
-                    results = self.core.apply_batch([b for b, _ in batch])
+                try:
+                    async with self.lock:
+                        results = self.core.apply_batch([b for b, _ in batch])
+                except Exception as e:  # the persister stopped (or a bug): every submission of the batch gets the
+                    for _, fut in batch:  # error, none waits for an answer that would never come
+                        if not fut.done():
+                            fut.set_exception(e)
+                    continue
                 for (_, fut), res in zip(batch, results):
                     if not fut.done():
                         fut.set_result(res)
@@ -434,11 +467,17 @@ if ray is not None:
         async def es_report(self, particle: int, round_: int, loss: float, lr_scale: float = 1.0,
                             timeout_s: float = 600.0) -> dict:
             async with self.cond:
-                res = self.core.es_report(particle, round_, loss, lr_scale)
+                try:
+                    res = self.core.es_report(particle, round_, loss, lr_scale)
+                except Exception:  # the persister stopped: wake the particles waiting for this round, which will
+                    self.cond.notify_all()  # not close, so they stop too instead of waiting out ``timeout_s``
+                    raise
                 if res.get("closed"):
                     self.cond.notify_all()
                 elif res.get("accepted") and not res.get("duplicate"):
-                    await asyncio.wait_for(self.cond.wait_for(lambda: self.core.es_round > round_), timeout_s)
+                    await asyncio.wait_for(self.cond.wait_for(
+                        lambda: self.core.es_round > round_ or self.core.persist_fatal is not None), timeout_s)
+                self.core.raise_if_fatal()
                 res["version"], res["round"] = self.core.version, self.core.es_round
                 res["phi"] = self.core.get(-1)[1]
                 return res

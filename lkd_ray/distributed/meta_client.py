@@ -55,10 +55,10 @@ class RemoteMetaUpdater:
             try:
                 res = ray.get(ref)
             except ray.exceptions.RayError as e:
-                from .lossnet_server import LossNetPersistError
+                from .lossnet_server import LossNetPersistError, LossNetStorageError
 
-                if isinstance(getattr(e, "cause", None), LossNetPersistError):
-                    raise
+                if isinstance(getattr(e, "cause", None), (LossNetPersistError, LossNetStorageError)):
+                    raise  # the server stopped saving versions: the run stops (exit 4 / 3), not counted and carried on
                 self.client["errors"] += 1
                 log.warning("async meta-gradient submission from %s failed: %s", self.sender, str(e).splitlines()[0])
                 continue

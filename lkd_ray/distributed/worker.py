@@ -45,14 +45,36 @@ def _load_registered(registered, device) -> dict:
         return torch.load(os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=True)
 
 
-def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> tuple[dict | None, bool, str | None]:
+def _holds(registered, storage, key: str | None, names: tuple[str, ...]) -> list[str]:
+    """Which of ``names`` a checkpoint lacks (the registered one, or the uploaded folder of ``key``)."""
+    if not names:
+        return []
+    if key is None:
+        with registered.as_directory() as d:
+            return [n for n in names if not os.path.exists(os.path.join(d, n))]
+    folder = key.rsplit("/", 1)[0]
+    return [n for n in names if not storage.exists(f"{folder}/{n}")]
+
+
+def newest_checkpoint(storage, run_key: str, registered=None, device="cpu",
+                      need: tuple[str, ...] = ()) -> tuple[dict | None, bool, str | None]:
     """The resumable state with the most epochs, whether Ray Train registered it, and its storage key when it
     did not: the registered checkpoint, or one uploaded to ``<run>/ray/checkpoint_*/`` whose registration a
     crash or a storage outage cut short (the controller registers a report only once every rank's report
-    arrived, and writes its registry after the upload). A file that does not load is skipped."""
+    arrived, and writes its registry after the upload). A file that does not load is skipped, and so is a
+    checkpoint without every file in ``need`` (under ES, each particle's own state: a particle whose upload
+    was lost must not resume from another particle's student)."""
     best, is_registered, best_key = None, registered is not None, None
+    incomplete: list[str] = []
     if registered is not None:
-        best = _load_registered(registered, device)
+        missing = _holds(registered, storage, None, need)
+        if missing:
+            log.warning("the registered checkpoint lacks %s: looking for an uploaded one that holds every particle's "
+                        "state", ", ".join(missing))
+            is_registered = False
+            incomplete.append(f"the registered checkpoint (lacks {', '.join(missing)})")
+        else:
+            best = _load_registered(registered, device)
     try:
         keys = [k for k in storage.list(f"{run_key}/ray") if k.endswith(f"/{CHECKPOINT_FILE}") and "/checkpoint_" in k]
     except Exception as e:  # listing is an optimisation: the registered checkpoint still works
@@ -60,6 +82,11 @@ def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> t
         keys = []
     for key in sorted(keys, reverse=True):
         try:
+            missing = _holds(registered, storage, key, need)
+            if missing:
+                log.warning("skipping checkpoint %s: it lacks %s (an upload cut short)", key, ", ".join(missing))
+                incomplete.append(f"{key} (lacks {', '.join(missing)})")
+                continue
             sd = storage.get_torch(key, map_location=str(device))
         except Exception as e:
             log.warning("skipping checkpoint %s: %s", key, e)
@@ -68,6 +95,9 @@ def newest_checkpoint(storage, run_key: str, registered=None, device="cpu") -> t
             log.warning("resuming from %s (epoch %s): newer than the registered checkpoint (%s), whose registration "
                         "a failure cut short", key, sd.get("epoch"), f"epoch {best.get('epoch')}" if best else "none")
             best, is_registered, best_key = sd, False, key
+    if best is None and incomplete:  # starting over would train from scratch under a server that moved on
+        raise RuntimeError(f"no checkpoint of {run_key} holds every ES particle's state: {'; '.join(incomplete)}; "
+                           "a resumed particle may not take another's student: start again under a new run.name")
     return best, is_registered, best_key
 
 
@@ -82,16 +112,17 @@ def _load_own(registered, storage, key: str | None, name: str, device) -> dict |
 
 
 def resume_state(storage, run_key: str, registered, rank: int, world: int, device,
-                 own_file: str | None = None) -> tuple[dict | None, bool]:
+                 own_file: str | None = None, need: tuple[str, ...] = ()) -> tuple[dict | None, bool]:
     """Rank 0 chooses the checkpoint to resume from and every rank loads exactly that one: after a transient
     error, ranks choosing on their own could resume from different epochs. A rank that cannot load the chosen
     checkpoint fails (the worker group restarts) instead of silently training from another state. With
-    ``own_file`` (ES: one student per particle) a rank other than 0 loads its own file from that checkpoint."""
+    ``own_file`` (ES: one student per particle) a rank other than 0 loads its own file from that checkpoint,
+    which rank 0 chose among those holding every file in ``need`` (every particle's)."""
     import torch.distributed as dist
 
     choice = [None]
     if rank == 0:
-        state, is_registered, key = newest_checkpoint(storage, run_key, registered, device)
+        state, is_registered, key = newest_checkpoint(storage, run_key, registered, device, need)
         choice = [None if state is None else {"registered": is_registered, "key": key, "epoch": int(state.get("epoch", 0))}]
     if world > 1 and dist.is_available() and dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
@@ -99,12 +130,14 @@ def resume_state(storage, run_key: str, registered, rank: int, world: int, devic
     if pick is None:
         return None, False
     if rank != 0:
-        state = _load_own(registered if pick["registered"] else None, storage, None if pick["registered"] else pick["key"],
-                          own_file, device) if own_file else None
-        if state is None:
-            if own_file:
-                log.warning("rank %s: the checkpoint of epoch %s holds no %s (written before per-particle checkpoints): "
-                            "resuming from rank 0's student", rank, pick["epoch"], own_file)
+        chosen = (registered if pick["registered"] else None, storage, None if pick["registered"] else pick["key"])
+        if own_file:
+            state = _load_own(*chosen, own_file, device)
+            if state is None:  # never another particle's student: this particle's own state or nothing
+                raise RuntimeError(f"rank {rank}: the checkpoint of epoch {pick['epoch']} holds no {own_file}, this ES "
+                                   "particle's own state; it cannot resume from another particle's student (a run "
+                                   "checkpointed before per-particle files: start it again under a new run.name)")
+        else:
             state = _load_registered(registered, device) if pick["registered"] else storage.get_torch(pick["key"], map_location=str(device))
         if int(state.get("epoch", 0)) != pick["epoch"]:
             raise RuntimeError(f"rank {rank} loaded epoch {state.get('epoch')} where rank 0 chose epoch {pick['epoch']}")
@@ -215,7 +248,8 @@ def train_loop_per_worker(config: dict) -> None:
     trainer = run.trainer
     updater = updaters[0] if updaters else None
     state, registered = resume_state(storage, run_key, ray.train.get_checkpoint(), rank, world, device,
-                                     own_file=PARTICLE_FILE.format(rank) if es else None)
+                                     own_file=PARTICLE_FILE.format(rank) if es else None,
+                                     need=tuple(PARTICLE_FILE.format(r) for r in range(1, world)) if es else ())
     if state is not None:
         _resume(trainer, state, server, updater, rank)
     metrics_log = EpochLogs(storage, run_key) if rank == 0 else None

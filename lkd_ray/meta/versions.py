@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..storage import ChecksumMismatch, Storage, StorageError
+from ..storage import ChecksumMismatch, CorruptObject, Storage, StorageError
 
 log = logging.getLogger(__name__)
 _VERSION = re.compile(r"v(\d+)\.pt$")
@@ -42,16 +42,39 @@ def _feed(h, obj) -> None:
         h.update(repr(obj).encode())
 
 
+COVERS = "sha256_covers"  # marks a payload whose state_sha256 covers every entry (absent: φ, Adam, version only)
+
+
 def content_sha256(payload: dict[str, Any]) -> str:
-    """A hash of what a loss-network version *is*: φ (and ψ), the optimizer's state and the version number —
-    computed from the tensors' values, so a file whose tensors changed after the hash was taken fails it."""
+    """A hash of what a saved loss-network version *is*: every entry of the payload but the hash itself (φ and ψ,
+    the optimizer's state, the version, the counters, the applied rounds, the ES state, the config) — computed
+    from the tensors' values, so a file whose content changed after the hash was taken fails it. Payloads saved
+    before it covered everything (no ``sha256_covers`` entry) are checked over what their hash covered then."""
     h = hashlib.sha256()
-    _feed(h, {k: payload.get(k) for k in ("lossnets", "adam", "version")})
+    if payload.get(COVERS) == "all":
+        _feed(h, {k: v for k, v in payload.items() if k != "state_sha256"})
+    else:
+        _feed(h, {k: payload.get(k) for k in ("lossnets", "adam", "version")})
     return h.hexdigest()
 
 
+def with_hash(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with its content hash over every entry (``state_sha256``)."""
+    out = {k: v for k, v in payload.items() if k != "state_sha256"}
+    out[COVERS] = "all"
+    out["state_sha256"] = content_sha256(out)
+    return out
+
+
 class VersionContentMismatch(ChecksumMismatch):
-    """A version file whose φ or optimizer state is not the one recorded when it was queued."""
+    """A version file whose content is not the one recorded when it was queued."""
+
+
+def check_content(sd: Any, where: str) -> None:
+    """Refuse (``VersionContentMismatch``) a loaded version whose content does not hash to its ``state_sha256``."""
+    if isinstance(sd, dict) and sd.get("state_sha256") and content_sha256(sd) != sd["state_sha256"]:
+        raise VersionContentMismatch(f"{where}: its content does not hash to the value recorded when the version was "
+                                     "saved (changed or corrupted since)")
 
 
 HASH_SHARD = 256
@@ -73,6 +96,8 @@ class VersionStore:
     def save(self, version: int, payload: dict[str, Any]) -> dict[str, Any]:
         """The object, then the pointer, then (when the payload carries one) its content hash in the sharded hash
         manifest ``hashes/NNNNN.json`` (256 versions a shard: a save rewrites one small shard)."""
+        if not payload.get("state_sha256"):
+            payload = with_hash(payload)
         entry = self.storage.put_torch(self.key(version), payload)
         self.storage.put_json(self.pointer, {**entry, "version": int(version)})
         if payload.get("state_sha256"):
@@ -120,17 +145,10 @@ class VersionStore:
             expect = pointer["sha256"] if pointer and pointer.get("key") == key else None
             try:
                 sd = self.storage.get_torch(key, expect_sha256=expect)
-                if isinstance(sd, dict) and sd.get("state_sha256") and content_sha256(sd) != sd["state_sha256"]:
-                    raise VersionContentMismatch(f"{key}: its φ/optimizer state does not hash to the value recorded "
-                                                 "when the version was applied")
-            except ChecksumMismatch as e:
+                check_content(sd, key)
+            except CorruptObject as e:  # checksum, content hash, or not a loadable file: by type, never by text
                 warn(f"loss-network version {version} is corrupt ({e}); falling back to an earlier intact version")
                 continue
-            except StorageError as e:
-                if "not a weights-only torch file" in str(e):
-                    warn(f"loss-network version {version} does not load ({e}); falling back to an earlier intact version")
-                    continue
-                raise
             if pointer and int(pointer.get("version", -1)) > version:
                 warn(f"{self.storage.uri}/{self.pointer} names version {pointer['version']}, which is missing or corrupt; "
                      f"restored version {version}, the newest intact one")

@@ -192,13 +192,17 @@ class Trainer:
         return stats
 
     def check_finite(self, sums: dict[str, Any] | None = None, n: int = 1) -> None:
-        """The host looks at the device's divergence mark (one sync)."""
+        """The host looks at the device's divergence mark (one sync), and at those of the students the meta-learner
+        trains beside this one (an ES population's other particles)."""
         bad = int(self._bad)
         if bad >= 0:
             parts = {k: float(v) / max(n, 1) for k, v in (sums or {}).items()}
             raise TrainingDiverged(f"the student's loss became non-finite at step {bad} (epoch {self.state.epoch + 1}; "
                                    f"this epoch's mean loss terms so far: {parts}); lower optim.lr or meta.lr, or check "
                                    "the teacher")
+        others = getattr(self.meta, "check_finite", None)  # students this trainer's meta-learner trains beside it
+        if others is not None:
+            others()
 
     # ------------------------------------------------------------------ epochs
     def train_epoch(self, on_step: Callable[[dict], None] | None = None) -> dict[str, float]:

@@ -285,6 +285,15 @@ class ESPopulation:
             merged.update(self.es_update(trainer))
         return merged
 
+    def check_finite(self) -> None:
+        """Every other particle's divergence mark (the owning trainer checks its own): a diverged particle stops the
+        run, naming itself, instead of training on with a NaN loss that only ever drops its pair from the estimate."""
+        for p, tr in enumerate(self.particles, start=1):
+            try:
+                tr.check_finite()
+            except RuntimeError as e:  # TrainingDiverged (loop.py imports this module)
+                raise type(e)(f"ES particle {p}: {e}") from None
+
     def es_update(self, trainer) -> dict[str, float]:
         t0 = time.perf_counter()
         b = self.quiz.next()

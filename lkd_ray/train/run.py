@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..losses import LossNetworks, build_lossnets, build_method
 from ..losses.methods import METHODS
 from ..meta import LossNetOptimizer
-from ..storage import Storage, open_storage
+from ..storage import CorruptObject, Storage, open_storage
 from .loop import LoopSettings, Trainer, autocast_for, fit
 from .meta_learning import ESParticleLearner, ESPopulation, GradientMetaLearner
 from .outputs import Callback, default_outputs
@@ -44,8 +44,9 @@ def _split_uri(uri: str) -> tuple[str, str]:
 
 def read_lossnet_artifact(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
     """A loss-network version (``v<N>.pt``), or the newest intact version of a run folder / URI holding
-    ``lossnet/``; weights-only, sha256-checked against ``latest.json`` where there is one."""
-    from ..meta.versions import VersionStore
+    ``lossnet/``; weights-only, content-hash checked (``state_sha256``), and sha256-checked against ``latest.json``
+    where there is one: a changed or corrupted file is refused."""
+    from ..meta.versions import VersionStore, check_content
 
     if uri.endswith(".pt"):
         root, key = _split_uri(uri)
@@ -53,7 +54,13 @@ def read_lossnet_artifact(uri: str, endpoint_url: str | None = None) -> dict[str
         if not st.exists(key):
             raise LossNetArtifactError(f"lossnet.init_from={uri!r}: no such file — point it at a v<N>.pt file or at the "
                                        "folder of an LKD run holding lossnet/")
-        sd = st.get_torch(key)
+        try:
+            sd = st.get_torch(key)
+            check_content(sd, uri)
+        except CorruptObject as e:
+            raise LossNetArtifactError(f"lossnet.init_from={uri!r} is corrupt and was not loaded ({e}); point it at "
+                                       "an intact version, or at the run folder (its newest intact version is "
+                                       "taken)") from None
         m = re.fullmatch(r"v(\d+)\.pt", key)
         if isinstance(sd, dict) and m:
             sd.setdefault("version", int(m.group(1)))
