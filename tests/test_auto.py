@@ -201,27 +201,38 @@ def local_ray():
 @pytest.mark.slow
 def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_failed_trial(
         tmp_path, cache_dir, fashion_available, local_ray, monkeypatch, capsys):
-    """dist and a family added to the registry at run time whose trial diverges (its error is a row; the search goes
-    on), then the learned DIST family on the dist pick: 3 trials, 1 epoch each, 2 at a time."""
+    """Stage 1: dist, kd (brought by the rule) and a family added to the registry at run time whose trial diverges (its
+    error is a row; the search goes on); stage 2: a field rule on the kd and dist picks (capped to one setting);
+    stage 3: the learned DIST family on the dist pick and lkd-rule on the best of stages 1 and 2: 6 trials, 1 epoch
+    each, 2 at a time."""
     from lkd_ray.cli import main
 
     monkeypatch.setitem(search_spaces.HANDCRAFTED, "boom", [Trial("boom", "lr=1e30", {"loss": {"method": "ce"},
                                                                                        "optim": {"lr": 1e30}})])
     store = tmp_path / "store"
     code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "e2e",
-                 "--families", "dist", "boom", "lkd-sample-dist", "--trials", "1", "--max-concurrent", "2",
+                 "--families", "dist", "boom", "lkd-sample-dist", "agree", "lkd-rule", "--trials", "1", "--max-concurrent", "2",
                  "--cpus-per-trial", "1", "--seed", "3", "--time-budget", "3000"])
     out = capsys.readouterr().out
     assert code == 0, out
     d = store / "e2e"
     rows = json.loads((d / "trials.json").read_text())
-    assert [r["label"] for r in rows] == ["dist[tau=2]", "boom[lr=1e30]", "lkd-sample-dist[lock=none,every=80,lr=0.01]"]
-    assert "TrainingDiverged" in rows[1]["error"] and rows[1]["quiz_top1"] is None
-    assert all(r["quiz_top1"] is not None and r["epochs"] == 1 and r["wall_s"] > 0 for r in (rows[0], rows[2]))
-    assert rows[2]["base"] == "dist[tau=2]" and rows[2]["stage"] == 2
+    by = {r["label"]: r for r in rows}
+    assert [(r["stage"], r["label"]) for r in rows] == [
+        (1, "kd[alpha=0.5,tau=8]"), (1, "dist[tau=2]"), (1, "boom[lr=1e30]"), (2, "agree[rule=agree_soft,base=kd]"),
+        (3, "lkd-sample-dist[lock=none,every=80,lr=0.01]"), (3, "lkd-rule[lock=none,per_epoch=8,lr=0.01]")]
+    assert "TrainingDiverged" in by["boom[lr=1e30]"]["error"] and by["boom[lr=1e30]"]["quiz_top1"] is None
+    done = [r for r in rows if r["family"] != "boom"]
+    assert all(r["quiz_top1"] is not None and r["epochs"] == 1 and r["wall_s"] > 0 for r in done)
+    assert by["agree[rule=agree_soft,base=kd]"]["base"] == "kd[alpha=0.5,tau=8]"
+    assert by["lkd-sample-dist[lock=none,every=80,lr=0.01]"]["base"] == "dist[tau=2]"
+    lkd_rule = by["lkd-rule[lock=none,per_epoch=8,lr=0.01]"]  # on the best of stages 1 and 2, its rule included
+    assert lkd_rule["base"] == search_spaces.pick([r for r in done if r["stage"] < 3])["label"]
+    assert lkd_rule["sections"]["loss"].get("ce_rule") == by[lkd_rule["base"]]["sections"]["loss"].get("ce_rule")
     pick = json.loads((d / "pick.json").read_text())
-    win = next(r for r in rows if r["label"] == pick["pick"])
-    assert win["label"] == search_spaces.pick([rows[0], rows[2]])["label"]
+    win = by[pick["pick"]]
+    assert win["label"] == search_spaces.pick(done)["label"] and pick["split"]["picked_on"] == "quiz"
+    assert pick["stage2_bases"]["agree"] == "kd[alpha=0.5,tau=8]" and pick["stages"]["2"] == ["agree"]
     # best_config.yaml goes through the config loader unchanged: the user's config with the pick's loss, full epochs
     best = build_config("fashion_mnist", d / "best_config.yaml")
     trial_cfg = plan.trial_config(build_config("fashion_mnist", overrides=TINY[1:-2:2] + [f"run.cache_dir={cache_dir}"]).to_dict(),
@@ -229,11 +240,11 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     for section in ("loss", "lossnet", "meta", "data", "model"):
         assert best.to_dict()[section] == trial_cfg[section], section
     assert best.optim.epochs == 4 and best.run.seed == 0  # the config's own, not the search's trial budget and seed
-    groups = rows[2]["per_sample"]["w_ce"]  # what the learned loss did, by teacher–label agreement
+    groups = by["lkd-sample-dist[lock=none,every=80,lr=0.01]"]["per_sample"]["w_ce"]  # what the learned loss did, by teacher–label agreement
     assert groups["teacher agrees"]["n"] + groups["teacher disagrees"]["n"] == 600 and "per_sample" not in rows[0]
     for f in ("trials.csv", "summary.txt", "quiz_per_family.png", "winner_curve.png", "per_sample.png"):
         assert (d / f).stat().st_size > 0, f
-    assert "[auto] 2/3 trials done, 0 running, 0 left, 1 failed; best so far" in out
+    assert "[auto] 5/6 trials done, 0 running, 0 left, 1 failed; best so far" in out
     assert "time budget 3000 s" in out and pick["budget"]["seed"] == 3
     # a search where no trial finishes still writes its table of errors, and exits 1 with where to look
     code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "fails",
