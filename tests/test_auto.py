@@ -204,13 +204,14 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     """Stage 1: dist, kd (brought by the rule) and a family added to the registry at run time whose trial diverges (its
     error is a row; the search goes on); stage 2: a field rule on the kd and dist picks (capped to one setting);
     stage 3: the learned DIST family on the dist pick and lkd-rule on the best of stages 1 and 2: 6 trials, 1 epoch
-    each, 2 at a time."""
+    each, 2 at a time. The config sets a clean selection split: every pick is made on it."""
     from lkd_ray.cli import main
 
     monkeypatch.setitem(search_spaces.HANDCRAFTED, "boom", [Trial("boom", "lr=1e30", {"loss": {"method": "ce"},
                                                                                        "optim": {"lr": 1e30}})])
     store = tmp_path / "store"
-    code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "e2e",
+    code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--set", "data.select_per_class=10",
+                 "--storage", str(store), "--name", "e2e",
                  "--families", "dist", "boom", "lkd-sample-dist", "agree", "lkd-rule", "--trials", "1", "--max-concurrent", "2",
                  "--cpus-per-trial", "1", "--seed", "3", "--time-budget", "3000"])
     out = capsys.readouterr().out
@@ -224,18 +225,22 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     assert "TrainingDiverged" in by["boom[lr=1e30]"]["error"] and by["boom[lr=1e30]"]["quiz_top1"] is None
     done = [r for r in rows if r["family"] != "boom"]
     assert all(r["quiz_top1"] is not None and r["epochs"] == 1 and r["wall_s"] > 0 for r in done)
+    assert all(r["select_top1"] is not None and r["select_loss_cal"] > 0 and r["select_size"] == 100 for r in done)
+    choose = lambda rows: search_spaces.pick_on_selection(rows, 10 * 10)  # noqa: E731 - 10 per class, 10 classes
     assert by["agree[rule=agree_soft,base=kd]"]["base"] == "kd[alpha=0.5,tau=8]"
     assert by["lkd-sample-dist[lock=none,every=80,lr=0.01]"]["base"] == "dist[tau=2]"
     lkd_rule = by["lkd-rule[lock=none,per_epoch=8,lr=0.01]"]  # on the best of stages 1 and 2, its rule included
-    assert lkd_rule["base"] == search_spaces.pick([r for r in done if r["stage"] < 3])["label"]
+    assert lkd_rule["base"] == choose([r for r in done if r["stage"] < 3])["label"]
     assert lkd_rule["sections"]["loss"].get("ce_rule") == by[lkd_rule["base"]]["sections"]["loss"].get("ce_rule")
     pick = json.loads((d / "pick.json").read_text())
     win = by[pick["pick"]]
-    assert win["label"] == search_spaces.pick(done)["label"] and pick["split"]["picked_on"] == "quiz"
+    assert win["label"] == choose(done)["label"] and pick["split"]["picked_on"] == "selection"
+    assert pick["split"]["n_select"] == 100 and "select top-1" in out and "picked on: the selection split" in out
     assert pick["stage2_bases"]["agree"] == "kd[alpha=0.5,tau=8]" and pick["stages"]["2"] == ["agree"]
     # best_config.yaml goes through the config loader unchanged: the user's config with the pick's loss, full epochs
     best = build_config("fashion_mnist", d / "best_config.yaml")
-    trial_cfg = plan.trial_config(build_config("fashion_mnist", overrides=TINY[1:-2:2] + [f"run.cache_dir={cache_dir}"]).to_dict(),
+    user = TINY[1:-2:2] + [f"run.cache_dir={cache_dir}", "data.select_per_class=10"]
+    trial_cfg = plan.trial_config(build_config("fashion_mnist", overrides=user).to_dict(),
                                   Trial(win["family"], win["setting"], win["sections"]), 1, 3)
     for section in ("loss", "lossnet", "meta", "data", "model"):
         assert best.to_dict()[section] == trial_cfg[section], section
@@ -253,7 +258,7 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     assert code == 1 and "no trial of search 'fails' finished" in err and "trials.csv" in err
     assert "TrainingDiverged" in json.loads((store / "fails" / "trials.json").read_text())[0]["error"]
     assert not (store / "fails" / "best_config.yaml").exists()
-    assert f"pick: {pick['pick']} has the best quiz top-1" in out and (d / "summary.txt").read_text().strip() in out
+    assert f"pick: {pick['pick']} has the lowest calibrated select loss" in out and (d / "summary.txt").read_text().strip() in out
 
 
 # --------------------------------------------------------------------------- killed and re-run
