@@ -193,7 +193,8 @@ def planned_rule_trials(families: list[str], cap: int | None) -> list[search_spa
 
 def planned_learned_trials(families: list[str], cap: int | None) -> list[search_spaces.Trial]:
     """Stage 3's trials on placeholder bases (see ``planned_rule_trials``)."""
-    return [t for f in families for t in capped(search_spaces.LEARNED[f].build(_placeholder(search_spaces.LEARNED[f].base)), cap)]
+    learned = search_spaces.LEARNED
+    return [t for f in families for t in capped(learned[f].build(_placeholder(learned[f].base)), cap)]
 
 
 def stage_counts(st: Stages, cap: int | None) -> list[int]:
@@ -207,7 +208,8 @@ def as_trial(row: dict) -> search_spaces.Trial:
     return search_spaces.Trial(row["family"], row["setting"], row["sections"])
 
 
-def stage2_trials(families: list[str], cap: int | None, finished: list[dict], choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
+def stage2_trials(families: list[str], cap: int | None, finished: list[dict],
+                  choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
     """The rule families' trials on the stage-1 picks of each rule base (``choose``: the pick, see ``picker``);
     also {trial label: its base's label} and notes (a missing base is left out; no base at all skips the stage)."""
     bases, notes = {}, []
@@ -229,7 +231,8 @@ def stage2_trials(families: list[str], cap: int | None, finished: list[dict], ch
     return out, {t.label: base_of[t.label] for t in out}, notes
 
 
-def stage3_trials(families: list[str], cap: int | None, finished: list[dict], choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
+def stage3_trials(families: list[str], cap: int | None, finished: list[dict],
+                  choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
     """The learned families' trials on the pick of their base family (``"*"``: the best pick over every finished
     trial of stages 1 and 2 that the family can sit on); also {trial label: its base's label} and notes."""
     out, base_of, notes = [], {}, []

@@ -1,5 +1,6 @@
 """``python -m lkd_ray auto``: tune every family of ``search_spaces`` on the user's data with Ray Tune and ship the
-quiz pick (what ``benchmarks/accuracy.py --tune`` does for the benchmark, as one resumable command).
+pick — on the quiz, or on the clean selection split when the config sets one (what ``benchmarks/accuracy.py --tune``
+does for the benchmark, as one resumable command).
 
 The driver checks the input, prepares the teacher once (and its output cache), stores the teacher's weights at
 ``<storage>/<name>/teacher.pt`` so every trial on any node loads the same one, then runs stage 1 (every hand-crafted
