@@ -1,4 +1,4 @@
-"""Tune every loss family of ``lkd_ray.search_spaces`` on your data with Ray Tune and ship the quiz pick: the same
+"""Tune every loss family of ``lkd_ray.search_spaces`` on your data with Ray Tune and ship the pick: the same
 command as ``python -m lkd_ray auto``, for ``ray job submit`` (trials spread over the cluster's workers).
 
     ray job submit --working-dir . -- python jobs/auto_loss.py --storage s3://bucket/lkd --name my-data \\

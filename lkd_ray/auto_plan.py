@@ -2,10 +2,13 @@
 ``search_spaces``' registries, so a family added there is searched with no change here), each trial's config and
 identity, the checks that stop bad input before any trial, and the pick with its reason.
 
-Stage 1 runs every hand-crafted family of ``search_spaces.HANDCRAFTED`` asked for; stage 2 runs every learned
-family of ``search_spaces.LEARNED`` on the stage-1 quiz pick of its base family (``"*"``: the best hand-crafted pick
-of all), as ``benchmarks/accuracy.py`` tunes them. Every trial gets the same budget (``--epochs``); ``--trials``
-caps each family at that many settings, spread evenly over its grid.
+Stage 1 runs every hand-crafted family of ``search_spaces.HANDCRAFTED`` asked for; stage 2 every field rule of
+``search_spaces.RULE_GRIDS`` on the stage-1 picks of each of ``search_spaces.RULE_BASES`` (the tuned KD and DIST);
+stage 3 every learned family of ``search_spaces.LEARNED`` on the pick of its base family (``"*"``: the best pick of
+stages 1 and 2), as ``benchmarks/accuracy.py --suite field`` chains them. Every pick is made on the clean selection
+split when the config sets ``data.select_per_class`` (``search_spaces.pick_on_selection``), else on the quiz split.
+Every trial gets the same budget (``--epochs``); ``--trials`` caps each family at that many settings, spread evenly
+over its grid.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ class AutoOptions:
 
 
 def all_families() -> list[str]:
-    return list(search_spaces.HANDCRAFTED) + list(search_spaces.LEARNED)
+    return list(search_spaces.HANDCRAFTED) + list(search_spaces.RULE_GRIDS) + list(search_spaces.LEARNED)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,7 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs of every trial (default: the config's optim.epochs); "
                    "best_config.yaml keeps the config's epochs")
     p.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
-                   help=f"only these families (default: all: {', '.join(all_families())}); a learned family brings its base family")
+                   help=f"only these families (default: all: {', '.join(all_families())}); a rule or learned family brings the hand-crafted families it "
+                        "starts from")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="the whole search's wall time; refused before any trial if it cannot fit every trial asked")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
@@ -127,28 +131,38 @@ def resolve_storage(storage: str | None) -> str:
 
 
 # --------------------------------------------------------------------------- families and trials
-def resolve_families(asked: list[str] | None) -> tuple[list[str], list[str], list[str]]:
-    """(hand-crafted families for stage 1, learned families for stage 2, notes). A learned family brings the
-    hand-crafted family it starts from."""
-    hand, learned = search_spaces.HANDCRAFTED, search_spaces.LEARNED
+@dataclass
+class Stages:
+    """The families of each stage (registry order) and the notes on what was added."""
+    hand: list[str]
+    rules: list[str]
+    learned: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_families(asked: list[str] | None) -> Stages:
+    """The three stages' families. A rule family brings the hand-crafted families it sits on (``RULE_BASES``), a
+    learned family the hand-crafted family it starts from; each addition is a note."""
+    hand, rules, learned = search_spaces.HANDCRAFTED, search_spaces.RULE_GRIDS, search_spaces.LEARNED
     if not asked:
-        return list(hand), list(learned), []
-    unknown = [f for f in asked if f not in hand and f not in learned]
+        return Stages(list(hand), list(rules), list(learned))
+    unknown = [f for f in asked if f not in hand and f not in rules and f not in learned]
     if unknown:
         raise AutoInputError(f"unknown families {unknown}: valid families are {', '.join(all_families())}")
-    stage2 = [f for f in learned if f in asked]
+    stage2 = [f for f in rules if f in asked]
+    stage3 = [f for f in learned if f in asked]
     stage1 = [f for f in hand if f in asked]
     notes = []
-    for f in stage2:
-        base = learned[f].base
-        if base != "*" and base not in stage1:
+    needs = [(f, b) for f in stage2 for b in search_spaces.RULE_BASES] + \
+            [(f, learned[f].base) for f in stage3 if learned[f].base != "*"]
+    for f, base in needs:
+        if base not in stage1:
             stage1.append(base)
             notes.append(f"{f} starts from the tuned {base}: {base} added to stage 1")
     if not stage1:
-        raise AutoInputError(f"the learned families {stage2} start from a tuned hand-crafted loss: add one of "
+        raise AutoInputError(f"the learned families {stage3} start from a tuned hand-crafted loss: add one of "
                              f"{', '.join(hand)} to --families")
-    stage1 = [f for f in hand if f in stage1]  # registry order
-    return stage1, stage2, notes
+    return Stages([f for f in hand if f in stage1], stage2, stage3, notes)  # registry order
 
 
 def capped(trials: list[search_spaces.Trial], n: int | None) -> list[search_spaces.Trial]:
@@ -165,26 +179,94 @@ def stage1_trials(families: list[str], cap: int | None) -> list[search_spaces.Tr
     return [t for f in families for t in capped(search_spaces.HANDCRAFTED[f], cap)]
 
 
-def stage2_count(families: list[str], cap: int | None) -> int:
-    """How many stage-2 trials will run (the grids' sizes do not depend on the base)."""
-    return sum(len(capped(search_spaces.LEARNED[f].build(None), cap)) for f in families)
+def _placeholder(family: str) -> search_spaces.Trial:
+    """A hand-crafted trial to build a later stage's grid on before its base is tuned (the grids' sizes and fields
+    do not depend on the base's values): the family's first setting; ``"*"``: the first rule base's."""
+    return search_spaces.HANDCRAFTED[search_spaces.RULE_BASES[0] if family == "*" else family][0]
 
 
-def stage2_trials(families: list[str], cap: int | None, finished: list[dict]) -> tuple[list[search_spaces.Trial], dict, list[str]]:
-    """The learned families' trials on their bases' quiz picks (``finished``: stage-1 results); also
-    {learned family: base trial label} and notes for families skipped because their base has no finished trial."""
-    out, bases, notes = [], {}, []
+def planned_rule_trials(families: list[str], cap: int | None) -> list[search_spaces.Trial]:
+    """Stage 2's trials on placeholder bases: their count and their fit to the config, known before stage 1."""
+    bases = {on: _placeholder(on) for on in search_spaces.RULE_BASES}
+    return [t for f in families for t in capped(search_spaces.rule_trials(f, bases), cap)]
+
+
+def planned_learned_trials(families: list[str], cap: int | None) -> list[search_spaces.Trial]:
+    """Stage 3's trials on placeholder bases (see ``planned_rule_trials``)."""
+    learned = search_spaces.LEARNED
+    return [t for f in families for t in capped(learned[f].build(_placeholder(learned[f].base)), cap)]
+
+
+def stage_counts(st: Stages, cap: int | None) -> list[int]:
+    """How many trials each stage will run (at most: a later stage skips a family whose base has no finished trial)."""
+    return [len(stage1_trials(st.hand, cap)), len(planned_rule_trials(st.rules, cap)),
+            len(planned_learned_trials(st.learned, cap))]
+
+
+def as_trial(row: dict) -> search_spaces.Trial:
+    """A finished trial's result as the trial it ran (its family, setting and sections are stored with it)."""
+    return search_spaces.Trial(row["family"], row["setting"], row["sections"])
+
+
+def stage2_trials(families: list[str], cap: int | None, finished: list[dict],
+                  choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
+    """The rule families' trials on the stage-1 picks of each rule base (``choose``: the pick, see ``picker``);
+    also {trial label: its base's label} and notes (a missing base is left out; no base at all skips the stage)."""
+    bases, notes = {}, []
+    for on in search_spaces.RULE_BASES:
+        rows = [r for r in finished if r["family"] == on]
+        if rows:
+            bases[on] = as_trial(choose(rows))
+    if families and len(bases) < len(search_spaces.RULE_BASES):
+        gone = [on for on in search_spaces.RULE_BASES if on not in bases]
+        notes.append(f"{', '.join(families)} {'skipped' if not bases else 'not run on ' + ', '.join(gone)}: no finished "
+                     f"{' or '.join(gone)} trial to start from")
+    if not bases:
+        return [], {}, notes
+    out, base_of = [], {}
     for f in families:
-        base_family = search_spaces.LEARNED[f].base
-        rows = [r for r in finished if base_family in ("*", r["family"])]
+        for on, b in bases.items():  # which base each setting sits on, as rule_trials names it
+            base_of |= {t.label: b.label for t in search_spaces.rule_trials(f, {on: b})}
+        out += capped(search_spaces.rule_trials(f, bases), cap)
+    return out, {t.label: base_of[t.label] for t in out}, notes
+
+
+def stage3_trials(families: list[str], cap: int | None, finished: list[dict],
+                  choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
+    """The learned families' trials on the pick of their base family (``"*"``: the best pick over every finished
+    trial of stages 1 and 2 that the family can sit on); also {trial label: its base's label} and notes."""
+    out, base_of, notes = [], {}, []
+    for f in families:
+        learned = search_spaces.LEARNED[f]
+        rows = [r for r in finished if r.get("stage", 1) in (1, 2) and learned.base in ("*", r["family"])]
         if not rows:
-            notes.append(f"{f} skipped: no finished {base_family if base_family != '*' else 'hand-crafted'} trial to start from")
+            notes.append(f"{f} skipped: no finished {learned.base if learned.base != '*' else 'stage-1 or stage-2'} "
+                         f"trial to start from")
             continue
-        best = search_spaces.pick(rows)
-        base = next(t for t in search_spaces.HANDCRAFTED[best["family"]] if t.label == best["label"])
-        bases[f] = base.label
-        out += capped(search_spaces.LEARNED[f].build(base), cap)
-    return out, bases, notes
+        best = choose(rows)
+        try:
+            trials = learned.build(as_trial(best))
+        except ValueError as e:  # the best pick is a loss this family cannot sit on: the best one it can
+            fits = [r for r in rows if _builds(learned, r)]
+            if not fits:
+                notes.append(f"{f} skipped: no finished trial it can start from ({e})")
+                continue
+            alt = choose(fits)
+            notes.append(f"{f} starts from {alt['label']}, the best pick it can sit on: the best overall, "
+                         f"{best['label']}, cannot be its base ({e})")
+            best, trials = alt, learned.build(as_trial(alt))
+        for t in capped(trials, cap):
+            out.append(t)
+            base_of[t.label] = best["label"]
+    return out, base_of, notes
+
+
+def _builds(learned: search_spaces.Learned, row: dict) -> bool:
+    try:
+        learned.build(as_trial(row))
+        return True
+    except ValueError:
+        return False
 
 
 def trial_config(base: dict, trial: search_spaces.Trial, epochs: int | None, seed: int | None) -> dict:
@@ -262,22 +344,24 @@ def check_teacher_classes(teacher_classes: int, num_classes: int, max_label: int
             f"on your labels once")
 
 
-def estimate_search_s(n1: int, n2: int, max_concurrent: int, epochs: int, epoch_s: float) -> float:
-    """A lower bound on the search's wall time: rounds of ``max_concurrent`` trials per stage, each trial
-    ``epochs`` epochs at the measured KD epoch time (the learned families' meta-steps only add to it)."""
-    rounds = math.ceil(n1 / max_concurrent) + math.ceil(n2 / max_concurrent)
+def estimate_search_s(counts: list[int], max_concurrent: int, epochs: int, epoch_s: float) -> float:
+    """A lower bound on the search's wall time: rounds of ``max_concurrent`` trials per stage (``counts``: each
+    stage's trials; a stage starts when the one before it ends), each trial ``epochs`` epochs at the measured KD epoch
+    time (the learned families' meta-steps only add to it)."""
+    rounds = sum(math.ceil(n / max_concurrent) for n in counts)
     return rounds * epochs * epoch_s
 
 
-def check_budget(time_budget_s: float | None, n1: int, n2: int, max_concurrent: int, epochs: int, epoch_s: float) -> None:
+def check_budget(time_budget_s: float | None, counts: list[int], max_concurrent: int, epochs: int, epoch_s: float) -> None:
     if time_budget_s is None:
         return
-    need = estimate_search_s(n1, n2, max_concurrent, epochs, epoch_s)
+    need = estimate_search_s(counts, max_concurrent, epochs, epoch_s)
     if need > time_budget_s:
+        per = " + ".join(str(n) for n in counts)
         raise AutoInputError(
-            f"budget too small for the families asked: {n1 + n2} trials of {epochs} epochs, {max_concurrent} at a time, need "
-            f"at least {need:.0f} s (a KD epoch measured at {epoch_s:.1f} s) and --time-budget leaves {time_budget_s:.0f} s "
-            f"for them: "
+            f"budget too small for the families asked: {sum(counts)} trials ({per} over the {len(counts)} stages) of "
+            f"{epochs} epochs, {max_concurrent} at a time, need at least {need:.0f} s (a KD epoch measured at "
+            f"{epoch_s:.1f} s) and --time-budget leaves {time_budget_s:.0f} s for them: "
             f"raise --time-budget, or lower --trials/--epochs, or name fewer --families")
 
 
@@ -288,11 +372,35 @@ def finished(results: list[dict]) -> list[dict]:
             and r.get("epochs") == r.get("budget_epochs")]
 
 
-def pick_with_reason(results: list[dict]) -> tuple[dict, str]:
-    """``search_spaces.pick`` over the finished trials (in plan order), and why, in one sentence."""
+def picker(n_select: int | None):
+    """The one pick rule of a search, for its bases and its winner: the clean selection split's
+    (``search_spaces.pick_on_selection``) when the config sets ``data.select_per_class`` (``n_select``: its images),
+    else the quiz split's (``search_spaces.pick``)."""
+    if n_select:
+        return lambda rows: search_spaces.pick_on_selection(rows, n_select)
+    return search_spaces.pick
+
+
+def pick_split(n_select: int | None) -> dict:
+    """Which split picked and why, for pick.json."""
+    if n_select:
+        return {"picked_on": "selection", "n_select": n_select,
+                "reason": f"data.select_per_class is set: every pick (the rules' and learned families' bases, the winner) is "
+                          f"made on the clean selection split of {n_select} images, disjoint from the quiz that the learned "
+                          f"losses' meta-step trains on (search_spaces.pick_on_selection: within one binomial SE of the best "
+                          f"select top-1, the lowest calibrated select loss)"}
+    return {"picked_on": "quiz", "n_select": None,
+            "reason": "data.select_per_class is unset: every pick is made on the quiz split (search_spaces.pick: best quiz "
+                      "top-1, then quiz loss); set data.select_per_class for a split no learned loss trains on"}
+
+
+def pick_with_reason(results: list[dict], n_select: int | None = None) -> tuple[dict, str]:
+    """The search's pick over the finished trials (in plan order; ``picker(n_select)``), and why, in one sentence."""
     done = finished(results)
     if not done:
         raise AutoError("no trial finished, so there is nothing to ship: see the trial table for their errors")
+    if n_select:
+        return _selection_reason(done, n_select)
     win = search_spaces.pick(done)
     others = sorted((r for r in done if r is not win), key=lambda r: (-r["quiz_top1"], r.get("quiz_loss") or 0.0))
     why = (f"{win['label']} has the best quiz top-1 ({win['quiz_top1']:.2f}%, quiz loss {win.get('quiz_loss') or float('nan'):.4f}) "
@@ -307,6 +415,24 @@ def pick_with_reason(results: list[dict]) -> tuple[dict, str]:
         se = 100.0 * math.sqrt(max(win["quiz_top1"] / 100 * (1 - win["quiz_top1"] / 100), 1e-9) / n_quiz)
         if win["quiz_top1"] - others[0]["quiz_top1"] < 2 * se:
             why += f" (within 2 SE of the quiz split's noise, ±{se:.2f} pt on {n_quiz} images)"
+    return win, why
+
+
+def _selection_reason(done: list[dict], n_select: int) -> tuple[dict, str]:
+    try:
+        win = search_spaces.pick_on_selection(done, n_select)
+    except ValueError as e:
+        raise AutoError(f"cannot pick on the selection split: {e}; re-run the search (the config sets "
+                        f"data.select_per_class, so new trials report it)") from None
+    best = max(r["select_top1"] for r in done)
+    band = search_spaces.selection_band(best, n_select)
+    tied = [r for r in done if r["select_top1"] >= best - band]
+    why = (f"{win['label']} has the lowest calibrated select loss ({win['select_loss_cal']:.4f}, select top-1 "
+           f"{win['select_top1']:.2f}%) of the {len(tied)} finished trials within one SE (±{band:.2f} pt on {n_select} "
+           f"selection images) of the best select top-1 ({best:.2f}%), of {len(done)} finished trials")
+    others = sorted((r for r in tied if r is not win), key=lambda r: r["select_loss_cal"])
+    if others:
+        why += f"; the runner-up {others[0]['label']} has {others[0]['select_loss_cal']:.4f}"
     return win, why
 
 

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["stage", "family", "setting", "quiz_top1", "quiz_loss", "wall_s", "cost_vs_kd", "epochs", "base", "error"]
+COLUMNS = ["stage", "family", "setting", "quiz_top1", "quiz_loss", "select_top1", "select_loss_cal", "wall_s", "cost_vs_kd",
+           "epochs", "base", "error"]
 
 
 def _fmt(v: Any) -> str:
@@ -22,9 +23,13 @@ def _fmt(v: Any) -> str:
 
 
 def trials_table(rows: list[dict], winner: str | None = None) -> str:
-    """The trial table, plain text: one line per trial, the winner marked."""
-    head = ["", "family", "setting", "quiz top-1", "quiz loss", "wall s", "cost vs KD", "error"]
-    body = [["*" if r["label"] == winner else "", r["family"], r["setting"], _fmt(r.get("quiz_top1")), _fmt(r.get("quiz_loss")),
+    """The trial table, plain text: one line per trial, the winner marked; the selection split's top-1 and calibrated
+    loss when the trials report them (data.select_per_class: what the pick is made on)."""
+    sel = any(r.get("select_top1") is not None for r in rows)
+    head = ["", "stage", "family", "setting", "quiz top-1", "quiz loss", *(["select top-1", "select loss (cal)"] if sel else []),
+            "wall s", "cost vs KD", "error"]
+    body = [["*" if r["label"] == winner else "", _fmt(r.get("stage")), r["family"], r["setting"], _fmt(r.get("quiz_top1")),
+             _fmt(r.get("quiz_loss")), *([_fmt(r.get("select_top1")), _fmt(r.get("select_loss_cal"))] if sel else []),
              _fmt(r.get("wall_s")), _fmt(r.get("cost_vs_kd")), (r.get("error") or "")[:80]] for r in rows]
     widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -39,8 +44,9 @@ def console_summary(rows: list[dict], res: dict) -> str:
             f"budget: {b['epochs']} epochs per trial, at most {b['trials_per_family'] or 'all'} settings per family, "
             f"{b['max_concurrent']} at a time ({b['cpus_per_trial']:g} CPU, {b['gpus_per_trial']:g} GPU each)"
             + (f", time budget {b['time_budget_s']:.0f} s" if b.get("time_budget_s") else "")
-            + f"; {len(rows)} trials, {failed} failed, {res['wall_s']:.0f} s{notes}\n"
-            f"pick: {res['why']}\n"
+            + f"; {len(rows)} trials, {failed} failed, {res['wall_s']:.0f} s{notes}"
+            + (f"\npicked on: the {res['split']['picked_on']} split ({res['split']['reason']})" if res.get("split") else "")
+            + f"\npick: {res['why']}\n"
             f"best config: {res['storage']}/best_config.yaml  (python -m lkd_ray train --config best_config.yaml)")
 
 
@@ -53,8 +59,8 @@ def _csv(rows: list[dict]) -> bytes:
 
 
 def figures(rows: list[dict], winner: dict, out: Path) -> list[Path]:
-    """quiz_per_family.png (every finished trial's quiz top-1 by family, the pick ringed) and winner_curve.png
-    (the winner's quiz top-1 and loss per epoch)."""
+    """quiz_per_family.png (every finished trial's quiz top-1 by family — select top-1 when the trials report it,
+    the split the pick is made on — the pick ringed) and winner_curve.png (the winner's quiz top-1 and loss per epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,9 +68,10 @@ def figures(rows: list[dict], winner: dict, out: Path) -> list[Path]:
 
     done = [r for r in rows if r.get("quiz_top1") is not None and not r.get("error")]
     fams = list(dict.fromkeys(r["family"] for r in rows))
+    key, split = ("select_top1", "select") if done and all(r.get("select_top1") is not None for r in done) else ("quiz_top1", "quiz")
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(fams) + 1.5), 3.6))
     for i, f in enumerate(fams):
-        ys = [r["quiz_top1"] for r in done if r["family"] == f]
+        ys = [r[key] for r in done if r["family"] == f]
         ax.scatter([i] * len(ys), ys, s=18, alpha=0.8)
     for i, f in enumerate(fams):
         bad = sum(1 for r in rows if r["family"] == f and r.get("error"))
@@ -72,10 +79,10 @@ def figures(rows: list[dict], winner: dict, out: Path) -> list[Path]:
             ax.annotate(f"{bad} failed", (i, 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
                         textcoords="offset points", ha="center", fontsize=7, color="tab:red")
     wi = fams.index(winner["family"])
-    ax.scatter([wi], [winner["quiz_top1"]], s=120, facecolors="none", edgecolors="k", label=f"pick: {winner['label']}")
+    ax.scatter([wi], [winner[key]], s=120, facecolors="none", edgecolors="k", label=f"pick: {winner['label']}")
     ax.set_xticks(range(len(fams)), fams, rotation=30, ha="right")
-    ax.set_ylabel("quiz top-1 (%)")
-    ax.set_title("quiz top-1 of every trial, by family")
+    ax.set_ylabel(f"{split} top-1 (%)")
+    ax.set_title(f"{split} top-1 of every trial, by family")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     paths = [out / "quiz_per_family.png"]

@@ -1,9 +1,11 @@
 """``python -m lkd_ray auto``: tune every family of ``search_spaces`` on the user's data with Ray Tune and ship the
-quiz pick (what ``benchmarks/accuracy.py --tune`` does for the benchmark, as one resumable command).
+pick — on the quiz, or on the clean selection split when the config sets one (what ``benchmarks/accuracy.py --tune``
+does for the benchmark, as one resumable command).
 
 The driver checks the input, prepares the teacher once (and its output cache), stores the teacher's weights at
 ``<storage>/<name>/teacher.pt`` so every trial on any node loads the same one, then runs stage 1 (every hand-crafted
-family) and stage 2 (every learned family on its base's pick) as Tune grids: one function trial per setting, each a
+family), stage 2 (every field rule on the tuned KD and DIST) and stage 3 (every learned family on its base's pick)
+as Tune grids: one function trial per setting, each a
 single-process run with its own CPU/GPU share, ``--max-concurrent`` at a time. A trial that finishes writes its
 result to ``<storage>/<name>/trials/<label>-<config sha>.json`` before it returns; a re-run with the same ``--name``
 reads those and runs only what is missing (a trial killed half-way runs again from its start).
@@ -111,6 +113,9 @@ def auto_trial(config: dict, ctx: dict) -> None:
     per_sample = per_sample_groups(res["_trainer"], teacher)
     store.put_json(key, {**{k: spec[k] for k in ("label", "family", "setting", "stage", "sha", "base", "sections")},
                          "quiz_top1": res["quiz_top1"], "quiz_loss": last.get("quiz_loss"), "test_top1": res["test_top1"],
+                         **{k: res[k] for k in ("select_top1", "select_loss", "select_loss_cal") if k in res},
+                         "select_size": len(data.select_eval.labels) if getattr(data, "select_eval", None) is not None
+                         and hasattr(data.select_eval, "labels") else None,
                          "epochs": res["epochs"], "budget_epochs": cfg.optim.epochs, "wall_s": time.perf_counter() - t0,
                          "fit_s": res["wall_s"], "meta_s": res.get("meta_s"), "quiz_size": data.quiz_size,
                          "curve": [{"epoch": h["epoch"], "quiz_top1": h["quiz_top1"], "quiz_loss": h.get("quiz_loss"),
@@ -204,6 +209,7 @@ def _error_line(e: BaseException) -> str:
 
 
 def _specs(trials: list[Trial], stage: int, base_cfg: dict, opts: plan.AutoOptions, bases: dict | None = None) -> dict:
+    """Each trial's spec (config, identity, stage; ``bases``: {trial label: the label of the pick it sits on})."""
     out = {}
     for t in trials:
         cfg = plan.trial_config(base_cfg, t, opts.epochs, opts.seed)
@@ -215,7 +221,7 @@ def _specs(trials: list[Trial], stage: int, base_cfg: dict, opts: plan.AutoOptio
                                       f"change the config, or leave {t.family} out of --families") from None
         out[t.label] = {"label": t.label, "family": t.family, "setting": t.name, "stage": stage, "config": cfg,
                         "sha": plan.config_sha(cfg), "sections": t.sections,
-                        "base": (bases or {}).get(t.family)}
+                        "base": (bases or {}).get(t.label)}
     return out
 
 
@@ -285,7 +291,8 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     from .launch import init_ray
 
     t_start = time.perf_counter()
-    stage1_fams, stage2_fams, notes = plan.resolve_families(opts.families)
+    st = plan.resolve_families(opts.families)
+    notes = list(st.notes)
     try:
         storage = open_storage(opts.storage, opts.endpoint_url)
         storage.check()
@@ -296,19 +303,21 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
     cfg.run.progress = False
     base = cfg.to_dict()
-    s1 = plan.stage1_trials(stage1_fams, opts.trials)
+    s1 = plan.stage1_trials(st.hand, opts.trials)
     specs = _specs(s1, 1, base, opts)
-    n2 = plan.stage2_count(stage2_fams, opts.trials)
-    for f in stage2_fams:  # the learned settings, on the recipe's base, must fit the config too: known before stage 1
-        _specs(plan.capped(plan.search_spaces.LEARNED[f].build(None), opts.trials), 2, base, opts)
+    # the later stages' settings, on placeholder bases, must fit the config too: known before stage 1
+    _specs(plan.planned_rule_trials(st.rules, opts.trials), 2, base, opts)
+    _specs(plan.planned_learned_trials(st.learned, opts.trials), 3, base, opts)
+    counts = plan.stage_counts(st, opts.trials)
     epochs = opts.epochs or cfg.optim.epochs
     for n in notes:
         log(f"[auto] {n}")
     info, kd_run = prepare(cfg, storage, opts.name, opts.endpoint_url, log)
+    n_select = cfg.data.select_per_class * kd_run.trainer.data.num_classes if cfg.data.select_per_class else None
+    choose = plan.picker(n_select)
     if opts.time_budget_s is not None:
         epoch_s = epoch_seconds(kd_run)  # what is left after the teacher, for the trials
-        plan.check_budget(opts.time_budget_s - (time.perf_counter() - t_start), len(s1), n2, opts.max_concurrent, epochs,
-                          epoch_s)
+        plan.check_budget(opts.time_budget_s - (time.perf_counter() - t_start), counts, opts.max_concurrent, epochs, epoch_s)
     del kd_run
     budget = {"epochs": epochs, "trials_per_family": opts.trials, "time_budget_s": opts.time_budget_s,
               "max_concurrent": opts.max_concurrent, "cpus_per_trial": opts.cpus_per_trial,
@@ -318,28 +327,34 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
            "cpus_per_trial": opts.cpus_per_trial}
     init_ray()
     done1 = _stored_results(storage, opts.name, specs)
-    total = len(s1) + n2
-    log(f"[auto] search {opts.name!r}: stage 1 {len(s1)} trials of {', '.join(stage1_fams)}; stage 2 {n2} trials of "
-        f"{', '.join(stage2_fams) or 'none'}; {epochs} epochs each, {opts.max_concurrent} at a time; "
+    log(f"[auto] search {opts.name!r}: stage 1 {counts[0]} trials of {', '.join(st.hand)}; stage 2 {counts[1]} trials of "
+        f"{', '.join(st.rules) or 'none'}; stage 3 {counts[2]} trials of {', '.join(st.learned) or 'none'}; {epochs} "
+        f"epochs each, {opts.max_concurrent} at a time; picks on the {plan.pick_split(n_select)['picked_on']} split; "
         f"{len(done1)} already finished")
-    progress = _Progress(total, done1, log)
+    progress = _Progress(sum(counts), done1, log)
     progress.show()
     deadline = t_start + opts.time_budget_s if opts.time_budget_s else None
     errors = _run_stage(1, s1, ctx, storage, opts, progress, None if deadline is None else deadline - time.perf_counter(), log)
-    results = _stored_results(storage, opts.name, specs)
-    s2, bases, skipped = plan.stage2_trials(stage2_fams, opts.trials, plan.finished(results))
-    notes += skipped
-    progress.skip(n2 - len(s2))
-    if s2:
-        specs2 = _specs(s2, 2, base, opts, bases)
-        ctx["trials"] = {**specs, **specs2}
-        specs = ctx["trials"]
-        progress.done += len(_stored_results(storage, opts.name, specs2))
+    bases: dict[str, str] = {}
+    later = ((2, st.rules, plan.stage2_trials), (3, st.learned, plan.stage3_trials))
+    for stage, fams, build in later:  # each on the picks of the stages before it
+        results = _stored_results(storage, opts.name, specs)
+        trials, base_of, skipped = build(fams, opts.trials, plan.finished(results), choose)
+        notes += skipped
+        progress.skip(counts[stage - 1] - len(trials))
+        if not trials:
+            continue
+        for f in dict.fromkeys(t.family for t in trials):  # {family: the pick(s) it sits on}
+            on = list(dict.fromkeys(base_of[t.label] for t in trials if t.family == f))
+            bases[f] = on[0] if len(on) == 1 else on
+        new = _specs(trials, stage, base, opts, base_of)
+        ctx["trials"] = specs = {**specs, **new}
+        progress.done += len(_stored_results(storage, opts.name, new))
         left = None if deadline is None else deadline - time.perf_counter()
         if left is not None and left <= 0:
-            notes.append(f"stage 2 not run: --time-budget {opts.time_budget_s:.0f} s spent in stage 1")
-        else:
-            errors |= _run_stage(2, s2, ctx, storage, opts, progress, left, log)
+            notes.append(f"stage {stage} not run: --time-budget {opts.time_budget_s:.0f} s spent before it")
+            continue
+        errors |= _run_stage(stage, trials, ctx, storage, opts, progress, left, log)
     results = _stored_results(storage, opts.name, specs)
     have = {r["label"] for r in results}
     for label, s in specs.items():  # failed or cut-off trials are rows too, with their error
@@ -357,9 +372,11 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
         log(report.trials_table(results))
         raise plan.AutoError(f"no trial of search {opts.name!r} finished, so there is nothing to ship: their errors are "
                              f"in {where}/trials.csv; fix the cause and re-run the same command (it resumes)")
-    win, why = plan.pick_with_reason(results)
-    summary = {"name": opts.name, "pick": win["label"], "why": why, "notes": notes, "budget": budget, "teacher": info,
-               "stage2_bases": bases, "wall_s": time.perf_counter() - t_start, "storage": _join(storage.uri, safe_key(opts.name))}
+    win, why = plan.pick_with_reason(results, n_select)
+    summary = {"name": opts.name, "pick": win["label"], "why": why, "split": plan.pick_split(n_select), "notes": notes,
+               "budget": budget, "teacher": info, "stages": {"1": st.hand, "2": st.rules, "3": st.learned},
+               "stage2_bases": bases, "wall_s": time.perf_counter() - t_start,
+               "storage": _join(storage.uri, safe_key(opts.name))}
     outputs = report.write_outputs(storage, safe_key(opts.name), results, win, summary,
                                    plan.best_config_yaml(user_cfg, win, opts.name, why, budget))
     return {**summary, "rows": results, "winner": win, "outputs": outputs}
