@@ -149,6 +149,9 @@ def prepare(config: dict) -> dict:
     from lkd_ray.train.run import build_run
     from lkd_ray.train.teacher import prepare_teacher
 
+    import torch
+
+    torch.set_num_threads(1)  # seeded teachers are reproducible at one fixed thread count (accuracy.prepare)
     cfg = Config.model_validate(config)
     cfg = cfg.model_copy(update={"loss": cfg.loss.model_copy(update={"method": "kd", "ce_rule": "plain"}),
                                  "run": cfg.run.model_copy(update={"seed": 0})})
