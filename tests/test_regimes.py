@@ -305,7 +305,7 @@ def test_tuning_picks_on_quiz_never_on_test():
     unmeasured = [{"trial": "d", "quiz_top1": 81.0, "quiz_loss": None}, *rows]  # first in grid order, no quiz loss
     assert pick(unmeasured)["trial"] == "c"  # a missing quiz loss ranks after a measured one, never as 0
     assert pick(unmeasured[:1] + [{"trial": "e", "quiz_top1": 81.0, "quiz_loss": None}])["trial"] == "d"
-    assert len(HANDCRAFTED["kd"]) == 16 and len(trials("handcrafted")) == 16 + 4 + 4 + 4 + 8
+    assert len(HANDCRAFTED["kd"]) == 16 and len(trials("handcrafted")) == 16 + 4 + 4 + 4 + 8 + 12  # dist-wce: τ × w_ce
     kd = {t.name: t.sections["loss"] for t in HANDCRAFTED["kd"]}
     assert kd["alpha=1,tau=8"] == {"method": "kd", "w_ce": 0.0, "w_logit": 1.0, "tau": 8.0}
     for t in trials("handcrafted"):  # every trial is a valid config
