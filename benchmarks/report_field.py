@@ -107,27 +107,34 @@ def transfer(results: Path | None = None) -> str:
     recs = _load("accuracy_transfer.json", results)
     if not recs:
         return "_No transfer runs recorded yet._\n"
-    lines = ["| preset | setting | rule (source regime's best) | seeds | preset test top-1 | rule test top-1 | "
+    lines = ["| preset | setting | rule transferred | seeds | preset test top-1 | rule test top-1 | "
              "preset − rule (paired ± SE) | worst seed | preset meta-steps (median) | within −0.2? |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for preset in dict.fromkeys(r["preset"] for r in recs):
-        for setting in dict.fromkeys(r["setting"] for r in recs if r["preset"] == preset):
-            rs = [r for r in recs if r["preset"] == preset and r["setting"] == setting]
-            pre = {r["seed"]: r for r in rs if r["role"] == "preset"}
-            rule = {r["seed"]: r for r in rs if r["role"] == "rule"}
-            seeds = sorted(set(pre) & set(rule))
-            if not seeds:
-                continue
-            d = [pre[s]["test_top1"] - rule[s]["test_top1"] for s in seeds]
-            se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-            steps = [pre[s].get("meta_steps") for s in seeds if pre[s].get("meta_steps") is not None]
-            rule_name = rule[seeds[0]]["method"].split("|", 2)[-1]
-            lines.append(f"| `{preset}` | {setting} | {rule_name} | {len(seeds)} | "
-                         f"{statistics.mean(pre[s]['test_top1'] for s in seeds):.2f} | "
-                         f"{statistics.mean(rule[s]['test_top1'] for s in seeds):.2f} | {statistics.mean(d):+.2f} ± {se:.2f} | "
-                         f"{min(d):+.2f} | {statistics.median(steps) if steps else '—'} | "
-                         f"{'yes' if statistics.mean(d) >= -TIE else 'no'} |")
+        rules = list(dict.fromkeys(r["method"] for r in recs if r["preset"] == preset and r["role"] == "rule"))
+        settings = list(dict.fromkeys(r["setting"] for r in recs if r["preset"] == preset))
+        for rule_method in rules:
+            for setting in settings:
+                line = _transfer_row(recs, preset, setting, rule_method)
+                if line:
+                    lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def _transfer_row(recs: list[dict], preset: str, setting: str, rule_method: str) -> str | None:
+    rs = [r for r in recs if r["preset"] == preset and r["setting"] == setting]
+    pre = {r["seed"]: r for r in rs if r["role"] == "preset"}
+    rule = {r["seed"]: r for r in rs if r["role"] == "rule" and r["method"] == rule_method}
+    seeds = sorted(set(pre) & set(rule))
+    if not seeds:
+        return None
+    d = [pre[s]["test_top1"] - rule[s]["test_top1"] for s in seeds]
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    steps = [pre[s].get("meta_steps") for s in seeds if pre[s].get("meta_steps") is not None]
+    return (f"| `{preset}` | {setting} | {rule_method.split('|', 2)[-1]} | {len(seeds)} | "
+            f"{statistics.mean(pre[s]['test_top1'] for s in seeds):.2f} | "
+            f"{statistics.mean(rule[s]['test_top1'] for s in seeds):.2f} | {statistics.mean(d):+.2f} ± {se:.2f} | "
+            f"{min(d):+.2f} | {statistics.median(steps) if steps else '—'} | {'yes' if statistics.mean(d) >= -TIE else 'no'} |")
 
 
 def field_per_sample(results: Path | None = None) -> str:

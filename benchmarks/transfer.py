@@ -114,6 +114,26 @@ def rule_of(source_regime: str, results: Path) -> tuple[str, dict]:
     return f"{family}[{trial.name}]", trial.sections
 
 
+def named_rule(label: str, source_regime: str, results: Path) -> tuple[str, dict]:
+    """A field rule by its trial label, ``family[setting,base=kd|dist]``, on the source regime's tuned KD and DIST
+    (the regimes benchmark's picks): a hand-crafted rule transferred beside the preset before the field suite has
+    picked the regime's best one (``--rule``)."""
+    from lkd_ray.search_spaces import HANDCRAFTED, RULE_GRIDS, rule_trials
+
+    family, _, name = label.partition("[")
+    if family not in RULE_GRIDS or not name.endswith("]"):
+        raise accuracy.BenchmarkError(f"--rule takes FAMILY[SETTING] of a field rule ({', '.join(RULE_GRIDS)}), "
+                                      f"e.g. agree[rule=agree,base=dist]; got {label!r}")
+    tuning = json.loads((results / accuracy.TUNING).read_text())
+    bases = {on: next(t for t in HANDCRAFTED[on] if t.name == accuracy.tuning_pick(tuning, source_regime, on)["trial"])
+             for on in ("kd", "dist")}
+    trial = next((t for t in rule_trials(family, bases) if t.name == name[:-1]), None)
+    if trial is None:
+        raise accuracy.BenchmarkError(f"--rule {label!r}: no such setting; valid: "
+                                      f"{', '.join(t.name for t in rule_trials(family, bases))}")
+    return f"{family}[{trial.name}]", trial.sections
+
+
 def plan(args) -> list[dict]:
     from lkd_ray.config import PRESETS, build_config
     from lkd_ray.data import load_fashion_mnist
@@ -121,7 +141,8 @@ def plan(args) -> list[dict]:
     if args.preset not in PRESETS:
         raise accuracy.BenchmarkError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
     source = PRESETS[args.preset]["source"]["regime"]
-    rule_name, rule_sections = rule_of(source, Path(args.results))
+    rule_name, rule_sections = (named_rule(args.rule, source, Path(args.results)) if getattr(args, "rule", None)
+                                else rule_of(source, Path(args.results)))
     files = None
     if "userfile" in args.settings:
         clean = load_fashion_mnist(None, args.cache_dir)["train"][1]
@@ -130,8 +151,8 @@ def plan(args) -> list[dict]:
     for setting in args.settings:
         data = setting_data(setting, source, files)
         for seed in args.seeds:
-            for role, method, sections, preset in (("preset", f"preset:{args.preset}", {}, args.preset),
-                                                   ("rule", rule_name, rule_sections, None)):
+            roles = [("preset", f"preset:{args.preset}", {}, args.preset)] if not getattr(args, "rule_only", False) else []
+            for role, method, sections, preset in roles + [("rule", rule_name, rule_sections, None)]:
                 name = f"{setting}-{args.preset}-{role}-s{seed}"
                 merged = accuracy.merge(accuracy.COMMON, {"optim": {"epochs": 12}}, {"data": data}, sections,
                                         {"run": {"seed": seed, "name": name, "progress": False, "cache_dir": args.cache_dir}})
@@ -166,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", required=True)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rule", help="transfer this field rule (FAMILY[SETTING], on the source regime's tuned KD and DIST) "
+                    "as the rule, instead of the source regime's recorded best")
+    ap.add_argument("--rule-only", action="store_true", help="run the rule rows only (the preset's are recorded)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--other-jobs", type=int, default=0)
