@@ -153,7 +153,9 @@ def plan(args) -> list[dict]:
         for seed in args.seeds:
             roles = [("preset", f"preset:{args.preset}", {}, args.preset)] if not getattr(args, "rule_only", False) else []
             for role, method, sections, preset in roles + [("rule", rule_name, rule_sections, None)]:
-                name = f"{setting}-{args.preset}-{role}-s{seed}"
+                named = role == "rule" and getattr(args, "rule", None)  # a named rule's runs get folders of their own
+                slug = "".join(c if c.isalnum() else "-" for c in args.rule).strip("-") if named else ""
+                name = f"{setting}-{args.preset}-{role}{'-' + slug if slug else ''}-s{seed}"
                 merged = accuracy.merge(accuracy.COMMON, {"optim": {"epochs": 12}}, {"data": data}, sections,
                                         {"run": {"seed": seed, "name": name, "progress": False, "cache_dir": args.cache_dir}})
                 cfg = build_config("fashion_mnist", preset=preset, **merged)
