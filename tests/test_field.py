@@ -309,3 +309,23 @@ def test_early_stopping_soundness_is_read_off_the_recorded_curves():
     quarter = next(r for r in rows if r["rung"] == 0.25)
     assert quarter["spearman"] == pytest.approx(-1.0) and not quarter["keeps_best"] and quarter["best_rank_at_rung"] == 6
     assert next(r for r in rows if r["rung"] == 0.75)["keeps_best"] and early_stop.sound_rung(rows) == 0.75
+
+
+def test_transfer_can_name_a_field_rule_on_the_source_regime_s_tuned_bases(tmp_path):
+    import argparse
+
+    import accuracy
+    import transfer
+
+    args = argparse.Namespace(preset="noisy-pair30", settings=["pair20"], seeds=[0], out=str(tmp_path), cache_dir=str(tmp_path),
+                              results=str(ROOT / "benchmarks" / "results"), threads=1,
+                              rule="agree[rule=agree,base=dist]", rule_only=True)
+    tasks = transfer.plan(args)
+    tuning = __import__("json").loads((ROOT / "benchmarks" / "results" / accuracy.TUNING).read_text())
+    dist_tau = float(accuracy.tuning_pick(tuning, "noisy-pair30", "dist")["trial"].split("=")[1])
+    assert [t["role"] for t in tasks] == ["rule"] and tasks[0]["method"] == "agree[rule=agree,base=dist]"
+    loss = tasks[0]["config"]["loss"]
+    assert (loss["method"], loss["ce_rule"], loss["tau"]) == ("dist", "agree", dist_tau)
+    assert "agree" in tasks[0]["out"] and tasks[0]["out"] != str(tmp_path / "pair20-noisy-pair30-rule-s0")
+    with pytest.raises(accuracy.BenchmarkError, match="no such setting"):
+        transfer.plan(argparse.Namespace(**{**vars(args), "rule": "agree[rule=agree,base=wsl]"}))
