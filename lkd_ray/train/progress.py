@@ -14,7 +14,25 @@ def epoch_line(label: str, epoch: int, epochs: int, metrics) -> str:
             f"  loss {m.get('train_loss', float('nan')):.3f}  {m.get('epoch_s', 0):.0f}s{extra}")
 
 
-class Progress:
+class _Lines:
+    """A bar's printed lines: above the bar while it shows (tqdm keeps it at the bottom), plain lines otherwise."""
+
+    bar = None
+    stream = None
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Progress(_Lines):
     """A tqdm bar over all steps of a run, plus one printed line per finished epoch."""
 
     def __init__(self, label: str, epochs: int, enabled: bool = True, stream=None):
@@ -42,19 +60,10 @@ class Progress:
     def epoch(self, rec) -> None:
         if not self.enabled:
             return
-        line = epoch_line(self.label, rec.epoch, self.epochs, rec.metrics)
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
-            print(line, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self.write(epoch_line(self.label, rec.epoch, self.epochs, rec.metrics))
 
 
-class RunBar:
+class RunBar(_Lines):
     """The driver's bar of a Ray run, fed the steps its workers report. It appears at the first step, counting from
     there: the workers' start-up (minutes on a cold cluster) is not read as slow steps, so no ETA shows until a rate
     is measured; the loss shows once one is logged."""
@@ -77,14 +86,3 @@ class RunBar:
         if loss is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
         self.bar.refresh()
-
-    def write(self, line: str) -> None:
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
-            print(line, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
