@@ -125,6 +125,9 @@ def test_a_trusted_subset_becomes_the_quiz_and_is_never_trained_on(tmp_path):
     (tmp_path / "dup.csv").write_text(f"{idx[0]},1\n{idx[0]},1\n")
     with pytest.raises(BadInput, match="given 2 times"):
         load_trusted(str(tmp_path / "dup.csv"), len(clean), 10)
+    (tmp_path / "cls.csv").write_text("index,label\n3,1\n4,12\n")
+    with pytest.raises(BadInput, match="label 12 at index 4 is not a class"):
+        load_trusted(str(tmp_path / "cls.csv"), len(clean), 10)
     (tmp_path / "far.csv").write_text("999,1\n")
     with pytest.raises(BadInput, match="outside the training set"):
         load_trusted(str(tmp_path / "far.csv"), len(clean), 10)

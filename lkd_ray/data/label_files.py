@@ -98,11 +98,16 @@ def load_noisy_labels(uri: str, n_train: int, num_classes: int, key: str = "wors
     if len(labels) != n_train:
         raise LabelFileError(field, uri, f"has {len(labels)} labels, the training set has {n_train} images",
                              "give one label per training image, in the data set's order")
+    _check_classes(field, uri, labels, np.arange(len(labels)), num_classes)
+    return labels.astype(np.int64)
+
+
+def _check_classes(field: str, uri: str, labels: np.ndarray, index: np.ndarray, num_classes: int) -> None:
+    """Every label a class of the data set; the first that is not is named with its training-image index."""
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
-        raise LabelFileError(field, uri, f"label {int(labels[bad[0]])} at index {int(bad[0])} is not a class of this "
-                             f"data set (0..{num_classes - 1}; {len(bad)} such label(s))", "fix or remove those labels")
-    return labels.astype(np.int64)
+        raise LabelFileError(field, uri, f"label {int(labels[bad[0]])} at index {int(index[bad[0]])} is not a class of "
+                             f"this data set (0..{num_classes - 1}; {len(bad)} such label(s))", "fix or remove those labels")
 
 
 def load_trusted(uri: str, n_train: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,8 +135,5 @@ def load_trusted(uri: str, n_train: int, num_classes: int) -> tuple[np.ndarray, 
     if (counts > 1).any():
         raise LabelFileError(field, uri, f"index {int(uniq[counts > 1][0])} is given {int(counts.max())} times",
                              "list every trusted image once")
-    bad = np.flatnonzero((lab < 0) | (lab >= num_classes))
-    if len(bad):
-        raise LabelFileError(field, uri, f"label {int(lab[bad[0]])} of index {int(idx[bad[0]])} is not a class of this "
-                             f"data set (0..{num_classes - 1})", "fix that label")
+    _check_classes(field, uri, lab, idx, num_classes)
     return idx, lab
