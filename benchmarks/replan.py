@@ -2,8 +2,9 @@
 plan it today (nothing runs, nothing is written), and each record's ``config_sha`` must be what the plan builds for
 its row. A record that does not re-plan is re-run, or dropped with its reason (``benchmarks/records.py drop``).
 
-Checked: ``accuracy_regimes.json`` and ``accuracy_regimes_tuning.json`` (``benchmarks/accuracy.py``: tuned methods
-re-plan from the tuning records in the same folder) and ``cost.json`` (``benchmarks/cost.py``: both configs of every
+Checked: ``accuracy_regimes.json``, ``accuracy_regimes_tuning.json`` and the field suite's ``accuracy_field*.json``
+(``benchmarks/accuracy.py``: tuned methods re-plan from the tuning records in the same folder),
+``accuracy_transfer.json`` (``benchmarks/transfer.py``; planned without writing its label files) and ``cost.json`` (``benchmarks/cost.py``: both configs of every
 setting). CI runs it as a test::
 
     python benchmarks/replan.py              # exit 1 and the differences when a record does not re-plan
@@ -112,12 +113,41 @@ def check_cost(results: Path, store: dict) -> list[str]:
     return problems
 
 
+def check_transfer(results: Path, store: dict) -> list[str]:
+    """``accuracy_transfer.json``: one plan per distinct command of ``benchmarks/transfer.py``, every row against it."""
+    import transfer
+
+    path = results / transfer.RECORDS
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    problems = []
+    for command in dict.fromkeys(r["command"] for r in rows):
+        mine = [r for r in rows if r["command"] == command]
+        try:
+            args = transfer.parser().parse_args(script_args(command, "transfer.py"))
+            args.results, args.plan_only = str(results), True  # plan only: the label files are not written
+            tasks = transfer.plan(args)
+        except (ValueError, SystemExit, transfer.accuracy.BenchmarkError) as e:
+            problems.append(f"{transfer.RECORDS}: `{command}` ({len(mine)} record(s)) does not plan: {e}")
+            continue
+        planned = {(t["setting"], t["role"], t["seed"]): t["config"] for t in tasks}
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for r in mine:
+            built = planned.get((r["setting"], r["role"], r["seed"]))
+            if built is None:
+                problems.append(f"{transfer.RECORDS}: {r['setting']}/{r['role']} seed {r['seed']} is not among the runs "
+                                f"of `{command}`")
+            elif not _same(r["config_sha"], built, store):
+                groups.setdefault(_diff(r["config_sha"], built, store), []).append(f"{r['setting']}/{r['role']} seed {r['seed']}")
+        problems += _report(transfer.RECORDS, command, groups)
+    return problems
+
+
 def check(results: Path = records.RESULTS) -> list[str]:
     """Every record that does not re-plan from its command, with the reason; empty when all do."""
     results = Path(results)
     store_path = results / "configs.json"
     store = json.loads(store_path.read_text()) if store_path.is_file() else {}
-    return check_accuracy(results, store) + check_cost(results, store)
+    return check_accuracy(results, store) + check_cost(results, store) + check_transfer(results, store)
 
 
 def main(argv: list[str] | None = None) -> int:

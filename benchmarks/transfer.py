@@ -41,17 +41,17 @@ SETTINGS = ("subset8k", "pair20", "pair45", "confusion30", "userfile")
 USER_NOISE, USER_SEED = 0.25, 2025
 
 
-def user_label_files(folder: Path, clean, num_classes: int = 10) -> tuple[str, str]:
+def user_label_files(folder: Path, clean, num_classes: int = 10, write: bool = True) -> tuple[str, str]:
     """A user's label file and trusted file, written once (seeded): every image's label, 25 % of them redrawn from
     a random row-stochastic confusion matrix (diagonal zero), in the CIFAR-N ``.pt`` layout; and 20 clean images
     per class as the trusted subset."""
     import numpy as np
     import torch
 
-    folder.mkdir(parents=True, exist_ok=True)
     labels, trusted = folder / "user_labels.pt", folder / "user_trusted.csv"
-    if labels.is_file() and trusted.is_file():
+    if not write or (labels.is_file() and trusted.is_file()):  # a plan only needs the paths the configs name
         return _rel(labels), _rel(trusted)
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(USER_SEED)
     clean = np.asarray(clean)
     confusion = rng.dirichlet(np.full(num_classes - 1, 0.3), size=num_classes)  # peaked: a few likely mistakes per class
@@ -146,7 +146,7 @@ def plan(args) -> list[dict]:
     files = None
     if "userfile" in args.settings:
         clean = load_fashion_mnist(None, args.cache_dir)["train"][1]
-        files = user_label_files(Path(args.out) / "files", clean)
+        files = user_label_files(Path(args.out) / "files", clean, write=not getattr(args, "plan_only", False))
     tasks = []
     for setting in args.settings:
         data = setting_data(setting, source, files)
@@ -184,7 +184,7 @@ def prepare(config: dict) -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:  # its own function: benchmarks/replan.py parses recorded commands with it
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", required=True)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
@@ -198,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "runs" / "transfer"))
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "lkd_ray"))
     ap.add_argument("--results", default=str(accuracy.RESULTS))
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     results = Path(args.results)
     try:
