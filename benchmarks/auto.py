@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--final-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--no-full", action="store_true", help="record the short trials' test top-1; no full re-runs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--other-jobs", type=int, default=0, help="heavy jobs running beside this search (provenance)")
     ap.add_argument("--storage", default=str(ROOT / "runs" / "auto_bench"))
     ap.add_argument("--cache-dir", default=str(ROOT / ".cache" / "lkd_ray"))
     ap.add_argument("--results", default=str(records.RESULTS))
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: full runs test top-1 {finals[label]} ({time.perf_counter() - t0:.0f}s)", flush=True)
     records.keep_configs([cfg.to_dict()], Path(args.results) / "configs.json")
     rec = {**make_record(setting, args.search_seed, res, finals, args.max_concurrent, records.config_sha(cfg.to_dict())),
-           **records.provenance(jobs_beside=0), "finished": records.now()}
+           **records.provenance(jobs_beside=args.other_jobs), "finished": records.now()}
     records.append(Path(args.results) / RECORDS, [rec])
     print(f"{setting}: picked {rec['picked']} (test {rec['picked_test_top1']:.2f}), best in hindsight {rec['best_trial']} "
           f"(test {rec['best_trial_test_top1']:.2f}); {rec['trials']} trials in {rec['wall_s']:.0f}s → {args.results}/{RECORDS}")
