@@ -458,8 +458,15 @@ def best_config_yaml(user_cfg: dict, win: dict, name: str, why: str, budget: dic
     return head + yaml.safe_dump(d, sort_keys=False)
 
 
-def progress_line(total: int, done: int, running: int, failed: int, best: dict | None) -> str:
+def progress_line(total: int, done: int, running: int, failed: int, best: dict | None, split: str = "quiz") -> str:
+    """The search's one progress line; ``best`` is what the search's pick rule ranks first so far, shown with the
+    accuracy on the split that picks (``split``: quiz or selection)."""
     left = max(0, total - done - running - failed)
-    b = f"best so far {best['label']} quiz {best['quiz_top1']:.2f}%" if best else "no trial finished yet"
+    if best is None:
+        b = "no trial finished yet"
+    elif split == "selection" and best.get("select_top1") is not None:
+        b = f"best so far {best['label']} select {best['select_top1']:.2f}% (quiz {best['quiz_top1']:.2f}%)"
+    else:
+        b = f"best so far {best['label']} quiz {best['quiz_top1']:.2f}%"
     fail = f", {failed} failed" if failed else ""
     return f"[auto] {done}/{total} trials done, {running} running, {left} left{fail}; {b}"

@@ -127,6 +127,24 @@ def test_the_selection_split_picks_bases_and_winner_when_select_per_class_is_set
     assert "select top-1" not in trials_table([_row("dist[tau=1]", 80.0)])
 
 
+def test_the_progress_line_names_what_the_search_would_ship_on_its_own_split():
+    from lkd_ray.distributed.auto import _Progress
+
+    s1 = [_row("kd[alpha=0.5,tau=4]", 84.0, sel=90.0, cal=0.30), _row("dist[tau=8]", 86.0, sel=85.0, cal=0.40)]
+    lines: list[str] = []
+    p = _Progress(4, s1[:1], lines.append, plan.picker(500), "selection")
+    p.start()
+    p.finish(s1[1])  # higher quiz, lower select: the selection pick stays kd
+    assert lines[-1] == ("[auto] 2/4 trials done, 0 running, 2 left; best so far kd[alpha=0.5,tau=4] select 90.00% "
+                         "(quiz 84.00%)")
+    q: list[str] = []
+    p = _Progress(4, s1[:1], q.append)  # no selection split: the quiz ranks
+    p.finish(s1[1])
+    assert q[-1].endswith("best so far dist[tau=8] quiz 86.00%")
+    p.finish(_row("dist[tau=1]", 99.0))  # a row without select metrics never breaks the line
+    assert q[-1].endswith("best so far dist[tau=1] quiz 99.00%")
+
+
 def test_a_trial_is_exactly_its_familys_setting_and_its_sha_ignores_where_it_writes():
     base = build_config("fashion_mnist", loss={"method": "kd", "w_ce": 0.0, "tau": 8.0}).to_dict()
     t = search_spaces.HANDCRAFTED["dist"][0]

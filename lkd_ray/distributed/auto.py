@@ -28,6 +28,8 @@ from ..config import Config, _explain, build_config
 from ..search_spaces import Trial
 from ..storage import StorageError, open_storage, safe_key
 
+SELECT_METRICS = ("select_top1", "select_loss", "select_loss_cal")  # a trial's selection-split metrics, when it has one
+
 
 def _join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
@@ -95,7 +97,7 @@ def auto_trial(config: dict, ctx: dict) -> None:
         def on_epoch_end(self, rec) -> None:
             m = rec.metrics
             tune.report({"epoch": rec.epoch, "quiz_top1": m["quiz_top1"], "quiz_loss": m["quiz_loss"],
-                         "test_top1": m["test_top1"]})
+                         "test_top1": m["test_top1"], **{k: m[k] for k in SELECT_METRICS if k in m}})
 
     cfg = Config.model_validate(spec["config"])
     t0 = time.perf_counter()
@@ -113,7 +115,7 @@ def auto_trial(config: dict, ctx: dict) -> None:
     per_sample = per_sample_groups(res["_trainer"], teacher)
     store.put_json(key, {**{k: spec[k] for k in ("label", "family", "setting", "stage", "sha", "base", "sections")},
                          "quiz_top1": res["quiz_top1"], "quiz_loss": last.get("quiz_loss"), "test_top1": res["test_top1"],
-                         **{k: res[k] for k in ("select_top1", "select_loss", "select_loss_cal") if k in res},
+                         **{k: res[k] for k in SELECT_METRICS if k in res},
                          "select_size": len(data.select_eval.labels) if getattr(data, "select_eval", None) is not None
                          and hasattr(data.select_eval, "labels") else None,
                          "epochs": res["epochs"], "budget_epochs": cfg.optim.epochs, "wall_s": time.perf_counter() - t0,
@@ -125,11 +127,22 @@ def auto_trial(config: dict, ctx: dict) -> None:
 
 # --------------------------------------------------------------------------- the driver
 class _Progress:
-    """One line for the whole search each time a trial starts, finishes or fails."""
+    """One line for the whole search each time a trial starts, finishes or fails; "best so far" is ranked by the
+    search's own pick rule (the selection split's when the config sets one, so the line names what would ship)."""
 
-    def __init__(self, total: int, done: list[dict], log):
+    def __init__(self, total: int, done: list[dict], log, choose=None, split: str = "quiz"):
         self.total, self.done, self.running, self.failed, self.log = total, len(done), 0, 0, log
-        self.best = plan.search_spaces.pick(done) if done else None
+        self.choose, self.split = choose or plan.search_spaces.pick, split
+        self.rows = list(plan.finished(done))
+        self.best = self._best()
+
+    def _best(self) -> dict | None:
+        if not self.rows:
+            return None
+        try:
+            return self.choose(self.rows)
+        except ValueError:  # a row without the split's metrics (an older stored trial): rank on the quiz
+            return plan.search_spaces.pick(self.rows)
 
     def start(self) -> None:
         self.running += 1
@@ -141,16 +154,15 @@ class _Progress:
             self.failed += 1
         else:
             self.done += 1
-            if self.best is None or (row["quiz_top1"], -(row.get("quiz_loss") or 0)) > \
-                    (self.best["quiz_top1"], -(self.best.get("quiz_loss") or 0)):
-                self.best = row
+            self.rows.append(row)
+            self.best = self._best()
         self.show()
 
     def skip(self, n: int) -> None:
         self.total -= n
 
     def show(self) -> None:
-        self.log(plan.progress_line(self.total, self.done, self.running, self.failed, self.best))
+        self.log(plan.progress_line(self.total, self.done, self.running, self.failed, self.best, self.split))
 
 
 def _tune_callback(progress: _Progress, specs: dict[str, dict]):
@@ -163,7 +175,8 @@ def _tune_callback(progress: _Progress, specs: dict[str, dict]):
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             spec = specs[trial.config["label"]]
-            progress.finish({"label": spec["label"], "quiz_top1": r["quiz_top1"], "quiz_loss": r.get("quiz_loss")}
+            progress.finish({"label": spec["label"], "quiz_top1": r["quiz_top1"], "quiz_loss": r.get("quiz_loss"),
+                             **{k: r[k] for k in SELECT_METRICS if r.get(k) is not None}}
                             if r.get("quiz_top1") is not None else None)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -331,7 +344,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
         f"{', '.join(st.rules) or 'none'}; stage 3 {counts[2]} trials of {', '.join(st.learned) or 'none'}; {epochs} "
         f"epochs each, {opts.max_concurrent} at a time; picks on the {plan.pick_split(n_select)['picked_on']} split; "
         f"{len(done1)} already finished")
-    progress = _Progress(sum(counts), done1, log)
+    progress = _Progress(sum(counts), done1, log, choose, plan.pick_split(n_select)["picked_on"])
     progress.show()
     deadline = t_start + opts.time_budget_s if opts.time_budget_s else None
     errors = _run_stage(1, s1, ctx, storage, opts, progress, None if deadline is None else deadline - time.perf_counter(), log)
