@@ -42,32 +42,13 @@ USER_NOISE, USER_SEED = 0.25, 2025
 
 
 def user_label_files(folder: Path, clean, num_classes: int = 10, write: bool = True) -> tuple[str, str]:
-    """A user's label file and trusted file, written once (seeded): every image's label, 25 % of them redrawn from
-    a random row-stochastic confusion matrix (diagonal zero), in the CIFAR-N ``.pt`` layout; and 20 clean images
-    per class as the trusted subset."""
-    import numpy as np
-    import torch
+    """The user's label file and trusted file (``lkd_ray.data.label_files.write_example_labels``, seeded: 25 % of
+    the labels redrawn from a peaked confusion matrix, 20 clean images per class trusted), as checkout-relative
+    paths."""
+    from lkd_ray.data.label_files import write_example_labels
 
-    labels, trusted = folder / "user_labels.pt", folder / "user_trusted.csv"
-    if not write or (labels.is_file() and trusted.is_file()):  # a plan only needs the paths the configs name
-        return _rel(labels), _rel(trusted)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(USER_SEED)
-    clean = np.asarray(clean)
-    confusion = rng.dirichlet(np.full(num_classes - 1, 0.3), size=num_classes)  # peaked: a few likely mistakes per class
-    given = clean.copy()
-    flip = rng.random(len(clean)) < USER_NOISE
-    for i in np.flatnonzero(flip):
-        others = [k for k in range(num_classes) if k != clean[i]]
-        given[i] = others[rng.choice(num_classes - 1, p=confusion[clean[i]])]
-    tmp = labels.with_suffix(".tmp")
-    torch.save({"worse_label": given, "clean_label": clean}, tmp)
-    tmp.replace(labels)
-    picks = np.concatenate([rng.choice(np.flatnonzero(clean == c), 20, replace=False) for c in range(num_classes)])
-    tmp = trusted.with_suffix(".tmp")
-    tmp.write_text("index,label\n" + "".join(f"{i},{clean[i]}\n" for i in np.sort(picks)))
-    tmp.replace(trusted)
-    return _rel(labels), _rel(trusted)
+    labels, trusted = write_example_labels(folder, clean, num_classes, USER_NOISE, 20, USER_SEED, write)
+    return _rel(Path(labels)), _rel(Path(trusted))
 
 
 def _rel(path: Path) -> str:

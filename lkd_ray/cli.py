@@ -105,6 +105,21 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_example_labels(args) -> int:
+    """Label files to try the noisy-label path (``auto``, ``train``) before bringing one's own."""
+    from .data import load_fashion_mnist
+    from .data.label_files import load_noisy_labels, write_example_labels
+
+    clean = load_fashion_mnist(args.root, args.cache_dir)["train"][1]
+    labels, trusted = write_example_labels(args.out, clean, 10, args.noise, args.trusted_per_class, args.seed)
+    n_flip = int((load_noisy_labels(labels, len(clean), 10) != clean).sum())  # read back as auto will read it
+    print(f"{labels}: {len(clean)} Fashion-MNIST training labels, {n_flip} of them wrong ({100 * n_flip / len(clean):.1f} %), "
+          f"CIFAR-N layout (key worse_label)\n{trusted}: {args.trusted_per_class} clean images per class (index,label)")
+    print(f"try: python -m lkd_ray auto --name my-labels --set data.noisy_labels={labels} "
+          f"--set data.trusted={trusted} --set data.train_subset=8000")
+    return 0
+
+
 def cmd_auto(args) -> int:
     from .distributed.auto import main as auto_main
 
@@ -145,6 +160,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix for the figure files")
     _add_debug(p)
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("example-labels", help="write a noisy label file and a trusted subset (Fashion-MNIST) to try "
+                                                "the noisy-label path with")
+    p.add_argument("--out", default="my_labels", help="folder for user_labels.pt and user_trusted.csv")
+    p.add_argument("--noise", type=float, default=0.25, help="fraction of labels redrawn from a peaked confusion matrix")
+    p.add_argument("--trusted-per-class", type=int, default=20)
+    p.add_argument("--seed", type=int, default=2025)
+    p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: the Debian package's, then the cache)")
+    p.add_argument("--cache-dir", default=".cache/lkd_ray")
+    _add_debug(p)
+    p.set_defaults(func=cmd_example_labels)
     p = sub.add_parser("auto", help="tune every loss family on your data with Ray Tune and ship the quiz pick")
     from .auto_plan import add_arguments
 

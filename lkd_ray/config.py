@@ -502,3 +502,21 @@ def build_config(recipe: str | None = "fashion_mnist", file: str | Path | None =
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """A copy whose local, relative file paths are absolute (resolved against this process's working directory):
+    what a driver hands to Ray workers and Tune trials, which run in other working directories. Only paths that
+    exist here change; URIs (``s3://``, ``http://``), names (``torchvision``) and paths meant for other machines
+    are left as given."""
+    import os
+
+    out = cfg.model_copy(deep=True)
+    out.run.cache_dir = os.path.abspath(out.run.cache_dir)
+    for section, name in (("data", "root"), ("data", "noisy_labels"), ("data", "trusted"), ("model", "teacher_weights"),
+                          ("lossnet", "init_from")):
+        sec = getattr(out, section)
+        value = getattr(sec, name, None)
+        if isinstance(value, str) and value and "://" not in value and not os.path.isabs(value) and os.path.exists(value):
+            setattr(sec, name, os.path.abspath(value))
+    return out

@@ -317,6 +317,46 @@ def test_search_killed_with_sigkill_resumes_without_rerunning_finished_trials(tm
     assert len([p for p in second.iterdir() if p.is_dir() and p.name.startswith("auto_trial")]) == 3 - len(finished)
 
 
+def _readme_commands(block: str) -> list[list[str]]:
+    """The shell commands of a marked README block, continuation lines joined, split as the shell would."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    body = re.search(rf"<!-- readme:{block} -->\n```bash\n(.*?)```", text, re.S)
+    assert body, f"README.md has no block {block!r}"
+    return [shlex.split(c) for c in body.group(1).replace("\\\n", " ").splitlines() if c.strip()]
+
+
+@pytest.mark.slow
+def test_the_readme_runs_auto_on_a_users_own_label_file_in_one_command(tmp_path, cache_dir, fashion_available):
+    """The README's two lines as a new user types them (in a fresh folder; only the budget made tiny): the label
+    files are written, read back, and the search picks on half of the trusted subset and ships a config naming them."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "OMP_NUM_THREADS": "1"}
+    make, auto = _readme_commands("auto-own-labels")
+    assert make[:4] == [".venv/bin/python", "-m", "lkd_ray", "example-labels"] and auto[3] == "auto"
+    fast = ["--cache-dir", cache_dir]
+    out = subprocess.run([sys.executable, *make[1:], *fast], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "of them wrong (25." in out.stdout and (tmp_path / "my_labels" / "user_trusted.csv").is_file()
+    tiny = ["--set", "data.train_subset=1200", "--set", "data.batch_size=64", "--set", "model.teacher_epochs=1",
+            "--set", f"run.cache_dir={cache_dir}", "--epochs", "1", "--trials", "1", "--families", "dist", "agree",
+            "--max-concurrent", "1"]
+    run = subprocess.run([sys.executable, *auto[1:], *tiny], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    d = tmp_path / "runs" / "my-labels"
+    pick = json.loads((d / "pick.json").read_text())
+    assert pick["split"]["picked_on"] == "selection" and pick["split"]["n_select"] == 100
+    best = yaml.safe_load((d / "best_config.yaml").read_text())
+    assert best["data"]["noisy_labels"] == "my_labels/user_labels.pt" and best["data"]["trusted"] == "my_labels/user_trusted.csv"
+    rows = json.loads((d / "trials.json").read_text())
+    assert {"dist", "agree"} <= {r["family"] for r in rows} and all(r.get("select_size") == 100 for r in rows)
+    # the trusted images are the quiz and the selection split, 10 per class each, and the student never trains on them
+    assert all(r.get("quiz_size") == 100 for r in rows)
+
+
 # --------------------------------------------------------------------------- bad input, before any trial
 def _run_main(args: list[str]) -> tuple[int, str]:
     from lkd_ray.cli import main

@@ -109,3 +109,20 @@ def test_the_per_sample_grid_on_dist_keeps_dist_s_pick_and_stays_within_the_cost
             assert cfg.meta.meta_every >= 40
             net = build_lossnets(cfg.loss, cfg.lossnet).logit
             assert net.base == "dist" and (net.dist_beta, net.dist_gamma) == (cfg.loss.dist_beta, cfg.loss.dist_gamma)
+
+
+def test_paths_handed_to_workers_are_absolute_where_they_exist_here_and_left_alone_otherwise(tmp_path, monkeypatch):
+    import os
+
+    from lkd_ray.config import build_config, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labels.npy").write_bytes(b"x")
+    (tmp_path / "trusted.csv").write_text("index,label\n")
+    cfg = build_config("fashion_mnist", overrides=["data.noisy_labels=labels.npy", "data.trusted=trusted.csv",
+                                                   "lossnet.init_from=s3://bucket/run", "data.root=not/here"])
+    out = with_absolute_paths(cfg)
+    assert out.data.noisy_labels == str(tmp_path / "labels.npy") and out.data.trusted == str(tmp_path / "trusted.csv")
+    assert out.lossnet.init_from == "s3://bucket/run" and out.data.root == "not/here"  # a URI; a path for another machine
+    assert os.path.isabs(out.run.cache_dir)
+    assert cfg.data.noisy_labels == "labels.npy"  # the user's config is not changed

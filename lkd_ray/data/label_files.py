@@ -137,3 +137,38 @@ def load_trusted(uri: str, n_train: int, num_classes: int) -> tuple[np.ndarray, 
                              "list every trusted image once")
     _check_classes(field, uri, lab, idx, num_classes)
     return idx, lab
+
+
+def write_example_labels(folder, clean, num_classes: int = 10, noise: float = 0.25, trusted_per_class: int = 20,
+                         seed: int = 2025, write: bool = True) -> tuple[str, str]:
+    """A user's label files, made from clean labels so the noisy-label path can be tried without one's own: every
+    image's label, ``noise`` of them redrawn from a random row-stochastic confusion matrix (diagonal zero, peaked: a
+    few likely mistakes per class, as annotators make), in the CIFAR-N ``.pt`` layout (``worse_label``,
+    ``clean_label``); and ``trusted_per_class`` clean images per class as ``index,label`` CSV. Seeded; written
+    atomically; returns (labels path, trusted path). ``write=False`` only names the paths."""
+    from pathlib import Path
+
+    import torch
+
+    folder = Path(folder)
+    labels, trusted = folder / "user_labels.pt", folder / "user_trusted.csv"
+    if not write or (labels.is_file() and trusted.is_file()):
+        return str(labels), str(trusted)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    clean = np.asarray(clean)
+    confusion = rng.dirichlet(np.full(num_classes - 1, 0.3), size=num_classes)
+    given = clean.copy()
+    flip = rng.random(len(clean)) < noise
+    for i in np.flatnonzero(flip):
+        others = [k for k in range(num_classes) if k != clean[i]]
+        given[i] = others[rng.choice(num_classes - 1, p=confusion[clean[i]])]
+    tmp = labels.with_suffix(".tmp")
+    torch.save({"worse_label": given, "clean_label": clean}, tmp)
+    tmp.replace(labels)
+    picks = np.concatenate([rng.choice(np.flatnonzero(clean == c), trusted_per_class, replace=False)
+                            for c in range(num_classes)])
+    tmp = trusted.with_suffix(".tmp")
+    tmp.write_text("index,label\n" + "".join(f"{i},{clean[i]}\n" for i in np.sort(picks)))
+    tmp.replace(trusted)
+    return str(labels), str(trusted)

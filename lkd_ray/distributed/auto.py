@@ -24,7 +24,7 @@ from ..errors import one_line
 from ..errors import report as report_error
 from pydantic import ValidationError
 
-from ..config import Config, _explain, build_config
+from ..config import Config, _explain, build_config, with_absolute_paths
 from ..search_spaces import Trial
 from ..storage import StorageError, open_storage, safe_key
 
@@ -312,8 +312,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     except StorageError as e:
         raise plan.AutoStorageError(f"storage {opts.storage!r} cannot be used: {e}") from None
     user_cfg = cfg.to_dict()
-    cfg = cfg.model_copy(deep=True)
-    cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
+    cfg = with_absolute_paths(cfg)  # workers and trials run in other working directories
     cfg.run.progress = False
     base = cfg.to_dict()
     s1 = plan.stage1_trials(st.hand, opts.trials)

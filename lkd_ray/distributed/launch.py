@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import Config
+from ..config import Config, with_absolute_paths
 from ..errors import InputError
 from ..storage import Storage, StorageError, default_outage_s, open_storage, safe_key
 from ..train.outputs import dumps, json_safe
@@ -207,8 +207,7 @@ def run_distributed(cfg: Config, opts: LaunchOptions) -> dict[str, Any]:
               "(delete the run folder or pick another run.name to train again)", file=sys.stderr, flush=True)
         return done_before
     uri = storage.uri  # absolute: workers and actors run in other working directories
-    cfg = cfg.model_copy(deep=True)
-    cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
+    cfg = with_absolute_paths(cfg)  # workers and trials run in other working directories
     t0 = time.perf_counter()
     teacher_key, teacher_info = _prepare_teacher(cfg, storage, run)
     init_ray()

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..config import Config, _deep_update
+from ..config import Config, _deep_update, with_absolute_paths
 from ..storage import open_storage, safe_key
 from .launch import LaunchOptions, init_ray, run_distributed
 
@@ -115,8 +115,7 @@ def run_search(cfg: Config, launch: LaunchOptions, topts: TuneOptions, out_dir: 
     opts["progress"] = False  # trials run side by side: no progress bars in the driver
     if topts.space not in SECTIONS:
         raise ValueError(f"unknown search space {topts.space!r}; valid: {', '.join(SECTIONS)}")
-    cfg = cfg.model_copy(deep=True)
-    cfg.run.cache_dir = os.path.abspath(cfg.run.cache_dir)
+    cfg = with_absolute_paths(cfg)  # workers and trials run in other working directories
     if topts.space == "lossnet":
         cfg.loss.method = "lkd"
     # prepare the teacher once, so trials share it from the cache
