@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.records import paired  # noqa: E402
 from benchmarks.regimes import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT, best_tuned, rows  # noqa: E402,F401
 
+from benchmarks.report_auto import BLOCKS as AUTO_BLOCKS  # noqa: E402
 from benchmarks.report_field import BLOCKS as FIELD_BLOCKS  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
@@ -395,6 +396,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     **{f"tuning-{r}": (lambda r=r: tuning_table(r)) for r in REGIME_ORDER},
     **{f"figures-{r}": (lambda r=r: figure_links(r)) for r in REGIME_ORDER},
     **FIELD_BLOCKS,
+    **AUTO_BLOCKS,
 }
 
 
@@ -427,9 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     global RESULTS
     if args.results:
         RESULTS = Path(args.results)
+        import benchmarks.report_auto as report_auto
         import benchmarks.report_field as report_field
 
-        report_field.RESULTS = RESULTS
+        report_field.RESULTS = report_auto.RESULTS = RESULTS
     sys.path.insert(0, str(ROOT))
     bad = 0
     for name, path in DOCS.items():

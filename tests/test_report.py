@@ -128,3 +128,32 @@ def test_the_check_fails_on_a_figure_drawn_from_other_records(tmp_path, monkeypa
     figures.draw_all(results, out)
     (out / "per_sample_noisy-pair30.png").unlink()
     assert figures.check(results, out) == [f"figure per_sample_noisy-pair30: {out / 'per_sample_noisy-pair30.png'} is missing"]
+
+
+def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rule(tmp_path):
+    import json
+
+    from benchmarks import report_auto
+
+    def rec(setting, seed, conc, picked, pt, best, bt, wall):
+        return {"setting": setting, "search_seed": seed, "concurrent": conc, "budget": {"epochs": 4, "trials_per_family": 2},
+                "trials_finished": 30, "trials_failed": 0, "picked": picked, "picked_test_top1": pt, "best_trial": best,
+                "best_trial_test_top1": bt, "wall_s": wall, "trials_per_hour": 30 * 3600 / wall}
+
+    (tmp_path / "auto.json").write_text(json.dumps([
+        rec("noisy-pair30+confusion30", 100, 1, "agree[a]", 80.0, "gce[b]", 80.5, 1800),
+        rec("noisy-pair30+confusion30", 100, 2, "agree[a]", 80.0, "gce[b]", 80.5, 1200),
+        rec("noisy-pair30+confusion30", 101, 2, "gce[b]", 80.4, "gce[b]", 80.4, 1200),
+        rec("noisy-pair30", 100, 2, "dist[c]", 89.0, "dist[c]", 89.0, 3600)]))
+    (tmp_path / "accuracy_transfer.json").write_text(json.dumps([
+        {"setting": "confusion30", "role": "rule", "source_regime": "noisy-pair30", "method": "rule|p|agree[x]",
+         "test_top1": t} for t in (79.0, 80.0)]))
+    (tmp_path / "accuracy_field.json").write_text(json.dumps([
+        {"regime": "noisy-pair30", "method": "rule-best-tuned", "test_top1": t} for t in (88.0, 88.5)]))
+    text = report_auto.auto_table(tmp_path)
+    assert "| −0.50 |".replace("−", "-") in text and "79.50 (agree[x])" in text and "88.25 (rule-best-tuned)" in text
+    # one search per setting for the bars: (−0.5 + 0) / 2 = −0.25 on average (within −0.3), worst −0.5 (within −0.6)
+    assert "−0.25 pt from the best trial in hindsight on average (within the −0.3 bar)".replace("−0.25", "-0.25") in text
+    assert "worst -0.50 on noisy-pair30+confusion30 (within the −0.6 bar)" in text
+    assert "2 search seeds: picks agree[a], gce[b]; their test top-1 80.00–80.40 (sd 0.28)" in text
+    assert "1 concurrent 60 trials/hour (30 min), 2 concurrent 90 trials/hour (20 min)" in text
