@@ -11,6 +11,7 @@ REGIME_TEXT = {
     "scarce": "100 labelled images per class for the student (teacher: the full split), 20-per-class clean quiz, 40 epochs",
     "noisy-sym40": "40 % symmetric label noise on the training split (teacher trained on it too), 50-per-class clean quiz, 12 epochs",
     "noisy-pair30": "30 % pair-flip label noise (class c → c + 1) on the training split (teacher too), 50-per-class clean quiz, 12 epochs",
+    "noisy-pair45-8k": "45 % pair-flip label noise on 8,000 training images (teacher too), 20-per-class clean quiz, 12 epochs",
 }
 PER_SAMPLE = {"lkd-sample-tuned": "", "lkd-sample-dist-tuned": "_dist"}  # the per-sample tuned rows → figure suffix
 

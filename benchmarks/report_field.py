@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
-REGIMES = ("noisy-pair30", "noisy-sym40", "scarce", "full")
+REGIMES = ("noisy-pair30", "noisy-pair45-8k", "noisy-sym40", "scarce", "full")
 WIN, TIE = 0.5, 0.2
 
 

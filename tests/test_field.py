@@ -332,3 +332,16 @@ def test_transfer_can_name_a_field_rule_on_the_source_regime_s_tuned_bases(tmp_p
     assert "agree" in tasks[0]["out"] and tasks[0]["out"] != str(tmp_path / "pair20-noisy-pair30-rule-s0")
     with pytest.raises(accuracy.BenchmarkError, match="no such setting"):
         transfer.plan(argparse.Namespace(**{**vars(args), "rule": "agree[rule=agree,base=wsl]"}))
+
+
+def test_the_field_only_regime_plans_on_its_own_data_and_is_refused_by_the_regimes_suite(tmp_path):
+    import accuracy
+
+    argv = ["--regime", "noisy-pair45-8k", "--tune", "kd", "--cache-dir", str(tmp_path), "--out", str(tmp_path)]
+    with pytest.raises(accuracy.BenchmarkError, match="field suite only"):
+        accuracy.plan(accuracy.parser().parse_args(argv), [])
+    tasks, target = accuracy.plan(accuracy.parser().parse_args([*argv, "--suite", "field"]), [])
+    data = tasks[0]["config"]["data"]
+    assert target == accuracy.FIELD_TUNING and len(tasks) == len(__import__("lkd_ray.search_spaces").search_spaces.HANDCRAFTED["kd"])
+    assert (data["label_noise"], data["noise_kind"], data["train_subset"], data["quiz_per_class"], data["select_per_class"]) == \
+        (0.45, "pairflip", 8000, 20, 50)
