@@ -64,7 +64,7 @@ class RecordFailure(UserError):
 
 # pyarrow reports S3 failures (Ray Train's checkpoint storage) as plain OSError with no subtype; these markers are the
 # only way to tell them from a local OSError, so this one case reads the text (a storage outage, exit 3).
-_ARROW_MARKERS = ("AWS Error", "curlCode")
+ARROW_MARKERS = ("AWS Error", "curlCode")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def explain(e: BaseException) -> Failure | None:
         x = _unwrap(x)
         if isinstance(x, UserError) and x.exit_code not in found:
             found[x.exit_code] = (x, depth > 0 and x is not e)
-        elif arrow is None and isinstance(x, OSError) and any(m in str(x) for m in _ARROW_MARKERS):
+        elif arrow is None and isinstance(x, OSError) and any(m in str(x) for m in ARROW_MARKERS):
             arrow = x
     for code in (EXIT_RECORD, EXIT_BAD_INPUT, EXIT_STORAGE):
         if code in found:

@@ -250,6 +250,33 @@ def test_a_teacher_on_s3_that_is_not_there_or_not_weights_is_bad_input(moto_endp
         assert explain(e.value).code == 2 and f"model.teacher_weights='s3://{s3_bucket}/{key}'" in explain(e.value).line
 
 
+def test_a_parquet_root_on_s3_missing_is_bad_input_and_unreachable_is_storage(moto_endpoint, s3_bucket, monkeypatch):
+    """No meta.json under a reachable bucket: prepare the shards (exit 2). An endpoint nobody listens on: the storage
+    cannot be reached (exit 3), found within the outage bound — not "prepare the shards"."""
+    import socket
+
+    from lkd_ray.config import build_config
+    from lkd_ray.train.inputs import check_inputs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("LKD_STORAGE_OUTAGE_S", "1")
+    cfg = build_config("fashion_mnist", overrides=["data.dataset=parquet", f"data.root=s3://{s3_bucket}/nothing-here",
+                                                   f"data.endpoint_url={moto_endpoint}"])
+    with pytest.raises(BadInput, match="holds no meta.json") as e:
+        check_inputs(cfg)
+    assert explain(e.value).code == 2
+    with socket.socket() as s:  # a port that was free a moment ago: nothing answers there
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    cfg = build_config("fashion_mnist", overrides=["data.dataset=parquet", f"data.root=s3://{s3_bucket}/shards",
+                                                   f"data.endpoint_url={dead}"])
+    with pytest.raises(Exception) as e:
+        check_inputs(cfg)
+    f = explain(e.value)
+    assert f is not None and f.code == 3 and "cannot read" in f.line and "prepare the shards" not in f.line, f
+
+
 def test_the_other_jobs_report_bad_data_the_same_way(tmp_path, capsys):
     """jobs/lkd_cifar.py (torchvision folders): a data root that is not there, one line, exit 2, nothing written."""
     import lkd_cifar

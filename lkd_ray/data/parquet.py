@@ -64,10 +64,20 @@ def write_meta(fs, root: str, meta: dict) -> None:
 
 
 def read_meta(fs, root: str) -> dict:
+    """The data set's meta.json. A missing file is FileNotFoundError (bad input: prepare the shards); storage that
+    cannot be reached or read (pyarrow's S3 errors, which carry no type of their own) is ``StorageUnavailable``."""
+    from ..errors import ARROW_MARKERS
+    from ..storage import StorageUnavailable
+
     try:
         with fs.open_input_stream(f"{root}/meta.json") as f:
             return json.loads(f.read())
-    except (FileNotFoundError, OSError) as e:
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{root}/meta.json not found: prepare the shards with jobs/prepare_imagenet.py first ({e})") from e
+    except OSError as e:
+        if any(m in str(e) for m in ARROW_MARKERS):
+            raise StorageUnavailable(f"cannot read {root}/meta.json: {str(e).splitlines()[0]} — check data.endpoint_url, "
+                                     "the credentials and that the storage is up, then rerun") from e
         raise FileNotFoundError(f"{root}/meta.json not found: prepare the shards with jobs/prepare_imagenet.py first ({e})") from e
 
 
