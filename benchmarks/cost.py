@@ -48,10 +48,13 @@ def configs(setting: str, cache_dir: str, results: Path = records.RESULTS) -> tu
     if regime not in accuracy.REGIMES or not method:
         raise SystemExit(f"unknown setting {setting!r}: 'lkd (default)' or <regime>:<method> with a regime in "
                          f"{', '.join(accuracy.REGIMES)}")
-    tuning_path = Path(results) / accuracy.TUNING
+    family = method[:-len("-tuned")] if method.endswith("-tuned") else method
+    field = regime in accuracy.FIELD_ONLY or family in accuracy.FIELD_TUNED + ("rule-best",) and family not in accuracy.TUNED
+    suite = "field" if field else "regimes"  # the field suite's picks come from its own tuning records
+    tuning_path = Path(results) / (accuracy.FIELD_TUNING if field else accuracy.TUNING)
     tuning = json.loads(tuning_path.read_text()) if tuning_path.is_file() else []
     variant = method.startswith("lkd-") and not method.endswith("-tuned")
-    args = argparse.Namespace(regime=regime, suite="regimes", noise_draws=[0], out="unused", cache_dir=cache_dir, threads=1, seeds=[0], tune=None,
+    args = argparse.Namespace(regime=regime, suite=suite, noise_draws=[0], out="unused", cache_dir=cache_dir, threads=1, seeds=[0], tune=None,
                               variant=None, overrides=[], methods=["kd"] if variant else ["kd", method])
     tasks, _ = accuracy.plan(args, tuning)  # plans only (``out`` names no folder the configs hold); creates nothing
     by = {t["method"]: t["config"] for t in tasks}
