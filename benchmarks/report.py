@@ -121,6 +121,41 @@ def preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT)
     return None, f"no tuned method of {regime} with {seeds} seeds is within the cost bar"
 
 
+def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT) -> tuple[str | None, str]:
+    """What a field-suite regime ships (issue 25): among its tuned final rows with at least ``seeds`` seeds, the best
+    mean selection top-1 (the clean split no learned loss trains on) within the cost bar — where a learned row is
+    eligible only if it beats the regime's best hand-crafted loss (``rule-best-tuned``) on test by the win bar
+    (≥ +0.5 at ≥ 2 SE, paired over seeds × noise draws); otherwise the winning rule ships. An unmeasured cost stops
+    the pick, as in ``preset_pick``."""
+    from benchmarks.report_field import paired_draws
+
+    rs = [r for r in finals if r["regime"] == regime and r["method"].endswith("-tuned")]
+    by = {m: [r for r in rs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rs)}
+    sel = {m: statistics.mean(r["select_top1"] for r in x) for m, x in by.items()
+           if len({r["seed"] for r in x}) >= seeds and all(r.get("select_top1") is not None for r in x)}
+    passed = []
+    for m in sorted(sel, key=sel.get, reverse=True):
+        if m.startswith("lkd"):
+            d = paired_draws(rs, m, "rule-best-tuned")
+            if not (d and d["mean"] >= WIN_MARGIN and d["mean"] >= 2 * d["se"]):
+                passed.append(f"{m} (test {_pm_field(d)} vs rule-best-tuned: not a win)")
+                continue
+        ratio = _cost_ratio(f"{regime}:{m}")
+        if ratio is None:
+            after = f" after {', '.join(passed)}" if passed else ""
+            return None, (f"{m} has the best selection top-1 ({sel[m]:.2f}) of what is left{after}, but its whole-run "
+                          f"cost is not measured: run `benchmarks/cost.py --setting {regime}:{m}`")
+        if ratio <= COST_BOUND:
+            after = f"; passed over {', '.join(passed)}" if passed else ""
+            return m, f"best selection top-1 ({sel[m]:.2f}) within the cost bar ({ratio:.2f}× ≤ {COST_BOUND}){after}"
+        passed.append(f"{m} ({ratio:.2f}× > {COST_BOUND})")
+    return None, f"no tuned row of {regime} with {seeds} seeds is eligible within the cost bar ({', '.join(passed)})"
+
+
+def _pm_field(d: dict | None) -> str:
+    return f"{d['mean']:+.2f} ± {d['se']:.2f}" if d else "unpaired"
+
+
 def verdicts() -> str:
     """Issue 15's bars per regime. What ships for a regime is the shipped ``lkd`` and, where one exists, the regime's
     preset (``--preset <regime>``); a win needs a learned loss among them ≥ +0.5 at ≥ 2 SE over the best tuned

@@ -35,18 +35,24 @@ def test_there_is_a_preset_and_each_names_its_source():
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_a_preset_is_what_its_records_pick(name):
     src = PRESETS[name]["source"]
-    finals = json.loads((RESULTS / "accuracy_regimes.json").read_text())
-    from benchmarks.report import preset_pick
+    field = src.get("suite") == "field"  # issue 25's presets: picked from the field suite's records by its rule
+    acc = _accuracy()
+    finals = json.loads((RESULTS / (acc.FIELD_RECORDS if field else "accuracy_regimes.json")).read_text())
+    from benchmarks.report import field_preset_pick, preset_pick
 
-    best, why = preset_pick(finals, src["regime"])
+    best, why = (field_preset_pick if field else preset_pick)(finals, src["regime"])
     assert src["method"] == best, f"{name}: the preset says {src['method']}; the records: {best} ({why})"
-    tuning = json.loads((RESULTS / "accuracy_regimes_tuning.json").read_text())
-    family, acc = best[:-len("-tuned")], _accuracy()
-    chosen = acc.tuning_pick(tuning, src["regime"], family)
+    tuning = json.loads((RESULTS / (acc.FIELD_TUNING if field else "accuracy_regimes_tuning.json")).read_text())
+    family = best[:-len("-tuned")]
+    if field:
+        trial, chosen = acc._trial_of(src["regime"], family, tuning, "field")
+    else:
+        chosen = acc.tuning_pick(tuning, src["regime"], family)
+        trial = next(t for t in acc.family_trials(src["regime"], family, tuning) if t.name == chosen["trial"])
     assert src["trial"] == chosen["trial"], f"{name}: tuning picks {chosen['trial']}, the preset says {src['trial']}"
-    trial = next(t for t in acc.family_trials(src["regime"], family, tuning) if t.name == chosen["trial"])
     preset = {k: dict(v) for k, v in PRESETS[name]["sections"].items()}
-    if "meta_steps_per_epoch" in preset.get("meta", {}):  # stored in units of the data: the same run on its regime
+    if "meta_steps_per_epoch" in preset.get("meta", {}) and "meta_every" in trial.sections.get("meta", {}):
+        # stored in units of the data, tuned in steps: the same run on its regime
         from lkd_ray.data.bundle import split_for
         from lkd_ray.data import load_fashion_mnist
         from lkd_ray.train.run import meta_schedule
@@ -112,3 +118,32 @@ def test_the_preset_pick_passes_over_a_cost_above_the_bar_and_stops_at_an_unmeas
     assert best is None and "b-tuned" in why and "cost.py --setting scarce:b-tuned" in why and "a-tuned (1.40×" in why
     cost(a=1.3, b=1.3, c=1.3)
     assert report.preset_pick(finals, "scarce") == (None, "no tuned method of scarce with 5 seeds is within the cost bar")
+
+
+def test_a_field_regime_ships_the_learned_row_only_when_it_wins_on_test_else_the_rule(tmp_path, monkeypatch):
+    """Issue 25's rule on records written here: a learned row with the best selection top-1 ships only if it beats
+    rule-best-tuned by ≥ 0.5 at ≥ 2 SE on test (paired over seeds × draws) and is within the cost bar."""
+    from benchmarks import report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": f"r:{m}", "ratios": [x]} for m, x in
+                                                             (("lkd-rule-tuned", 1.2), ("rule-best-tuned", 1.0))]}))
+
+    def finals(gain: float, noise: float) -> list[dict]:
+        out = []
+        for s in range(5):
+            for d in (0, 1):
+                base = 60.0 + s + d
+                out.append({"regime": "r", "method": "rule-best-tuned", "seed": s, "noise_draw": d, "test_top1": base,
+                            "select_top1": 61.0})
+                out.append({"regime": "r", "method": "lkd-rule-tuned", "seed": s, "noise_draw": d,
+                            "test_top1": base + gain + (noise if (s + d) % 2 else -noise), "select_top1": 63.0})
+        return out
+
+    assert report.field_preset_pick(finals(1.0, 0.1), "r")[0] == "lkd-rule-tuned"
+    best, why = report.field_preset_pick(finals(0.3, 0.1), "r")  # below +0.5: the rule ships
+    assert best == "rule-best-tuned" and "lkd-rule-tuned (test +0.30" in why and "not a win" in why
+    assert report.field_preset_pick(finals(0.6, 2.0), "r")[0] == "rule-best-tuned"  # +0.6 but within 2 SE
+    (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": "r:lkd-rule-tuned", "ratios": [1.3]}]}))
+    best, why = report.field_preset_pick(finals(1.0, 0.1), "r")  # over the cost bar; the rule's cost unmeasured
+    assert best is None and "lkd-rule-tuned (1.30× > 1.25)" in why and "cost.py --setting r:rule-best-tuned" in why
