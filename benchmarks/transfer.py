@@ -8,6 +8,8 @@ setting has 8,000 training images — 6.75× fewer than the regimes — so each 
 * ``pair20`` / ``pair45``   pair-flip noise at 20 % / 45 %
 * ``confusion30``   30 % of every look-alike class mistaken for its look-alike (``data.noise_kind=confusion``:
                     T-shirt/top ↔ shirt, pullover ↔ coat, sandal → sneaker → ankle boot)
+* ``pair30-54k``   the other way in size: the whole 54,000-image training split with 30 % pair-flip (the
+                   ``noisy-pair30`` regime's data and teacher; for a preset tuned on 8,000 images, 6.75× more)
 * ``userfile``   a user's own labels: ``data.noisy_labels`` (a CIFAR-N style ``.pt`` dict written here, seeded:
                  25 % of the images relabelled by a random row-stochastic confusion matrix, neither uniform nor a
                  pair map) and ``data.trusted`` (20 clean images per class, which become the quiz)
@@ -37,7 +39,7 @@ import records  # noqa: E402
 
 RECORDS = "accuracy_transfer.json"
 SIZE = 8000
-SETTINGS = ("subset8k", "pair20", "pair45", "confusion30", "userfile")
+SETTINGS = ("subset8k", "pair20", "pair45", "confusion30", "userfile", "pair30-54k")
 USER_NOISE, USER_SEED = 0.25, 2025
 
 
@@ -71,6 +73,8 @@ def setting_data(setting: str, source_regime: str, files: tuple[str, str] | None
         return {**base, "label_noise": int(setting[4:]) / 100, "noise_kind": "pairflip"}
     if setting == "confusion30":
         return {**base, "label_noise": 0.3, "noise_kind": "confusion"}
+    if setting == "pair30-54k":
+        return dict(accuracy.REGIMES["noisy-pair30"]["data"])
     if setting == "userfile":
         if files is None:
             raise ValueError("the userfile setting needs its label files (user_label_files)")
