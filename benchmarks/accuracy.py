@@ -70,7 +70,7 @@ FIELD_RECORDS, FIELD_TUNING = "accuracy_field.json", "accuracy_field_tuning.json
 SELECT = {"full": 50, "scarce": 20, "noisy-sym40": 50, "noisy-pair30": 50, "noisy-pair45-8k": 50}  # clean images per class, beside the quiz
 HANDCRAFTED_FIELD = ("kd", "dkd", "dist", "ls", "wsl", "dist-wce")
 RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
-FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("lkd-rule",)
+FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("lkd-rule", "lkd-rule-capped")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
@@ -260,14 +260,16 @@ def _trial_of(regime: str, family: str, tuning: list[dict], suite: str):
 
 
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
-    from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, lkd_rule_trials, lkd_sample_dist_trials,
-                                       lkd_sample_trials, rule_trials)
+    from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, lkd_rule_capped_trials, lkd_rule_trials,
+                                       lkd_sample_dist_trials, lkd_sample_trials, rule_trials)
 
     if suite == "field":
         if family in RULE_GRIDS:  # a field rule on the regime's tuned KD and DIST
             return rule_trials(family, {on: _trial_of(regime, on, tuning, suite)[0] for on in ("kd", "dist")})
         if family == "lkd-rule":  # the learned loss as a residual on the best hand-crafted loss
             return lkd_rule_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
+        if family == "lkd-rule-capped":  # … with fewer meta-steps: within the cost bar on small data too
+            return lkd_rule_capped_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
         if family not in HANDCRAFTED_FIELD:
             raise BenchmarkError(f"unknown field tuning family {family!r}; valid: {', '.join(FIELD_TUNED)}")
         return HANDCRAFTED[family]

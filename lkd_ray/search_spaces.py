@@ -98,7 +98,15 @@ def rule_trials(family: str, bases: dict[str, Trial]) -> list[Trial]:
     return out
 
 
-def lkd_rule_trials(rule: Trial) -> list[Trial]:
+def lkd_rule_capped_trials(rule: Trial) -> list[Trial]:
+    """``lkd_rule_trials`` within the cost bar on small data too: 2 or 3 meta-steps per epoch and no floor, so a
+    meta-step (about four student steps) comes at most every ~20 student steps on 8,000 images (62 steps an epoch:
+    ≤ 1.2× KD) and far less often on larger data — where the full grid's 8 per epoch costs ~1.4× on 8,000 images."""
+    return lkd_rule_trials(rule, per_epoch=(2, 3), min_steps=0, family="lkd-rule-capped")
+
+
+def lkd_rule_trials(rule: Trial, per_epoch: tuple[int, ...] = (4, 8), min_steps: int = 40,
+                    family: str = "lkd-rule") -> list[Trial]:
     """The per-sample loss network as a residual on the regime's best hand-crafted loss (its rule included): at
     φ₀ it *is* that loss, so it can only gain what the meta-gradient finds beyond the rule. Its distillation base
     is the rule's (KD or DIST); grid: lock none or norm × meta-steps per epoch ∈ {4, 8} × meta lr ∈ {1e-3, 1e-2} —
@@ -113,12 +121,12 @@ def lkd_rule_trials(rule: Trial) -> list[Trial]:
         loss["w_ce"] = 1.0
     out = []
     for lock in ("none", "norm"):
-        for per_epoch in (4, 8):
+        for n in per_epoch:
             for lr in (1e-3, 1e-2):
                 lossnet = {"kind": "sample", "base": method, "lock": lock, "trust": None, "lock_scope": "batch"}
-                out.append(Trial("lkd-rule", f"lock={lock},per_epoch={per_epoch},lr={_num(lr)}",
+                out.append(Trial(family, f"lock={lock},per_epoch={n},lr={_num(lr)}",
                                  {"loss": copy.deepcopy(loss), "lossnet": lossnet,
-                                  "meta": {"meta_steps_per_epoch": float(per_epoch), "min_meta_steps": 40, "lr": lr}}))
+                                  "meta": {"meta_steps_per_epoch": float(n), "min_meta_steps": min_steps, "lr": lr}}))
     return out
 
 

@@ -348,3 +348,19 @@ def test_the_field_only_regime_plans_on_its_own_data_and_is_refused_by_the_regim
     assert target == accuracy.FIELD_TUNING and len(tasks) == len(__import__("lkd_ray.search_spaces").search_spaces.HANDCRAFTED["kd"])
     assert (data["label_noise"], data["noise_kind"], data["train_subset"], data["quiz_per_class"], data["select_per_class"]) == \
         (0.45, "pairflip", 8000, 20, 50)
+
+
+def test_the_capped_residual_keeps_the_rule_and_fewer_meta_steps_so_small_data_stays_within_the_cost_bar():
+    from lkd_ray.search_spaces import Trial, lkd_rule_capped_trials, lkd_rule_trials, rule_trials
+    from lkd_ray.train.run import meta_schedule
+    from lkd_ray.config import build_config
+
+    rule = rule_trials("relabel", {"dist": Trial("dist", "tau=2", {"loss": {"method": "dist", "tau": 2.0}})})[0]
+    capped, full = lkd_rule_capped_trials(rule), lkd_rule_trials(rule)
+    assert len(capped) == len(full) == 8 and {t.family for t in capped} == {"lkd-rule-capped"}
+    assert {t.sections["meta"]["meta_steps_per_epoch"] for t in capped} == {2.0, 3.0}
+    assert all(t.sections["loss"] == full[0].sections["loss"] for t in capped)  # the same residual on the same rule
+    for t, steps, every in ((capped[-1], 62, 21), (capped[-1], 421, 140)):  # 3 per epoch: no floor lifts it
+        cfg = build_config("fashion_mnist", **t.sections)
+        assert meta_schedule(cfg.meta, steps, 12)[0].meta_every == every
+    assert meta_schedule(build_config("fashion_mnist", **full[-1].sections).meta, 62, 12)[0].meta_every == 8
