@@ -148,6 +148,10 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
     (tmp_path / "accuracy_transfer.json").write_text(json.dumps([
         {"setting": "confusion30", "role": "rule", "source_regime": "noisy-pair30", "method": "rule|p|agree[x]",
          "test_top1": t} for t in (79.0, 80.0)]))
+    (tmp_path / "accuracy_regimes.json").write_text(json.dumps([  # before the field suite ran: the regimes suite's
+        {"regime": "noisy-pair30", "method": m, "seed": 0, "test_top1": t, "quiz_top1": q, "wall_s": 1.0}
+        for m, t, q in (("dist-tuned", 86.0, 85.0), ("kd-tuned", 87.0, 84.0))]))
+    assert report_auto.reference("noisy-pair30", tmp_path) == ("dist-tuned, regimes suite", 86.0)
     (tmp_path / "accuracy_field.json").write_text(json.dumps([
         {"regime": "noisy-pair30", "method": "rule-best-tuned", "test_top1": t} for t in (88.0, 88.5)]))
     text = report_auto.auto_table(tmp_path)
