@@ -353,8 +353,9 @@ def _plan_field_finals(args, tuning: list[dict], out_root: Path, add) -> None:
         else:
             raise BenchmarkError(f"unknown field method {m!r}: use {', '.join(BASE_METHODS)} or <family>-tuned for a "
                                  f"family in {', '.join(FIELD_TUNED + ('rule-best',))}")
-    if args.variant:
-        jobs.append((f"lkd-{args.variant}", {"loss": {"method": "lkd"}}, args.overrides, {}))
+    if args.variant:  # a hand-crafted variant (its --set names another method) is recorded as hc-NAME, not lkd-NAME
+        hand = any(o.startswith("loss.method=") and o.split("=", 1)[1] != "lkd" for o in args.overrides)
+        jobs.append((f"{'hc' if hand else 'lkd'}-{args.variant}", {"loss": {"method": "lkd"}}, args.overrides, {}))
     for draw in args.noise_draws:
         for seed in args.seeds:
             for name, sections, overrides, extra in jobs:
