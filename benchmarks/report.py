@@ -145,11 +145,61 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
             after = f" after {', '.join(passed)}" if passed else ""
             return None, (f"{m} has the best selection top-1 ({sel[m]:.2f}) of what is left{after}, but its whole-run "
                           f"cost is not measured: run `benchmarks/cost.py --setting {regime}:{m}`")
+        if ratio <= COST_BOUND and m.startswith("lkd"):  # a result on one data set is not a result until it travels
+            ok, how = transfer_gate(regime, m)
+            if ok is None:
+                return None, (f"{m} wins on {regime} within the cost bar but its transfer is not measured ({how}): ship "
+                              f"it as the regime's preset and run `benchmarks/transfer.py --preset {regime}` (≥ 3 seeds)")
+            if not ok:
+                passed.append(f"{m} (transferred unchanged: {how})")
+                continue
         if ratio <= COST_BOUND:
             after = f"; passed over {', '.join(passed)}" if passed else ""
             return m, f"best selection top-1 ({sel[m]:.2f}) within the cost bar ({ratio:.2f}× ≤ {COST_BOUND}){after}"
         passed.append(f"{m} ({ratio:.2f}× > {COST_BOUND})")
     return None, f"no tuned row of {regime} with {seeds} seeds is eligible within the cost bar ({', '.join(passed)})"
+
+
+def transfer_gate(regime: str, method: str, seeds: int = 3) -> tuple[bool | None, str]:
+    """Issue 25's transfer bar for a learned row of a field regime: its preset runs in the transfer records (the
+    rows whose stored config runs this row's tuned setting) against the source regime's best rule, transferred too —
+    in every setting, with at least ``seeds`` paired seeds, no more than 0.2 pt below the rule on test.
+    None: not measured."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy
+
+    from benchmarks.report_field import TIE
+
+    tuning = load(accuracy.FIELD_TUNING) or []
+    trial, _ = accuracy._trial_of(regime, method[:-len("-tuned")], tuning, "field")
+    rule_trial, rule_best = accuracy._trial_of(regime, "rule-best", tuning, "field")
+    rule_label = f"|{rule_best['family']}[{rule_trial.name}]"  # the regime's best rule, as transfer.py names it
+    recs = [r for r in (load("accuracy_transfer.json") or []) if r.get("source_regime") == regime]
+
+    def runs_trial(r: dict) -> bool:
+        cfg = accuracy._stored_config(r["config_sha"], RESULTS / "configs.json")
+        return bool(cfg) and all(cfg.get(sec, {}).get(k) == v for sec, f in trial.sections.items() for k, v in f.items())
+
+    pre = [r for r in recs if r.get("role") == "preset" and runs_trial(r)]
+    if not pre:
+        return None, "not transferred"
+    worst, missing = [], []
+    for setting in dict.fromkeys(r["setting"] for r in pre):
+        p = {r["seed"]: r["test_top1"] for r in pre if r["setting"] == setting}
+        rule = {r["seed"]: r["test_top1"] for r in recs
+                if r["setting"] == setting and r.get("role") == "rule" and r["method"].endswith(rule_label)}
+        both = sorted(set(p) & set(rule))
+        if len(both) < seeds:
+            missing.append(f"{setting}: {len(both)} paired seeds")
+            continue
+        worst.append((statistics.mean(p[s] - rule[s] for s in both), setting))
+    low = [f"{w:+.2f} on {s}" for w, s in sorted(worst) if w < -TIE]
+    if low:  # one measured setting below the bar decides, whatever is still running
+        return False, f"below the transferred rule by more than {TIE} pt: {', '.join(low)}"
+    if missing:
+        return None, ", ".join(missing)
+    return True, f"within {TIE} pt of the transferred rule in {len(worst)} settings"
 
 
 def _pm_field(d: dict | None) -> str:

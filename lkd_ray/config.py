@@ -420,16 +420,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "noisy-pair45-8k": {
         "summary": "45 % pair-flip label noise (Co-teaching's Pair-45 %), a teacher trained on those labels and weak, "
-                   "8,000 training images: the per-sample loss network as a residual on the field suite's best rule "
-                   "(teacher relabelling on DIST τ 2: CE against the teacher's top class where it disagrees with the "
-                   "label), 2 meta-steps per epoch, norm lock, meta lr 1e-2 — above that rule on test over five seeds "
-                   "× two noise draws, within the cost bar; the uncapped residual (8 per epoch) was as good and cost "
-                   "more (BENCHMARKS.md, field suite)",
-        "source": {"regime": "noisy-pair45-8k", "suite": "field", "method": "lkd-rule-capped-tuned",
-                   "trial": "lock=norm,per_epoch=2,lr=0.01"},
-        "sections": {"loss": {"method": "lkd", "tau": 2.0, "ce_rule": "relabel"},
-                     "lossnet": {"kind": "sample", "base": "dist", "lock": "norm", "trust": None, "lock_scope": "batch"},
-                     "meta": {"meta_steps_per_epoch": 2.0, "min_meta_steps": 0, "lr": 0.01}},
+                   "8,000 training images: DIST (τ 2) with teacher relabelling (CE against the teacher's top class "
+                   "where it disagrees with the label), the field suite's best rule. The learned residual on it won on "
+                   "this regime's test but fell more than 0.2 pt below this rule when both were transferred unchanged, "
+                   "and what it learned — CE up, the distillation term off — does better as a fixed loss "
+                   "(BENCHMARKS.md, field suite)",
+        "source": {"regime": "noisy-pair45-8k", "suite": "field", "method": "rule-best-tuned",
+                   "trial": "rule=relabel,base=dist"},
+        "sections": {"loss": {"method": "dist", "tau": 2.0, "ce_rule": "relabel"}},
     },
     "scarce": {
         "summary": "100 labels per class, a strong teacher trained on plenty of data, a 20-per-class quiz: WSL "

@@ -140,10 +140,29 @@ def test_a_field_regime_ships_the_learned_row_only_when_it_wins_on_test_else_the
                             "test_top1": base + gain + (noise if (s + d) % 2 else -noise), "select_top1": 63.0})
         return out
 
+    gate = {"ok": True}
+    monkeypatch.setattr(report, "transfer_gate", lambda regime, m: (gate["ok"], "as measured"))  # its own test below
     assert report.field_preset_pick(finals(1.0, 0.1), "r")[0] == "lkd-rule-tuned"
+    gate["ok"] = False  # a win on its own data that does not travel: the rule ships
+    best, why = report.field_preset_pick(finals(1.0, 0.1), "r")
+    assert best == "rule-best-tuned" and "lkd-rule-tuned (transferred unchanged: as measured)" in why
+    gate["ok"] = None  # not measured: the pick stops and says what to run
+    best, why = report.field_preset_pick(finals(1.0, 0.1), "r")
+    assert best is None and "benchmarks/transfer.py --preset r" in why
+    gate["ok"] = True
     best, why = report.field_preset_pick(finals(0.3, 0.1), "r")  # below +0.5: the rule ships
     assert best == "rule-best-tuned" and "lkd-rule-tuned (test +0.30" in why and "not a win" in why
     assert report.field_preset_pick(finals(0.6, 2.0), "r")[0] == "rule-best-tuned"  # +0.6 but within 2 SE
     (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": "r:lkd-rule-tuned", "ratios": [1.3]}]}))
     best, why = report.field_preset_pick(finals(1.0, 0.1), "r")  # over the cost bar; the rule's cost unmeasured
     assert best is None and "lkd-rule-tuned (1.30× > 1.25)" in why and "cost.py --setting r:rule-best-tuned" in why
+
+
+def test_the_transfer_gate_reads_the_presets_transfer_runs_against_the_regimes_best_rule():
+    """On the committed records: noisy-pair45-8k's capped residual, transferred unchanged, falls more than 0.2 pt
+    below the transferred relabel rule in at least one setting, so the gate holds it back (the rule ships)."""
+    from benchmarks import report
+
+    ok, how = report.transfer_gate("noisy-pair45-8k", "lkd-rule-capped-tuned")
+    assert ok is False and "below the transferred rule by more than 0.2 pt" in how
+    assert report.transfer_gate("noisy-pair45-8k", "lkd-rule-tuned") == (None, "not transferred")
