@@ -110,8 +110,9 @@ def transfer(results: Path | None = None) -> str:
     lines = ["| preset | setting | rule transferred | seeds | preset test top-1 | rule test top-1 | "
              "preset − rule (paired ± SE) | worst seed | preset meta-steps (median) | within −0.2? |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for preset in dict.fromkeys(r["preset"] for r in recs):
-        rules = list(dict.fromkeys(r["method"] for r in recs if r["preset"] == preset and r["role"] == "rule"))
+    for preset in dict.fromkeys(r["preset"] for r in recs if r["role"] == "preset"):
+        source = next(r["source_regime"] for r in recs if r["preset"] == preset)
+        rules = list(dict.fromkeys(r["method"] for r in recs if r.get("source_regime") == source and r["role"] == "rule"))
         settings = list(dict.fromkeys(r["setting"] for r in recs if r["preset"] == preset))
         for rule_method in rules:
             for setting in settings:
@@ -122,8 +123,8 @@ def transfer(results: Path | None = None) -> str:
 
 
 def _transfer_row(recs: list[dict], preset: str, setting: str, rule_method: str) -> str | None:
-    rs = [r for r in recs if r["preset"] == preset and r["setting"] == setting]
-    pre = {r["seed"]: r for r in rs if r["role"] == "preset"}
+    rs = [r for r in recs if r["setting"] == setting]  # the rule's rows: any command that transferred it
+    pre = {r["seed"]: r for r in rs if r["role"] == "preset" and r["preset"] == preset}
     rule = {r["seed"]: r for r in rs if r["role"] == "rule" and r["method"] == rule_method}
     seeds = sorted(set(pre) & set(rule))
     if not seeds:

@@ -123,9 +123,18 @@ def plan(args) -> list[dict]:
     from lkd_ray.config import PRESETS, build_config
     from lkd_ray.data import load_fashion_mnist
 
-    if args.preset not in PRESETS:
-        raise accuracy.BenchmarkError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)}")
-    source = PRESETS[args.preset]["source"]["regime"]
+    candidate = None  # REGIME:METHOD — a field row's tuned setting, transferred as a preset before it ships as one
+    if ":" in args.preset:
+        source, _, method = args.preset.partition(":")
+        field = Path(args.results) / accuracy.FIELD_TUNING
+        tuning = json.loads(field.read_text()) if field.is_file() else []
+        if source not in accuracy.REGIMES or not method.endswith("-tuned"):
+            raise accuracy.BenchmarkError(f"--preset {args.preset!r}: give a preset name or REGIME:<family>-tuned")
+        candidate = accuracy._trial_of(source, method[:-len("-tuned")], tuning, "field")[0].sections
+    elif args.preset not in PRESETS:
+        raise accuracy.BenchmarkError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)} or REGIME:METHOD")
+    else:
+        source = PRESETS[args.preset]["source"]["regime"]
     rule_name, rule_sections = (named_rule(args.rule, source, Path(args.results)) if getattr(args, "rule", None)
                                 else rule_of(source, Path(args.results)))
     files = None
@@ -136,11 +145,13 @@ def plan(args) -> list[dict]:
     for setting in args.settings:
         data = setting_data(setting, source, files)
         for seed in args.seeds:
-            roles = [("preset", f"preset:{args.preset}", {}, args.preset)] if not getattr(args, "rule_only", False) else []
-            for role, method, sections, preset in roles + [("rule", rule_name, rule_sections, None)]:
+            roles = ([("preset", f"preset:{args.preset}", candidate or {}, None if candidate else args.preset)]
+                     if not getattr(args, "rule_only", False) else [])
+            rule_role = [] if getattr(args, "preset_only", False) else [("rule", rule_name, rule_sections, None)]
+            for role, method, sections, preset in roles + rule_role:
                 named = role == "rule" and getattr(args, "rule", None)  # a named rule's runs get folders of their own
                 slug = "".join(c if c.isalnum() else "-" for c in args.rule).strip("-") if named else ""
-                name = f"{setting}-{args.preset}-{role}{'-' + slug if slug else ''}-s{seed}"
+                name = f"{setting}-{args.preset.replace(':', '-')}-{role}{'-' + slug if slug else ''}-s{seed}"
                 merged = accuracy.merge(accuracy.COMMON, {"optim": {"epochs": 12}}, {"data": data}, sections,
                                         {"run": {"seed": seed, "name": name, "progress": False, "cache_dir": args.cache_dir}})
                 cfg = build_config("fashion_mnist", preset=preset, **merged)
@@ -177,6 +188,7 @@ def parser() -> argparse.ArgumentParser:  # its own function: benchmarks/replan.
     ap.add_argument("--rule", help="transfer this field rule (FAMILY[SETTING], on the source regime's tuned KD and DIST) "
                     "as the rule, instead of the source regime's recorded best")
     ap.add_argument("--rule-only", action="store_true", help="run the rule rows only (the preset's are recorded)")
+    ap.add_argument("--preset-only", action="store_true", help="run the preset rows only (the rule's are recorded)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--other-jobs", type=int, default=0)
