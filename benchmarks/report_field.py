@@ -111,8 +111,9 @@ def transfer(results: Path | None = None) -> str:
              "preset − rule (paired ± SE) | worst seed | preset meta-steps (median) | within −0.2? |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for preset in dict.fromkeys(r["preset"] for r in recs if r["role"] == "preset"):
-        source = next(r["source_regime"] for r in recs if r["preset"] == preset)
-        rules = list(dict.fromkeys(r["method"] for r in recs if r.get("source_regime") == source and r["role"] == "rule"))
+        source = next(r.get("source_regime") for r in recs if r["preset"] == preset)
+        rules = list(dict.fromkeys(r["method"] for r in recs if r["role"] == "rule"
+                                   and (r.get("source_regime") == source if source else r["preset"] == preset)))
         settings = list(dict.fromkeys(r["setting"] for r in recs if r["preset"] == preset))
         for rule_method in rules:
             for setting in settings:
