@@ -427,27 +427,18 @@ def presets_table() -> str:
              "(paired ± SE) | quiz top-1 | whole run / KD (median, range) |", "|---|---|---|---|---|---|---|"]
     for name, p in PRESETS.items():
         src = p["source"]
-        if src.get("suite") == "field":  # seeds × noise draws, against the regime's best tuned rule
-            rs = [r for r in field if r["regime"] == src["regime"]]
-            row = next((r for r in rows(rs) if r["method"] == src["method"]), None)
-            c = _cost_row(f"{src['regime']}:{src['method']}")
-            c_text = (f"{statistics.median(c['ratios']):.2f} ({min(c['ratios']):.2f}–{max(c['ratios']):.2f})"
-                      + (f", with {c['jobs_beside']} other jobs on the machine" if c.get("jobs_beside") else "") if c
-                      else "not measured")
-            d = paired_draws(rs, src["method"], "rule-best-tuned")
-            lines.append(f"| `{name}` | {src['regime']} | {src['method']} ({src['trial']}) | "
-                         + (f"{row['test']:.2f} ± {row['std']:.2f} | {pm(d)} vs rule-best-tuned | {row['quiz']:.2f}"
-                            if row else "— | — | —") + f" | {c_text} |")
-            continue
-        rs = [r for r in recs if r["regime"] == src["regime"]]
+        field_preset = src.get("suite") == "field"  # seeds × noise draws, against the regime's best tuned rule
+        rs = [r for r in (field if field_preset else recs) if r["regime"] == src["regime"]]
         row = next((r for r in rows(rs) if r["method"] == src["method"]), None)
         c = _cost_row(f"{src['regime']}:{src['method']}")
         c_text = (f"{statistics.median(c['ratios']):.2f} ({min(c['ratios']):.2f}–{max(c['ratios']):.2f})"
                   + (f", with {c['jobs_beside']} other jobs on the machine" if c.get("jobs_beside") else "") if c
                   else "not measured")
+        delta = (f"{pm(paired_draws(rs, src['method'], 'rule-best-tuned'))} vs rule-best-tuned" if field_preset
+                 else pm(paired(rs, src["method"], "kd")))
         lines.append(f"| `{name}` | {src['regime']} | {src['method']} ({src['trial']}) | "
-                     + (f"{row['test']:.2f} ± {row['std']:.2f} | {pm(paired(rs, src['method'], 'kd'))} | {row['quiz']:.2f}"
-                        if row else "— | — | —") + f" | {c_text} |")
+                     + (f"{row['test']:.2f} ± {row['std']:.2f} | {delta} | {row['quiz']:.2f}" if row else "— | — | —")
+                     + f" | {c_text} |")
     return "\n".join(lines) + "\n"
 
 
