@@ -313,6 +313,27 @@ def test_a_step_with_cached_teacher_outputs_equals_a_step_with_the_live_teacher(
             assert all(int(v) in loader.cached_views[r].tolist() for r, v in zip(idx, loader.views_for(idx.numpy())[1]))
 
 
+def test_a_run_on_other_storage_copies_the_local_teacher_output_cache_instead_of_recomputing_it(tmp_path):
+    from lkd_ray.storage import open_storage
+
+    cfg, _ = _synthetic(loss={"method": "kd"}, run={"cache_dir": str(tmp_path / "local"), "progress": False},
+                        model={"teacher_cache": True})
+    teacher = build_model("cnn_teacher", 10, 1).eval()
+    here = build_run(cfg, teacher=teacher, teacher_info={"key": "t0"})  # built into the local cache folder
+    assert here.info["teacher_cache"]["built"]
+    remote = open_storage(str(tmp_path / "search" / "cache"))
+    logs: list[str] = []
+    there = build_run(cfg, teacher=teacher, teacher_info={"key": "t0"}, cache_storage=remote, log=logs.append)
+    info = there.info["teacher_cache"]
+    assert not info["built"] and info["location"].startswith(remote.uri)  # read from the search's storage ...
+    assert any("copying the cache" in m for m in logs)  # ... after a copy, not a recompute
+    prefix = info["location"][len(remote.uri) + 1:]
+    assert remote.get_json(f"{prefix}/meta.json")["parts"] >= 1
+    torch.testing.assert_close(there.data.train.teacher_logits, here.data.train.teacher_logits, rtol=0, atol=0)
+    other = build_run(cfg, teacher=teacher, teacher_info={"key": "another-teacher"}, cache_storage=remote)
+    assert other.info["teacher_cache"]["built"]  # nothing local under that key: computed as before
+
+
 def test_a_learned_loss_is_reused_frozen_from_a_run_folder(tmp_path):
     cfg, data = _synthetic(meta={"meta_every": 2, "p_snapshot": 0.0})
     teacher = build_model("cnn_teacher", 10, 1)

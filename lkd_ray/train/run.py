@@ -202,9 +202,10 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
 
         tkey = teacher_info.get("key") or teacher_key(cfg, data)
         store = cache_storage or open_storage(str(Path(cfg.run.cache_dir)))
+        local = open_storage(str(Path(cfg.run.cache_dir))) if cache_storage is not None else None
         info["teacher_cache"] = teacher_cache.attach(data.train, teacher, tkey, data.fingerprint(),
                                                      cfg.model.teacher_cache_views, store, device, log=log,
-                                                     progress=cfg.run.progress and rank == 0)
+                                                     progress=cfg.run.progress and rank == 0, seed_from=local)
         teacher = None  # no teacher forward per step: that is the point (and frees its memory)
     lossnets = build_lossnets(cfg.loss, cfg.lossnet, cfg.run.seed)
     if lossnets is not None and cfg.lossnet.init_from:

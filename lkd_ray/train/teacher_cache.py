@@ -121,14 +121,29 @@ def load(storage: Storage, prefix: str, loader: InMemoryLoader) -> tuple[torch.T
     return torch.from_numpy(logits[order]), table
 
 
+def copy(src: Storage, dst: Storage, prefix: str) -> None:
+    """A finished cache from one storage to another: the parts, then ``meta.json`` last (never half-read)."""
+    meta = src.get_json(f"{prefix}/meta.json")
+    for i in range(meta["parts"]):
+        key = f"{prefix}/part-{i:05d}.parquet"
+        dst.put_bytes(key, src.get_bytes(key))
+    dst.put_json(f"{prefix}/meta.json", meta)
+
+
 def attach(loader: InMemoryLoader, teacher: torch.nn.Module | None, teacher_key: str, data_identity: str, k: int,
-           storage: Storage, device: torch.device, log=print, progress: bool = True) -> dict:
-    """Load the cache (building it once if missing) and attach it to the training loader."""
+           storage: Storage, device: torch.device, log=print, progress: bool = True, seed_from: Storage | None = None) -> dict:
+    """Load the cache (building it once if missing) and attach it to the training loader. ``seed_from``: another
+    storage (this machine's cache folder) whose finished cache is copied into ``storage`` instead of recomputing it:
+    the outputs are keyed by content, so the copy is the same cache (a 54k-image cache is ~10 CPU-minutes)."""
     if not isinstance(loader, InMemoryLoader):
         raise ValueError("the teacher-output cache needs an in-memory training set (fashion_mnist, synthetic)")
     key = cache_key(teacher_key, loader, k, data_identity)
     prefix = f"teacher_outputs/{key}"
     t0 = time.perf_counter()
+    if (not storage.exists(f"{prefix}/meta.json") and seed_from is not None and seed_from.uri != storage.uri
+            and seed_from.exists(f"{prefix}/meta.json")):
+        log(f"teacher outputs: copying the cache from {seed_from.uri}/{prefix} to {storage.uri}/{prefix}")
+        copy(seed_from, storage, prefix)
     if storage.exists(f"{prefix}/meta.json"):
         logits, table = load(storage, prefix, loader)
         info = {**storage.get_json(f"{prefix}/meta.json"), "built": False}
