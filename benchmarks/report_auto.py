@@ -47,6 +47,11 @@ def reference(setting: str, results: Path | None = None) -> tuple[str, float] | 
     return method.split("|", 2)[-1], statistics.mean(r["test_top1"] for r in rs)
 
 
+def _beside(r: dict) -> str:
+    n = r.get("jobs_beside")
+    return "jobs beside unrecorded" if n is None else f"{n} heavy job{'' if n == 1 else 's'} beside"
+
+
 def auto_table(results: Path | None = None) -> str:
     recs = _load("auto.json", results)
     if not recs:
@@ -60,7 +65,7 @@ def auto_table(results: Path | None = None) -> str:
         lines.append(f"| {r['setting']} | {r['search_seed']} | {r['concurrent']} | {_budget(r)} | {r['trials_finished']} "
                      f"({r['trials_failed']}) | {r['picked']} | {r['picked_test_top1']:.2f} | {r['best_trial']} | "
                      f"{r['best_trial_test_top1']:.2f} | {gap:+.2f} | "
-                     f"{f'{ref[1]:.2f} ({ref[0]})' if ref else '—'} | {r['wall_s'] / 60:.0f} min | "
+                     f"{f'{ref[1]:.2f} ({ref[0]})' if ref else '—'} | {r['wall_s'] / 60:.0f} min ({_beside(r)}) | "
                      f"{r.get('trials_per_hour') or 0:.0f} |")
     return "\n".join(lines) + "\n\n" + summary(recs) + "\n"
 
@@ -89,7 +94,8 @@ def summary(recs: list[dict]) -> str:
         by_c = {r["concurrent"]: r for r in recs if r["setting"] == s and r["search_seed"] == first[s]["search_seed"]}
         if len(by_c) > 1:
             out.append(f"{s}: " + ", ".join(f"{c} concurrent {by_c[c]['trials_per_hour']:.0f} trials/hour "
-                                               f"({by_c[c]['wall_s'] / 60:.0f} min)" for c in sorted(by_c)) + ".")
+                                               f"({by_c[c]['wall_s'] / 60:.0f} min, {_beside(by_c[c])})"
+                                               for c in sorted(by_c)) + ".")
     return " ".join(out)
 
 
