@@ -90,6 +90,9 @@ def make_record(setting: str, search_seed: int, res: dict, finals: dict[str, lis
             "trials_failed": sum(1 for r in rows if r.get("error")), "wall_s": res["wall_s"], "concurrent": concurrent,
             "trials_per_hour": round(3600 * len(done) / res["wall_s"], 2) if res["wall_s"] else None,
             "config_sha": base_sha, "stage2_bases": res.get("stage2_bases"), "why": res["why"],
+            # which teacher: a retrained one can differ from the regime records' by a few tenths (seeded CPU training
+            # did not reproduce across sessions), so the record says which it ran on
+            "teacher": {k: (res.get("teacher") or {}).get(k) for k in ("key", "test_top1")},
             "table": [{k: r.get(k) for k in ("label", "family", "stage", "quiz_top1", "quiz_loss", "test_top1", "wall_s",
                                              "cost_vs_kd", "error")} for r in rows]}
 

@@ -422,8 +422,10 @@ def test_benchmark_record_sets_the_pick_beside_the_best_trial_in_hindsight():
                                      "quiz_loss": 0.5, "test_top1": t, "epochs": 2, "budget_epochs": 2, "wall_s": 10.0, **kw}
     rows = [row("kd[a]", 80.0, 79.0), row("dist[b]", 82.0, 78.0), row("ls[c]", 70.0, 90.0, epochs=1),  # ls cut short
             row("wsl[d]", 75.0, 81.0)]
-    res = {"rows": rows, "winner": rows[1], "budget": {"epochs": 2}, "wall_s": 60.0, "why": "best quiz", "stage2_bases": {}}
+    res = {"rows": rows, "winner": rows[1], "budget": {"epochs": 2}, "wall_s": 60.0, "why": "best quiz", "stage2_bases": {},
+           "teacher": {"key": "t1", "test_top1": 89.5, "build_s": 3.0}}
     rec = bench.make_record("noisy-pair30", 100, res, None, 2, "abc")
+    assert rec["teacher"] == {"key": "t1", "test_top1": 89.5}  # which teacher the search ran on
     assert (rec["picked"], rec["picked_test_top1"], rec["best_trial"], rec["best_trial_test_top1"]) == \
         ("dist[b]", 78.0, "wsl[d]", 81.0)
     assert rec["trials"] == 4 and rec["trials_finished"] == 3 and rec["trials_per_hour"] == 180.0
