@@ -67,10 +67,10 @@ def auto_table(results: Path | None = None) -> str:
                      f"{r['best_trial_test_top1']:.2f} | {gap:+.2f} | "
                      f"{f'{ref[1]:.2f} ({ref[0]})' if ref else '—'} | {r['wall_s'] / 60:.0f} min ({_beside(r)}) | "
                      f"{r.get('trials_per_hour') or 0:.0f} |")
-    return "\n".join(lines) + "\n\n" + summary(recs) + "\n"
+    return "\n".join(lines) + "\n\n" + summary(recs, results) + "\n"
 
 
-def summary(recs: list[dict]) -> str:
+def summary(recs: list[dict], results: Path | None = None) -> str:
     """The issue's bars over the settings (each setting's first search at its first seed: one search per setting),
     the pick's spread over search seeds, and trials per hour by concurrency on the same setting."""
     first: dict[str, dict] = {}
@@ -96,7 +96,30 @@ def summary(recs: list[dict]) -> str:
             out.append(f"{s}: " + ", ".join(f"{c} concurrent {by_c[c]['trials_per_hour']:.0f} trials/hour "
                                                f"({by_c[c]['wall_s'] / 60:.0f} min, {_beside(by_c[c])})"
                                                for c in sorted(by_c)) + ".")
+    out += teacher_notes(recs, results)
     return " ".join(out)
+
+
+def teacher_notes(recs: list[dict], results: Path | None = None) -> list[str]:
+    """Where a search ran on a retrained teacher that differs from the one the setting's reference rows used (seeded
+    CPU training did not reproduce across sessions), a sentence that says by how much: the reference column is
+    then a neighbour, not a paired number."""
+    out = []
+    for s in dict.fromkeys(r["setting"] for r in recs):
+        regime, _, change = s.partition("+")
+        mine = {(r.get("teacher") or {}).get("key"): (r.get("teacher") or {}).get("test_top1") for r in recs
+                if r["setting"] == s and (r.get("teacher") or {}).get("key")}
+        if change or not mine:
+            continue
+        theirs = {(r.get("teacher") or {}).get("key"): (r.get("teacher") or {}).get("test_top1")
+                  for name in ("accuracy_field.json", "accuracy_regimes.json") for r in _load(name, results)
+                  if r.get("regime") == regime and r.get("noise_draw", 0) == 0}
+        for key, acc in mine.items():
+            ref = theirs.get(key)
+            if ref is not None and acc is not None and abs(ref - acc) >= 0.005:
+                out.append(f"{s}: the search's teacher ({key}, retrained here) scores {acc:.2f} % on test, the reference "
+                           f"rows' {ref:.2f} %.")
+    return out
 
 
 BLOCKS = {"auto": auto_table}

@@ -135,21 +135,23 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
 
     from benchmarks import report_auto
 
-    def rec(setting, seed, conc, picked, pt, best, bt, wall):
+    def rec(setting, seed, conc, picked, pt, best, bt, wall, beside=0, teacher=None):
         return {"setting": setting, "search_seed": seed, "concurrent": conc, "budget": {"epochs": 4, "trials_per_family": 2},
                 "trials_finished": 30, "trials_failed": 0, "picked": picked, "picked_test_top1": pt, "best_trial": best,
-                "best_trial_test_top1": bt, "wall_s": wall, "trials_per_hour": 30 * 3600 / wall}
+                "best_trial_test_top1": bt, "wall_s": wall, "trials_per_hour": 30 * 3600 / wall, "jobs_beside": beside,
+                "teacher": teacher}
 
     (tmp_path / "auto.json").write_text(json.dumps([
-        rec("noisy-pair30+confusion30", 100, 1, "agree[a]", 80.0, "gce[b]", 80.5, 1800),
+        rec("noisy-pair30+confusion30", 100, 1, "agree[a]", 80.0, "gce[b]", 80.5, 1800, beside=1),
         rec("noisy-pair30+confusion30", 100, 2, "agree[a]", 80.0, "gce[b]", 80.5, 1200),
         rec("noisy-pair30+confusion30", 101, 2, "gce[b]", 80.4, "gce[b]", 80.4, 1200),
-        rec("noisy-pair30", 100, 2, "dist[c]", 89.0, "dist[c]", 89.0, 3600)]))
+        rec("noisy-pair30", 100, 2, "dist[c]", 89.0, "dist[c]", 89.0, 3600, teacher={"key": "k1", "test_top1": 89.0})]))
     (tmp_path / "accuracy_transfer.json").write_text(json.dumps([
         {"setting": "confusion30", "role": "rule", "source_regime": "noisy-pair30", "method": "rule|p|agree[x]",
          "test_top1": t} for t in (79.0, 80.0)]))
     (tmp_path / "accuracy_regimes.json").write_text(json.dumps([  # before the field suite ran: the regimes suite's
-        {"regime": "noisy-pair30", "method": m, "seed": 0, "test_top1": t, "quiz_top1": q, "wall_s": 1.0}
+        {"regime": "noisy-pair30", "method": m, "seed": 0, "test_top1": t, "quiz_top1": q, "wall_s": 1.0,
+         "teacher": {"key": "k1", "test_top1": 89.3}}
         for m, t, q in (("dist-tuned", 86.0, 85.0), ("kd-tuned", 87.0, 84.0))]))
     assert report_auto.reference("noisy-pair30", tmp_path) == ("dist-tuned, regimes suite", 86.0)
     (tmp_path / "accuracy_field.json").write_text(json.dumps([
@@ -160,4 +162,8 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
     assert "−0.25 pt from the best trial in hindsight on average (within the −0.3 bar)".replace("−0.25", "-0.25") in text
     assert "worst -0.50 on noisy-pair30+confusion30 (within the −0.6 bar)" in text
     assert "2 search seeds: picks agree[a], gce[b]; their test top-1 80.00–80.40 (sd 0.28)" in text
-    assert "1 concurrent 60 trials/hour (30 min), 2 concurrent 90 trials/hour (20 min)" in text
+    assert ("1 concurrent 60 trials/hour (30 min, 1 heavy job beside), 2 concurrent 90 trials/hour (20 min, 0 heavy jobs "
+            "beside)") in text
+    # a search on a retrained teacher says how far it is from the reference rows' teacher of the same key
+    assert "noisy-pair30: the search's teacher (k1, retrained here) scores 89.00 % on test, the reference rows' 89.30 %." in text
+    assert "confusion30: the search's teacher" not in text  # transfer settings have no regime teacher to compare
