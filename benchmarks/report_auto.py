@@ -91,7 +91,12 @@ def summary(recs: list[dict], results: Path | None = None) -> str:
             tests = [r["picked_test_top1"] for r in seeds.values()]
             out.append(f"{s}, {len(seeds)} search seeds: picks {', '.join(r['picked'] for r in seeds.values())}; their test "
                        f"top-1 {min(tests):.2f}–{max(tests):.2f} (sd {statistics.stdev(tests):.2f}).")
-        by_c = {r["concurrent"]: r for r in recs if r["setting"] == s and r["search_seed"] == first[s]["search_seed"]}
+        by_c: dict[int, dict] = {}  # per concurrency, a search with nothing beside it where there is one (Ray's trial
+        for r in recs:              # workers run at nice 15: a nice-0 job beside starves them)
+            if r["setting"] == s and r["search_seed"] == first[s]["search_seed"]:
+                held = by_c.get(r["concurrent"])
+                if held is None or (r.get("jobs_beside") == 0 and held.get("jobs_beside") != 0):
+                    by_c[r["concurrent"]] = r
         if len(by_c) > 1:
             out.append(f"{s}: " + ", ".join(f"{c} concurrent {by_c[c]['trials_per_hour']:.0f} trials/hour "
                                                f"({by_c[c]['wall_s'] / 60:.0f} min, {_beside(by_c[c])})"

@@ -144,6 +144,8 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
     (tmp_path / "auto.json").write_text(json.dumps([
         rec("noisy-pair30+confusion30", 100, 1, "agree[a]", 80.0, "gce[b]", 80.5, 1800, beside=1),
         rec("noisy-pair30+confusion30", 100, 2, "agree[a]", 80.0, "gce[b]", 80.5, 1200),
+        rec("noisy-pair30+confusion30", 100, 1, "agree[a]", 80.0, "gce[b]", 80.5, 1500),  # c1 again, nothing beside
+        rec("noisy-pair30+confusion30", 100, 1, "agree[a]", 80.0, "gce[b]", 80.5, 2400, beside=1),
         rec("noisy-pair30+confusion30", 101, 2, "gce[b]", 80.4, "gce[b]", 80.4, 1200),
         rec("noisy-pair30", 100, 2, "dist[c]", 89.0, "dist[c]", 89.0, 3600, teacher={"key": "k1", "test_top1": 89.0})]))
     (tmp_path / "accuracy_transfer.json").write_text(json.dumps([
@@ -162,8 +164,8 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
     assert "−0.25 pt from the best trial in hindsight on average (within the −0.3 bar)".replace("−0.25", "-0.25") in text
     assert "worst -0.50 on noisy-pair30+confusion30 (within the −0.6 bar)" in text
     assert "2 search seeds: picks agree[a], gce[b]; their test top-1 80.00–80.40 (sd 0.28)" in text
-    assert ("1 concurrent 60 trials/hour (30 min, 1 heavy job beside), 2 concurrent 90 trials/hour (20 min, 0 heavy jobs "
-            "beside)") in text
+    assert ("1 concurrent 72 trials/hour (25 min, 0 heavy jobs beside), 2 concurrent 90 trials/hour (20 min, 0 heavy jobs "
+            "beside)") in text  # the quiet c1 search, not the one with a job beside
     # a search on a retrained teacher says how far it is from the reference rows' teacher of the same key
     assert "noisy-pair30: the search's teacher (k1, retrained here) scores 89.00 % on test, the reference rows' 89.30 %." in text
     assert "confusion30: the search's teacher" not in text  # transfer settings have no regime teacher to compare
