@@ -38,13 +38,16 @@ def reference(setting: str, results: Path | None = None) -> tuple[str, float] | 
         if best is None:
             return None
         return f"{best}, regimes suite", statistics.mean(r["test_top1"] for r in rs if r["method"] == best)
-    rs = [r for r in _load("accuracy_transfer.json", results) if r.get("setting") == change and r.get("role") == "rule"
-          and r.get("source_regime") == regime]
+    there = [r for r in _load("accuracy_transfer.json", results) if r.get("setting") == change and r.get("role") == "rule"]
+    # the search's own regime's rule; a setting whose data does not come from the regime (a user's label file) may
+    # only have another source's: then the latest rule transferred there, named with its source
+    rs = [r for r in there if r.get("source_regime") == regime] or there
     if not rs:
         return None
-    method = rs[-1]["method"]  # the latest rule transferred there
+    method, source = rs[-1]["method"], rs[-1].get("source_regime")  # the latest rule transferred there
     rs = [r for r in rs if r["method"] == method]
-    return method.split("|", 2)[-1], statistics.mean(r["test_top1"] for r in rs)
+    name = method.split("|", 2)[-1] + ("" if source == regime else f", from {source}")
+    return name, statistics.mean(r["test_top1"] for r in rs)
 
 
 def _beside(r: dict) -> str:

@@ -156,6 +156,8 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
          "teacher": {"key": "k1", "test_top1": 89.3}}
         for m, t, q in (("dist-tuned", 86.0, 85.0), ("kd-tuned", 87.0, 84.0))]))
     assert report_auto.reference("noisy-pair30", tmp_path) == ("dist-tuned, regimes suite", 86.0)
+    assert report_auto.reference("full+confusion30", tmp_path) == ("agree[x], from noisy-pair30", 79.5)  # another source's
+    assert report_auto.reference("full+pair20", tmp_path) is None
     (tmp_path / "accuracy_field.json").write_text(json.dumps([
         {"regime": "noisy-pair30", "method": "rule-best-tuned", "test_top1": t} for t in (88.0, 88.5)]))
     text = report_auto.auto_table(tmp_path)
