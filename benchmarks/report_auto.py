@@ -85,6 +85,12 @@ def summary(recs: list[dict], results: Path | None = None) -> str:
     out = [f"Over {len(gaps)} setting(s), one search each: the pick is {mean:+.2f} pt from the best trial in hindsight on "
            f"average ({'within' if mean >= -NEAR else 'outside'} the −{NEAR} bar), worst {gaps[worst_s]:+.2f} on "
            f"{worst_s} ({'within' if gaps[worst_s] >= -FAR else 'outside'} the −{FAR} bar)."]
+    refs = {s: reference(s, results) for s in first}
+    vs = [f"{s} {r['picked_test_top1'] - refs[s][1]:+.2f}" for s, r in first.items() if refs[s]]
+    if vs:
+        out.append("Against the setting's best tuned hand-crafted loss (the column before wall; another teacher or "
+                   "another number of epochs in its tuning, so a neighbour, not a paired number), the pick is " +
+                   ", ".join(vs) + ".")
     for s in first:
         seeds: dict[int, dict] = {}  # each seed's first search (concurrency does not change a seeded trial's result)
         for r in recs:

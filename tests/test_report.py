@@ -166,6 +166,7 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
     assert "−0.25 pt from the best trial in hindsight on average (within the −0.3 bar)".replace("−0.25", "-0.25") in text
     assert "worst -0.50 on noisy-pair30+confusion30 (within the −0.6 bar)" in text
     assert "2 search seeds: picks agree[a], gce[b]; their test top-1 80.00–80.40 (sd 0.28)" in text
+    assert "the pick is noisy-pair30+confusion30 +0.50, noisy-pair30 +0.75." in text  # 80.0 − 79.5, 89.0 − 88.25
     assert ("1 concurrent 72 trials/hour (25 min, 0 heavy jobs beside), 2 concurrent 90 trials/hour (20 min, 0 heavy jobs "
             "beside)") in text  # the quiet c1 search, not the one with a job beside
     # a search on a retrained teacher says how far it is from the reference rows' teacher of the same key
