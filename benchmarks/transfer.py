@@ -82,12 +82,29 @@ def setting_data(setting: str, source_regime: str, files: tuple[str, str] | None
     raise ValueError(f"unknown transfer setting {setting!r}; valid: {', '.join(SETTINGS)}")
 
 
+def field_tuned(regime: str, tuning: list[dict]) -> bool:
+    """Whether every trial of every hand-crafted family of the regime's field suite (its bases, the KD-side
+    families and each rule on the tuned bases) is recorded."""
+    done = {(r["family"], r["trial"]) for r in tuning if r["regime"] == regime and r.get("suite", "field") == "field"}
+    if not done:
+        return False
+    try:
+        for family in accuracy.HANDCRAFTED_FIELD + accuracy.RULES:
+            if any((family, t.name) not in done for t in accuracy.family_trials(regime, family, tuning, "field")):
+                return False
+    except (StopIteration, ValueError, KeyError, accuracy.BenchmarkError):
+        return False  # a base not yet tuned: its rules cannot even be listed
+    return True
+
+
 def rule_of(source_regime: str, results: Path) -> tuple[str, dict]:
     """The best hand-crafted loss of the source regime, as its records pick it: the field suite's ``rule-best``
-    where its tuning is recorded, else the regimes benchmark's best tuned hand-crafted row by quiz."""
+    once every hand-crafted family of its tuning is recorded (a half-tuned field suite names no best rule, so a
+    command's rule does not change while that suite runs), else the regimes benchmark's best tuned hand-crafted
+    row by quiz."""
     field = results / accuracy.FIELD_TUNING
     tuning = json.loads(field.read_text()) if field.is_file() else []
-    if any(r["regime"] == source_regime for r in tuning):
+    if field_tuned(source_regime, tuning):
         trial, best = accuracy._trial_of(source_regime, "rule-best", tuning, "field")
         return f"{best['family']}[{trial.name}]", trial.sections
     recs = [r for r in json.loads((results / accuracy.RECORDS).read_text()) if r["regime"] == source_regime]

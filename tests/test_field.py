@@ -2,6 +2,7 @@
 quiz unchanged by it), noise draws, class-confusion noise, the user's own label files, the meta-schedule in units
 of the data, picks on the selection split, and configs that stay the same run when a field is added later."""
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -364,3 +365,16 @@ def test_the_capped_residual_keeps_the_rule_and_fewer_meta_steps_so_small_data_s
         cfg = build_config("fashion_mnist", **t.sections)
         assert meta_schedule(cfg.meta, steps, 12)[0].meta_every == every
     assert meta_schedule(build_config("fashion_mnist", **full[-1].sections).meta, 62, 12)[0].meta_every == 8
+
+
+def test_a_half_tuned_field_suite_names_no_best_rule_for_transfer():
+    """transfer.rule_of takes the field suite's rule-best only once every hand-crafted family's trials are recorded,
+    so a transfer command's rule does not change while that suite runs (replan checks the records against it)."""
+    import transfer
+
+    rows = json.loads((ROOT / "benchmarks" / "results" / "accuracy_field_tuning.json").read_text())
+    assert transfer.field_tuned("noisy-pair45-8k", rows)  # its field suite ran whole
+    sce = next(i for i, r in enumerate(rows) if r["regime"] == "noisy-pair45-8k" and r["family"] == "sce")
+    assert not transfer.field_tuned("noisy-pair45-8k", rows[:sce] + rows[sce + 1:])  # one rule trial missing
+    assert not transfer.field_tuned("noisy-pair45-8k", [r for r in rows if r["family"] != "dist"])  # no base: no rules
+    assert not transfer.field_tuned("full", rows)  # nothing recorded
