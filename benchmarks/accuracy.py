@@ -259,6 +259,24 @@ def _trial_of(regime: str, family: str, tuning: list[dict], suite: str):
     return next(t for t in family_trials(regime, fam, tuning, suite) if t.name == best["trial"]), best
 
 
+def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
+    """The hand-crafted families of the regime's field suite whose trials are not all recorded: family → how many
+    are ("0 of ?" where its bases are not tuned yet, so its trials cannot even be listed). Empty: the suite's best
+    hand-crafted loss can be picked."""
+    done = {(r["family"], r["trial"]) for r in tuning if r["regime"] == regime and r.get("suite", "field") == "field"}
+    out = {}
+    for family in HANDCRAFTED_FIELD + RULES:
+        try:
+            names = [t.name for t in family_trials(regime, family, tuning, "field")]
+        except (StopIteration, ValueError, KeyError, BenchmarkError):
+            out[family] = "0 of ?"
+            continue
+        have = sum((family, n) in done for n in names)
+        if have < len(names):
+            out[family] = f"{have} of {len(names)}"
+    return out
+
+
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
     from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, lkd_rule_capped_trials, lkd_rule_trials,
                                        lkd_sample_dist_trials, lkd_sample_trials, rule_trials)

@@ -59,10 +59,10 @@ def field_tuning(results: Path | None = None) -> str:
             p = accuracy.tuning_pick(tuning, regime, f, "field")
             lines.append(f"| {f} | {len(fr)} | {p['trial']} | {p['select_top1']:.2f} | {p['select_loss_cal']:.4f} | "
                          f"{p['quiz_top1']:.2f} | {p['test_top1']:.2f} |")
-        hand = [f for f in accuracy.HANDCRAFTED_FIELD + accuracy.RULES if f not in fams]
+        hand = accuracy.field_untuned(regime, tuning)
         if hand:
-            lines += ["", f"Not tuned yet: {', '.join(hand)} — the best hand-crafted loss is not picked until every "
-                      "family is."]
+            lines += ["", f"Not tuned whole yet (trials recorded): {', '.join(f'{f} {n}' for f, n in hand.items())} — "
+                      "the best hand-crafted loss is not picked until every family is."]
         else:
             best = accuracy.tuning_pick(tuning, regime, "rule-best", "field")
             lines += ["", f"Best hand-crafted loss (over all {len(accuracy.HANDCRAFTED_FIELD + accuracy.RULES)} families): "

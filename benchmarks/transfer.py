@@ -85,16 +85,7 @@ def setting_data(setting: str, source_regime: str, files: tuple[str, str] | None
 def field_tuned(regime: str, tuning: list[dict]) -> bool:
     """Whether every trial of every hand-crafted family of the regime's field suite (its bases, the KD-side
     families and each rule on the tuned bases) is recorded."""
-    done = {(r["family"], r["trial"]) for r in tuning if r["regime"] == regime and r.get("suite", "field") == "field"}
-    if not done:
-        return False
-    try:
-        for family in accuracy.HANDCRAFTED_FIELD + accuracy.RULES:
-            if any((family, t.name) not in done for t in accuracy.family_trials(regime, family, tuning, "field")):
-                return False
-    except (StopIteration, ValueError, KeyError, accuracy.BenchmarkError):
-        return False  # a base not yet tuned: its rules cannot even be listed
-    return True
+    return any(r["regime"] == regime for r in tuning) and not accuracy.field_untuned(regime, tuning)
 
 
 def rule_of(source_regime: str, results: Path) -> tuple[str, dict]:
