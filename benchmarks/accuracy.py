@@ -70,7 +70,9 @@ FIELD_RECORDS, FIELD_TUNING = "accuracy_field.json", "accuracy_field_tuning.json
 SELECT = {"full": 50, "scarce": 20, "noisy-sym40": 50, "noisy-pair30": 50, "noisy-pair45-8k": 50}  # clean images per class, beside the quiz
 HANDCRAFTED_FIELD = ("kd", "dkd", "dist", "ls", "wsl", "dist-wce")
 RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
-FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("lkd-rule", "lkd-rule-capped")
+# rule-weights: the best rule's CE and distillation weights tuned after it is picked (never a candidate for
+# rule-best, so the residual's base and every recorded command stay what they were)
+FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
@@ -279,11 +281,16 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
 
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
     from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, lkd_rule_capped_trials, lkd_rule_trials,
-                                       lkd_sample_dist_trials, lkd_sample_trials, rule_trials)
+                                       lkd_sample_dist_trials, lkd_sample_trials, rule_trials, rule_weight_trials)
 
     if suite == "field":
         if family in RULE_GRIDS:  # a field rule on the regime's tuned KD and DIST
             return rule_trials(family, {on: _trial_of(regime, on, tuning, suite)[0] for on in ("kd", "dist")})
+        if family == "rule-weights":  # the best rule, its CE and distillation weights tuned
+            try:
+                return rule_weight_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
+            except ValueError as e:
+                raise BenchmarkError(f"{regime}: {e}") from e
         if family == "lkd-rule":  # the learned loss as a residual on the best hand-crafted loss
             return lkd_rule_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
         if family == "lkd-rule-capped":  # … with fewer meta-steps: within the cost bar on small data too

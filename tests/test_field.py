@@ -378,3 +378,37 @@ def test_a_half_tuned_field_suite_names_no_best_rule_for_transfer():
     assert not transfer.field_tuned("noisy-pair45-8k", rows[:sce] + rows[sce + 1:])  # one rule trial missing
     assert not transfer.field_tuned("noisy-pair45-8k", [r for r in rows if r["family"] != "dist"])  # no base: no rules
     assert not transfer.field_tuned("full", rows)  # nothing recorded
+
+
+def test_rule_weights_tunes_the_best_rule_s_two_weights_and_never_becomes_the_rule_it_starts_from():
+    """rule-weights is the picked rule with its CE and distillation weights on a grid (the rule's own pair left out),
+    planned after the rule is picked; a winning rule-weights trial does not change rule-best (so the residual's base
+    and every recorded command stay what they were); a pick with no CE/distillation pair is refused by name."""
+    import argparse
+
+    import accuracy as acc
+
+    from lkd_ray.search_spaces import RULE_WEIGHTS, Trial, rule_weight_trials
+
+    rows = _field_tuning_rows()
+    rule, _ = acc._trial_of("noisy-pair30", "rule-best", rows, "field")
+    trials = acc.family_trials("noisy-pair30", "rule-weights", rows, "field")
+    from lkd_ray.config import LossCfg
+
+    own = tuple(rule.sections["loss"].get(k, LossCfg.model_fields[k].default) for k in ("w_ce", "w_logit"))  # the config's
+    pairs = {(t.sections["loss"]["w_ce"], t.sections["loss"]["w_logit"]) for t in trials}
+    assert len(trials) == 8 and own not in pairs and pairs | {own} == {(c, w) for c in RULE_WEIGHTS["w_ce"]
+                                                                      for w in RULE_WEIGHTS["w_logit"]}
+    for t in trials:  # everything but the two weights is the rule's
+        assert {k: v for k, v in t.sections["loss"].items() if k not in ("w_ce", "w_logit")} == \
+            {k: v for k, v in rule.sections["loss"].items() if k not in ("w_ce", "w_logit")}
+    rows += [{"regime": "noisy-pair30", "family": "rule-weights", "trial": t.name, "seed": 100, "select_top1": 99.0,
+              "select_loss_cal": 0.1} for t in trials]
+    assert acc._trial_of("noisy-pair30", "rule-best", rows, "field")[0].name == rule.name
+    assert acc.field_untuned("noisy-pair30", rows) == {}
+    args = argparse.Namespace(regime="noisy-pair30", tune=None, tune_seed=100, suite="field", out="/tmp/x", cache_dir="/tmp/x",
+                              threads=1, variant=None, overrides=[], seeds=[0], noise_draws=[0], methods=["rule-weights-tuned"])
+    (task,), _ = acc.plan(args, rows)
+    assert task["tuned_from"]["family"] == "rule-weights" and task["config"]["loss"]["ce_rule"] == "agree"
+    with pytest.raises(ValueError, match="'ce' pick has no such pair"):
+        rule_weight_trials(Trial("ls", "eps=0.1", {"loss": {"method": "ce", "label_smoothing": 0.1}}))
