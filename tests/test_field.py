@@ -412,3 +412,36 @@ def test_rule_weights_tunes_the_best_rule_s_two_weights_and_never_becomes_the_ru
     assert task["tuned_from"]["family"] == "rule-weights" and task["config"]["loss"]["ce_rule"] == "agree"
     with pytest.raises(ValueError, match="'ce' pick has no such pair"):
         rule_weight_trials(Trial("ls", "eps=0.1", {"loss": {"method": "ce", "label_smoothing": 0.1}}))
+
+
+def test_a_transfer_command_s_rule_does_not_change_when_the_field_suite_finishes(tmp_path):
+    """The suite a transfer's rule comes from is in the command: without --rule, a regime of the regimes benchmark
+    transfers that benchmark's best tuned row even once its field suite is tuned whole (so recorded commands keep
+    re-planning); --rule rule-best takes the field suite's pick and refuses a half-tuned suite; a regime only the
+    field suite measures takes that suite's pick either way."""
+    import argparse
+    import shutil
+
+    import accuracy
+    import transfer
+
+    src = ROOT / "benchmarks" / "results"
+    for name in (accuracy.RECORDS, accuracy.TUNING):
+        shutil.copy(src / name, tmp_path / name)
+    rows = _field_tuning_rows()  # noisy-pair30 tuned whole (agree on DIST wins)
+    (tmp_path / accuracy.FIELD_TUNING).write_text(json.dumps(rows))
+    regimes_best = accuracy.best_tuned([r for r in json.loads((src / accuracy.RECORDS).read_text())
+                                        if r["regime"] == "noisy-pair30"])
+    name, _ = transfer.rule_of("noisy-pair30", tmp_path)
+    assert name.startswith(regimes_best[:-len("-tuned")] + "[")
+    assert transfer.rule_of("noisy-pair30", tmp_path, field=True)[0] == "agree[rule=agree,base=dist]"
+    args = argparse.Namespace(preset="noisy-pair30", settings=["pair20"], seeds=[0], out=str(tmp_path / "o"),
+                              cache_dir=str(tmp_path), results=str(tmp_path), threads=1, rule="rule-best", rule_only=True)
+    (task,) = transfer.plan(args)
+    assert task["method"] == "agree[rule=agree,base=dist]" and task["config"]["loss"]["ce_rule"] == "agree"
+    (tmp_path / accuracy.FIELD_TUNING).write_text(json.dumps([r for r in rows if r["family"] != "sce"]))
+    with pytest.raises(accuracy.BenchmarkError, match="not tuned whole: sce 0 of 8"):
+        transfer.plan(args)
+    assert transfer.rule_of("noisy-pair30", tmp_path)[0] == name  # the default does not read the field suite
+    with pytest.raises(accuracy.BenchmarkError, match="noisy-pair45-8k's field suite is not picked yet"):
+        transfer.rule_of("noisy-pair45-8k", tmp_path)
