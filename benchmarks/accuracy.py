@@ -80,6 +80,10 @@ class BenchmarkError(RuntimeError):
     """A mismatch between what the command asks and what is recorded; exits 2 with the reason."""
 
 
+class NotTunedYet(BenchmarkError):
+    """A family's tuning pick was asked for before any of its trials is recorded (a suite still running)."""
+
+
 def merge(*parts: dict) -> dict:
     out: dict = {}
     for p in parts:
@@ -242,7 +246,7 @@ def tuning_pick(tuning: list[dict], regime: str, family: str, suite: str = "regi
     families = HANDCRAFTED_FIELD + RULES if family == "rule-best" else (family,)
     rows = [r for r in tuning if r["regime"] == regime and r["family"] in families]
     if not rows:
-        raise BenchmarkError(f"{family}-tuned in regime {regime}: no tuning trials recorded; run "
+        raise NotTunedYet(f"{family}-tuned in regime {regime}: no tuning trials recorded; run "
                              f"`benchmarks/accuracy.py --regime {regime} --tune {family}"
                              f"{' --suite field' if suite == 'field' else ''}` first")
     if suite == "field":
@@ -258,7 +262,13 @@ def _trial_of(regime: str, family: str, tuning: list[dict], suite: str):
     """The tuned trial of ``family`` (``rule-best``: the best over every hand-crafted family of the field suite)."""
     best = tuning_pick(tuning, regime, family, suite)
     fam = best["family"]
-    return next(t for t in family_trials(regime, fam, tuning, suite) if t.name == best["trial"]), best
+    grid = family_trials(regime, fam, tuning, suite)
+    trial = next((t for t in grid if t.name == best["trial"]), None)
+    if trial is None:
+        raise BenchmarkError(f"{regime}: the recorded {fam} pick {best['trial']!r} is not in that family's grid now "
+                             f"({', '.join(t.name for t in grid)}): the grid changed after it was tuned; re-tune the "
+                             "family, or drop its old tuning records (benchmarks/records.py drop) and say why")
+    return trial, best
 
 
 def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
@@ -270,7 +280,7 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
     for family in HANDCRAFTED_FIELD + RULES:
         try:
             names = [t.name for t in family_trials(regime, family, tuning, "field")]
-        except (StopIteration, ValueError, KeyError, BenchmarkError):
+        except NotTunedYet:  # its bases are not tuned yet; anything else is a real fault and is raised
             out[family] = "0 of ?"
             continue
         have = sum((family, n) in done for n in names)

@@ -445,3 +445,17 @@ def test_a_transfer_command_s_rule_does_not_change_when_the_field_suite_finishes
     assert transfer.rule_of("noisy-pair30", tmp_path)[0] == name  # the default does not read the field suite
     with pytest.raises(accuracy.BenchmarkError, match="noisy-pair45-8k's field suite is not picked yet"):
         transfer.rule_of("noisy-pair45-8k", tmp_path)
+
+
+def test_only_an_untuned_base_reads_as_not_tuned_yet_and_a_grid_that_changed_is_named():
+    """field_untuned says "0 of ?" only where a rule's base has no tuning trials; a recorded pick that is not in its
+    family's grid any more (a grid edited after tuning) stops it with the family, the pick and what to do."""
+    import accuracy
+
+    rows = _field_tuning_rows()
+    assert accuracy.field_untuned("noisy-pair30", [r for r in rows if r["family"] != "dist"]) == \
+        {"dist": "0 of 4", **{f: "0 of ?" for f in accuracy.RULES}}
+    dist_pick = accuracy.tuning_pick(rows, "noisy-pair30", "dist", "field")["trial"]
+    edited = [{**r, "trial": "tau=3"} if r["family"] == "dist" and r["trial"] == dist_pick else r for r in rows]
+    with pytest.raises(accuracy.BenchmarkError, match=r"dist pick 'tau=3' is not in that family's grid"):
+        accuracy.field_untuned("noisy-pair30", edited)
