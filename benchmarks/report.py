@@ -162,6 +162,48 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
     return None, f"no tuned row of {regime} with {seeds} seeds is eligible within the cost bar ({', '.join(passed)})"
 
 
+def field_verdicts() -> str:
+    """Issue 25's verdict per field-suite regime, in words, every number from the records: the best rule, each
+    learned row against it (the win bar), the best hand-crafted row in hindsight, and what the preset pick ships."""
+    from benchmarks.report_field import REGIMES as FIELD_REGIMES, TIE, paired_draws
+
+    finals = load("accuracy_field.json") or []
+    out = []
+    for regime in FIELD_REGIMES:
+        rs = [r for r in finals if r["regime"] == regime and r["method"].endswith("-tuned")]
+        if not any(r["method"] == "rule-best-tuned" for r in rs):
+            continue
+        rule = next(r for r in rs if r["method"] == "rule-best-tuned")["tuned_from"]
+        learned, hand = [], []
+        for m in dict.fromkeys(r["method"] for r in rs):
+            if m == "rule-best-tuned":
+                continue
+            d = paired_draws(rs, m, "rule-best-tuned")
+            if d is None:
+                continue
+            win = d["mean"] >= WIN_MARGIN and d["mean"] >= 2 * d["se"]
+            above = "a win" if m.startswith("lkd") else "above by the win bar"
+            text = (f"`{m}` {_pm_field(d)} (worst pair {d['worst']:+.2f}, {d['n']} seed × draw pairs: "
+                    + (above if win else "level, within 0.2" if d["mean"] >= -TIE else "below") + ")")
+            (learned if m.startswith("lkd") else hand).append((d["mean"], text))
+        sel = {m: statistics.mean(r["select_top1"] for r in rs if r["method"] == m)
+               for m in dict.fromkeys(r["method"] for r in rs) if not m.startswith("lkd")}
+        top = max(sel, key=sel.get)  # the best hand-crafted row as the selection split ranks the finals
+        pick, why = field_preset_pick(finals, regime)
+        parts = [f"**{regime}.** The best rule on the selection split is `{rule['family']}[{rule['trial']}]`."]
+        if learned:
+            parts.append("Against it on test, the learned residual: " + "; ".join(t for _, t in learned) + ".")
+        if hand:
+            parts.append("Other hand-crafted rows against it: " + "; ".join(t for _, t in sorted(hand, reverse=True)) + ".")
+        if learned and top != "rule-best-tuned":
+            vs = [f"`{m}` {_pm_field(paired_draws(rs, m, top))}" for m in dict.fromkeys(r["method"] for r in rs)
+                  if m.startswith("lkd")]
+            parts.append(f"Against the best hand-crafted row by selection top-1, `{top}`: " + "; ".join(vs) + ".")
+        parts.append(f"The preset pick (`report.field_preset_pick`): **{pick or 'none yet'}** — {why}.")
+        out.append(" ".join(parts))
+    return "\n\n".join(out) + "\n" if out else "_No field-suite finals recorded yet._\n"
+
+
 def transfer_gate(regime: str, method: str, seeds: int = 3) -> tuple[bool | None, str]:
     """Issue 25's transfer bar for a learned row of a field regime: its preset runs in the transfer records (the
     rows whose stored config runs this row's tuned setting) against the source regime's best rule, transferred too —
@@ -483,6 +525,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "teachers": teachers_table,
     "per-sample": per_sample_text,
     "verdicts": verdicts,
+    "field-verdicts": field_verdicts,
     "cost": cost_table,
     "cost-headline": cost_headline,
     **{f"regime-{r}": (lambda r=r: regime_table(r)) for r in REGIME_ORDER},

@@ -70,6 +70,34 @@ def test_the_verdict_counts_a_learned_preset_and_its_cost_and_never_a_variant_th
     assert "incomplete: 4 of 5" in row[1]
 
 
+def test_the_field_verdict_names_the_rule_the_learned_rows_and_what_the_pick_ships(tmp_path, monkeypatch):
+    """Written from finals made here (two noise draws × five seeds): a learned row 1 pt above the rule at a tiny SE
+    is "a win", one 0.1 above is "level", a hand-crafted row 2 pt above is named with its gap to each learned row,
+    and the pick sentence is field_preset_pick's own (here: the hand-crafted row, its cost measured)."""
+    import json
+
+    from benchmarks import report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+
+    def rows(method, test, select):
+        return [{"regime": "noisy-pair30", "method": method, "seed": s, "noise_draw": d, "select_top1": select,
+                 "test_top1": test + 0.01 * ((s + 3 * d) % 4), "tuned_from": {"family": "relabel", "trial": "rule=relabel,base=dist"}}
+                for s in range(5) for d in (0, 1)]
+
+    finals = (rows("rule-best-tuned", 80.0, 85.0) + rows("lkd-rule-tuned", 81.0, 85.5) + rows("lkd-rule-capped-tuned", 80.1, 85.2)
+              + rows("rule-weights-tuned", 82.0, 86.0))
+    (tmp_path / "accuracy_field.json").write_text(json.dumps(finals))
+    (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": "noisy-pair30:rule-weights-tuned", "ratios": [1.0, 1.1, 1.0]}]}))
+    text = report.field_verdicts()
+    assert "**noisy-pair30.** The best rule on the selection split is `relabel[rule=relabel,base=dist]`." in text
+    assert "`lkd-rule-tuned` +1.00 ± 0.00" in text and "10 seed × draw pairs: a win" in text
+    assert "`lkd-rule-capped-tuned` +0.10 ± 0.00" in text and "level, within 0.2" in text
+    assert "Against the best hand-crafted row by selection top-1, `rule-weights-tuned`: `lkd-rule-tuned` -1.00" in text
+    pick, why = report.field_preset_pick(finals, "noisy-pair30")
+    assert pick == "rule-weights-tuned" and f"**rule-weights-tuned** — {why}." in text
+
+
 def test_the_per_sample_figure_names_the_term_its_records_ran_and_refuses_records_without_a_config(tmp_path):
     """The label comes from each record's stored config (lossnet.base), checked here against the family's own trial
     definition, not from the method's name; a record whose config is missing stops the figure with the reason."""
