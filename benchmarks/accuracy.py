@@ -70,12 +70,18 @@ FIELD_RECORDS, FIELD_TUNING = "accuracy_field.json", "accuracy_field_tuning.json
 SELECT = {"full": 50, "scarce": 20, "noisy-sym40": 50, "noisy-pair30": 50, "noisy-pair45-8k": 50}  # clean images per class, beside the quiz
 HANDCRAFTED_FIELD = ("kd", "dkd", "dist", "ls", "wsl", "dist-wce")
 RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
-FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("lkd-rule", "lkd-rule-capped")
+# rule-weights: the best rule's CE and distillation weights tuned after it is picked (never a candidate for
+# rule-best, so the residual's base and every recorded command stay what they were)
+FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
 class BenchmarkError(RuntimeError):
     """A mismatch between what the command asks and what is recorded; exits 2 with the reason."""
+
+
+class NotTunedYet(BenchmarkError):
+    """A family's tuning pick was asked for before any of its trials is recorded (a suite still running)."""
 
 
 def merge(*parts: dict) -> dict:
@@ -240,7 +246,7 @@ def tuning_pick(tuning: list[dict], regime: str, family: str, suite: str = "regi
     families = HANDCRAFTED_FIELD + RULES if family == "rule-best" else (family,)
     rows = [r for r in tuning if r["regime"] == regime and r["family"] in families]
     if not rows:
-        raise BenchmarkError(f"{family}-tuned in regime {regime}: no tuning trials recorded; run "
+        raise NotTunedYet(f"{family}-tuned in regime {regime}: no tuning trials recorded; run "
                              f"`benchmarks/accuracy.py --regime {regime} --tune {family}"
                              f"{' --suite field' if suite == 'field' else ''}` first")
     if suite == "field":
@@ -256,7 +262,13 @@ def _trial_of(regime: str, family: str, tuning: list[dict], suite: str):
     """The tuned trial of ``family`` (``rule-best``: the best over every hand-crafted family of the field suite)."""
     best = tuning_pick(tuning, regime, family, suite)
     fam = best["family"]
-    return next(t for t in family_trials(regime, fam, tuning, suite) if t.name == best["trial"]), best
+    grid = family_trials(regime, fam, tuning, suite)
+    trial = next((t for t in grid if t.name == best["trial"]), None)
+    if trial is None:
+        raise BenchmarkError(f"{regime}: the recorded {fam} pick {best['trial']!r} is not in that family's grid now "
+                             f"({', '.join(t.name for t in grid)}): the grid changed after it was tuned; re-tune the "
+                             "family, or drop its old tuning records (benchmarks/records.py drop) and say why")
+    return trial, best
 
 
 def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
@@ -268,7 +280,7 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
     for family in HANDCRAFTED_FIELD + RULES:
         try:
             names = [t.name for t in family_trials(regime, family, tuning, "field")]
-        except (StopIteration, ValueError, KeyError, BenchmarkError):
+        except NotTunedYet:  # its bases are not tuned yet; anything else is a real fault and is raised
             out[family] = "0 of ?"
             continue
         have = sum((family, n) in done for n in names)
@@ -279,11 +291,16 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
 
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
     from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, lkd_rule_capped_trials, lkd_rule_trials,
-                                       lkd_sample_dist_trials, lkd_sample_trials, rule_trials)
+                                       lkd_sample_dist_trials, lkd_sample_trials, rule_trials, rule_weight_trials)
 
     if suite == "field":
         if family in RULE_GRIDS:  # a field rule on the regime's tuned KD and DIST
             return rule_trials(family, {on: _trial_of(regime, on, tuning, suite)[0] for on in ("kd", "dist")})
+        if family == "rule-weights":  # the best rule, its CE and distillation weights tuned
+            try:
+                return rule_weight_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
+            except ValueError as e:
+                raise BenchmarkError(f"{regime}: {e}") from e
         if family == "lkd-rule":  # the learned loss as a residual on the best hand-crafted loss
             return lkd_rule_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
         if family == "lkd-rule-capped":  # … with fewer meta-steps: within the cost bar on small data too

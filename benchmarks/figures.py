@@ -4,7 +4,10 @@
   main rows, and every seed's difference to the best tuned hand-crafted loss;
 * ``per_sample_<regime>.png`` (``per_sample_dist_<regime>.png`` on DIST's base): what the per-sample loss network gives each training image at the end of
   training — its weight on the CE and KD terms and its temperature — for images whose label was flipped or
-  kept, and where the teacher agrees with the label or not (mean over seeds, 10–90 % range).
+  kept, and where the teacher agrees with the label or not (mean over seeds, 10–90 % range);
+* ``field_per_sample_<regime>.png``: the field suite's learned residual beside the rule it started from — per group
+  of training images, the rule's own CE weight and the weight after the learned factor, the distillation weight and
+  τ (the rule's: 1 and its base τ), one bar per learned row (``accuracy_field.json``).
 """
 from __future__ import annotations
 
@@ -63,6 +66,70 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suf
     return path
 
 
+HATCHES = ("//", None, "..", "xx", "--")  # the rule, then each learned row: told apart beside the group's colour
+
+
+def rule_weights(rs: list[dict], configs: dict, regime: str) -> dict[str, float]:
+    """The rule's own distillation weight and τ (one for all the regime's residual rows), from the configs they ran."""
+    got = {(configs.get(r.get("config_sha"), {}).get("loss", {}).get("w_logit"),
+            configs.get(r.get("config_sha"), {}).get("loss", {}).get("tau")) for r in rs}
+    if len(got) != 1 or None in next(iter(got)):
+        raise ValueError(f"the {regime} residual records' configs give (distillation weight, τ) {sorted(map(str, got))}, "
+                         "expected exactly one pair: is results/configs.json complete (every record's config_sha in it)?")
+    w, tau = got.pop()
+    return {"w_kd": float(w), "tau": float(tau)}
+
+
+def field_per_sample_figure(recs: list[dict], regime: str, out: Path, configs: dict) -> Path | None:
+    """What each learned residual of ``regime`` gives its training images, beside what its rule alone gives them:
+    the first bar of every group is the rule (its per-sample CE weight, distillation weight 1, its base τ)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in recs if r["regime"] == regime and r.get("per_sample") and "rule_w" in r["per_sample"]]
+    if not rs:
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rs))
+    groups = [g for g in ("clean", "flipped", "agree", "disagree") if any(r["per_sample"]["w_ce"][g]["n"] for r in rs)]
+    rule = rule_weights(rs, configs, regime)
+
+    def stat(rows: list[dict], o: str, g: str) -> tuple[float, float, float]:
+        vals = [r["per_sample"][o][g] for r in rows if r["per_sample"][o][g]["n"]]
+        return (statistics.mean(v["mean"] for v in vals), statistics.mean(v["q10"] for v in vals),
+                statistics.mean(v["q90"] for v in vals))
+
+    panels = (("CE weight on the image", "rule_w", "w_ce_x_rule"), ("distillation weight", None, "w_kd"),
+              ("temperature τ", None, "tau"))
+    bars = ["rule alone", *methods]
+    width = 0.8 / len(bars)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, rule_key, learned_key) in zip(axes, panels):
+        for b, name in enumerate(bars):
+            for i, g in enumerate(groups):
+                if b == 0:
+                    mean, lo, hi = stat(rs, rule_key, g) if rule_key else (rule[learned_key],) * 3
+                else:
+                    mean, lo, hi = stat([r for r in rs if r["method"] == name], learned_key, g)
+                x = i + (b - (len(bars) - 1) / 2) * width
+                ax.bar(x, mean, width, color=COLOURS[g], alpha=0.35 if b == 0 else 0.85, hatch=HATCHES[b % len(HATCHES)],
+                       edgecolor="k", linewidth=0.5, label=name if i == 0 and ax is axes[0] else None)
+                ax.errorbar(x, mean, yerr=[[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]], color="k", capsize=2, lw=0.8)
+        ax.set_xticks(range(len(groups)), groups)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7, title="bars, left to right", title_fontsize=7)
+    fig.suptitle(f"{regime}: the learned residual beside the rule it started from (hatched), per group of training "
+                 f"images at the end (mean over each row's {len(rs) // len(methods)} runs; whiskers: 10–90 %)", fontsize=9)
+    path = out / f"field_per_sample_{regime}.png"
+    from lkd_ray.plot import _savefig
+
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
 DRAWN = ("method", "seed", "test_top1", "curve", "per_sample", "config_sha")  # every record field a figure reads
 MANIFEST = "inputs.json"  # beside the figures: what each was drawn from (``report --check`` compares it)
 
@@ -103,6 +170,14 @@ def plan(results: Path) -> list[dict]:
                                       "records": _drawn(ps)},
                              "draw": lambda out, rs=rs, method=method, regime=regime, suffix=suffix:
                                  [per_sample_figure(rs, method, out, regime, suffix, configs)]})
+    field_path = results / "accuracy_field.json"
+    field = json.loads(field_path.read_text()) if field_path.is_file() else []
+    for regime in dict.fromkeys(r["regime"] for r in field):
+        ps = [r for r in field if r["regime"] == regime and r.get("per_sample") and "rule_w" in r["per_sample"]]
+        if ps:
+            figs.append({"key": f"field_per_sample_{regime}",
+                         "data": {"regime": regime, "rule": rule_weights(ps, configs, regime), "records": _drawn(ps)},
+                         "draw": lambda out, regime=regime: [field_per_sample_figure(field, regime, out, configs)]})
     return figs
 
 

@@ -84,10 +84,12 @@ def regime_table(regime: str) -> str:
             f"{' or '.join(map(str, beside))} other run(s) beside each; wall times are of runs sharing the machine.\n")
 
 
-def _preset_for(regime: str) -> tuple[str, dict] | None:
+def _preset_for(regime: str, suite: str = "regimes") -> tuple[str, dict] | None:
+    """The preset picked from ``suite``'s records of ``regime`` (a regime can have one from each suite)."""
     from lkd_ray.config import PRESETS
 
-    return next(((n, p) for n, p in PRESETS.items() if p["source"]["regime"] == regime), None)
+    return next(((n, p) for n, p in PRESETS.items()
+                 if p["source"]["regime"] == regime and p["source"].get("suite", "regimes") == suite), None)
 
 
 def _cost_row(setting: str) -> dict | None:

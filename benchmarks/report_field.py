@@ -155,7 +155,10 @@ def field_per_sample(results: Path | None = None) -> str:
                 vals = {o: [r["per_sample"][o][g]["mean"] for r in rs if r["per_sample"][o][g]["n"]] for o in cols}
                 if vals["w_ce"]:
                     lines.append(f"| {regime} | {m} | {g} | " + " | ".join(f"{statistics.mean(vals[o]):.2f}" for o in cols) + " |")
-    return "\n".join(lines) + "\n\nMeans over the runs of each group's mean (φ₀: learned weights 1, τ the base's).\n"
+    figures = "".join(f"![](docs/figures/field_per_sample_{regime}.png)\n" for regime in REGIMES
+                      if any(r["regime"] == regime for r in recs))  # drawn by benchmarks/figures.py from these records
+    return ("\n".join(lines) + "\n\nMeans over the runs of each group's mean (φ₀: learned weights 1, τ the base's).\n\n"
+            + figures)
 
 
 def asha(results: Path | None = None) -> str:

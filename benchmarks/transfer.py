@@ -88,14 +88,23 @@ def field_tuned(regime: str, tuning: list[dict]) -> bool:
     return any(r["regime"] == regime for r in tuning) and not accuracy.field_untuned(regime, tuning)
 
 
-def rule_of(source_regime: str, results: Path) -> tuple[str, dict]:
-    """The best hand-crafted loss of the source regime, as its records pick it: the field suite's ``rule-best``
-    once every hand-crafted family of its tuning is recorded (a half-tuned field suite names no best rule, so a
-    command's rule does not change while that suite runs), else the regimes benchmark's best tuned hand-crafted
-    row by quiz."""
-    field = results / accuracy.FIELD_TUNING
-    tuning = json.loads(field.read_text()) if field.is_file() else []
-    if field_tuned(source_regime, tuning):
+FIELD_BEST = "rule-best"  # --rule rule-best: the field suite's best hand-crafted loss of the source regime
+
+
+def rule_of(source_regime: str, results: Path, field: bool = False) -> tuple[str, dict]:
+    """The best hand-crafted loss of the source regime, as its records pick it. A recorded command must build the
+    same runs whatever was recorded after it, so the suite is part of the command: ``field`` (``--rule rule-best``)
+    takes the field suite's ``rule-best`` and needs every hand-crafted family of that suite recorded; without it, the
+    regimes benchmark's best tuned row by quiz — except for a regime only the field suite measures, whose rule can
+    only be the field suite's (it is then taken once that suite is tuned whole, and refused before)."""
+    tuning = json.loads((results / accuracy.FIELD_TUNING).read_text()) if (results / accuracy.FIELD_TUNING).is_file() else []
+    if field or source_regime in accuracy.FIELD_ONLY:
+        if not field_tuned(source_regime, tuning):
+            untuned = accuracy.field_untuned(source_regime, tuning) or {"(every family)": "0 of ?"}
+            raise accuracy.BenchmarkError(
+                f"the best rule of {source_regime}'s field suite is not picked yet: not tuned whole: "
+                f"{', '.join(f'{f} {n}' for f, n in untuned.items())}; run its `benchmarks/accuracy.py --regime "
+                f"{source_regime} --suite field --tune …` stages first")
         trial, best = accuracy._trial_of(source_regime, "rule-best", tuning, "field")
         return f"{best['family']}[{trial.name}]", trial.sections
     recs = [r for r in json.loads((results / accuracy.RECORDS).read_text()) if r["regime"] == source_regime]
@@ -143,8 +152,9 @@ def plan(args) -> list[dict]:
         raise accuracy.BenchmarkError(f"unknown preset {args.preset!r}; valid: {', '.join(PRESETS)} or REGIME:METHOD")
     else:
         source = PRESETS[args.preset]["source"]["regime"]
-    rule_name, rule_sections = (named_rule(args.rule, source, Path(args.results)) if getattr(args, "rule", None)
-                                else rule_of(source, Path(args.results)))
+    rule = getattr(args, "rule", None)
+    rule_name, rule_sections = (named_rule(rule, source, Path(args.results)) if rule and rule != FIELD_BEST
+                                else rule_of(source, Path(args.results), field=rule == FIELD_BEST))
     files = None
     if "userfile" in args.settings:
         clean = load_fashion_mnist(None, args.cache_dir)["train"][1]
@@ -193,8 +203,10 @@ def parser() -> argparse.ArgumentParser:  # its own function: benchmarks/replan.
     ap.add_argument("--preset", required=True)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rule", help="transfer this field rule (FAMILY[SETTING], on the source regime's tuned KD and DIST) "
-                    "as the rule, instead of the source regime's recorded best")
+    ap.add_argument("--rule", help="the rule transferred beside the preset: rule-best (the source regime's field-suite "
+                    "pick over every hand-crafted family), or a field rule FAMILY[SETTING] on the source regime's tuned KD "
+                    "and DIST; default: the source regime's best tuned row of the regimes benchmark (the field suite's "
+                    "pick for a regime only it measures)")
     ap.add_argument("--rule-only", action="store_true", help="run the rule rows only (the preset's are recorded)")
     ap.add_argument("--preset-only", action="store_true", help="run the preset rows only (the rule's are recorded)")
     ap.add_argument("--jobs", type=int, default=2)

@@ -98,6 +98,25 @@ def rule_trials(family: str, bases: dict[str, Trial]) -> list[Trial]:
     return out
 
 
+RULE_WEIGHTS = {"w_ce": (0.5, 1.0, 2.0), "w_logit": (0.0, 0.5, 1.0)}
+
+
+def rule_weight_trials(rule: Trial) -> list[Trial]:
+    """The regime's best rule with its two term weights tuned: CE weight ∈ {0.5, 1, 2} × distillation weight ∈
+    {0, 0.5, 1}, the rule's own pair left out (that trial is the rule). The field's grids fix these weights at the
+    base's; on noisy-pair45-8k the learned residual spent its meta-steps on exactly this — CE at its upper bound, the
+    distillation term nearly off — so the hand-written reweighting is a baseline the learned loss must beat, not a
+    finding it may claim. A CE weight of 2 with no distillation is the rule at twice the step on its CE: it measures
+    the recipe's step size as much as the loss, which is why both 1 and 2 are in the grid."""
+    loss = dict(rule.sections["loss"])
+    if loss.get("method") not in ("kd", "dist"):
+        raise ValueError(f"rule-weights reweighs a rule's CE and KD or DIST terms: a {loss.get('method')!r} pick has "
+                         "no such pair")
+    own = (loss.get("w_ce", 1.0), loss.get("w_logit", 1.0))
+    return [Trial("rule-weights", f"w_ce={_num(c)},w_logit={_num(w)}", {"loss": {**loss, "w_ce": c, "w_logit": w}})
+            for c in RULE_WEIGHTS["w_ce"] for w in RULE_WEIGHTS["w_logit"] if (c, w) != own]
+
+
 def lkd_rule_capped_trials(rule: Trial) -> list[Trial]:
     """``lkd_rule_trials`` within the cost bar on small data too: 2 or 3 meta-steps per epoch and no floor, so a
     meta-step (about four student steps) comes at most every ~20 student steps on 8,000 images (62 steps an epoch:

@@ -378,3 +378,84 @@ def test_a_half_tuned_field_suite_names_no_best_rule_for_transfer():
     assert not transfer.field_tuned("noisy-pair45-8k", rows[:sce] + rows[sce + 1:])  # one rule trial missing
     assert not transfer.field_tuned("noisy-pair45-8k", [r for r in rows if r["family"] != "dist"])  # no base: no rules
     assert not transfer.field_tuned("full", rows)  # nothing recorded
+
+
+def test_rule_weights_tunes_the_best_rule_s_two_weights_and_never_becomes_the_rule_it_starts_from():
+    """rule-weights is the picked rule with its CE and distillation weights on a grid (the rule's own pair left out),
+    planned after the rule is picked; a winning rule-weights trial does not change rule-best (so the residual's base
+    and every recorded command stay what they were); a pick with no CE/distillation pair is refused by name."""
+    import argparse
+
+    import accuracy as acc
+
+    from lkd_ray.search_spaces import RULE_WEIGHTS, Trial, rule_weight_trials
+
+    rows = _field_tuning_rows()
+    rule, _ = acc._trial_of("noisy-pair30", "rule-best", rows, "field")
+    trials = acc.family_trials("noisy-pair30", "rule-weights", rows, "field")
+    from lkd_ray.config import LossCfg
+
+    own = tuple(rule.sections["loss"].get(k, LossCfg.model_fields[k].default) for k in ("w_ce", "w_logit"))  # the config's
+    pairs = {(t.sections["loss"]["w_ce"], t.sections["loss"]["w_logit"]) for t in trials}
+    assert len(trials) == 8 and own not in pairs and pairs | {own} == {(c, w) for c in RULE_WEIGHTS["w_ce"]
+                                                                      for w in RULE_WEIGHTS["w_logit"]}
+    for t in trials:  # everything but the two weights is the rule's
+        assert {k: v for k, v in t.sections["loss"].items() if k not in ("w_ce", "w_logit")} == \
+            {k: v for k, v in rule.sections["loss"].items() if k not in ("w_ce", "w_logit")}
+    rows += [{"regime": "noisy-pair30", "family": "rule-weights", "trial": t.name, "seed": 100, "select_top1": 99.0,
+              "select_loss_cal": 0.1} for t in trials]
+    assert acc._trial_of("noisy-pair30", "rule-best", rows, "field")[0].name == rule.name
+    assert acc.field_untuned("noisy-pair30", rows) == {}
+    args = argparse.Namespace(regime="noisy-pair30", tune=None, tune_seed=100, suite="field", out="/tmp/x", cache_dir="/tmp/x",
+                              threads=1, variant=None, overrides=[], seeds=[0], noise_draws=[0], methods=["rule-weights-tuned"])
+    (task,), _ = acc.plan(args, rows)
+    assert task["tuned_from"]["family"] == "rule-weights" and task["config"]["loss"]["ce_rule"] == "agree"
+    with pytest.raises(ValueError, match="'ce' pick has no such pair"):
+        rule_weight_trials(Trial("ls", "eps=0.1", {"loss": {"method": "ce", "label_smoothing": 0.1}}))
+
+
+def test_a_transfer_command_s_rule_does_not_change_when_the_field_suite_finishes(tmp_path):
+    """The suite a transfer's rule comes from is in the command: without --rule, a regime of the regimes benchmark
+    transfers that benchmark's best tuned row even once its field suite is tuned whole (so recorded commands keep
+    re-planning); --rule rule-best takes the field suite's pick and refuses a half-tuned suite; a regime only the
+    field suite measures takes that suite's pick either way."""
+    import argparse
+    import shutil
+
+    import accuracy
+    import transfer
+
+    src = ROOT / "benchmarks" / "results"
+    for name in (accuracy.RECORDS, accuracy.TUNING):
+        shutil.copy(src / name, tmp_path / name)
+    rows = _field_tuning_rows()  # noisy-pair30 tuned whole (agree on DIST wins)
+    (tmp_path / accuracy.FIELD_TUNING).write_text(json.dumps(rows))
+    regimes_best = accuracy.best_tuned([r for r in json.loads((src / accuracy.RECORDS).read_text())
+                                        if r["regime"] == "noisy-pair30"])
+    name, _ = transfer.rule_of("noisy-pair30", tmp_path)
+    assert name.startswith(regimes_best[:-len("-tuned")] + "[")
+    assert transfer.rule_of("noisy-pair30", tmp_path, field=True)[0] == "agree[rule=agree,base=dist]"
+    args = argparse.Namespace(preset="noisy-pair30", settings=["pair20"], seeds=[0], out=str(tmp_path / "o"),
+                              cache_dir=str(tmp_path), results=str(tmp_path), threads=1, rule="rule-best", rule_only=True)
+    (task,) = transfer.plan(args)
+    assert task["method"] == "agree[rule=agree,base=dist]" and task["config"]["loss"]["ce_rule"] == "agree"
+    (tmp_path / accuracy.FIELD_TUNING).write_text(json.dumps([r for r in rows if r["family"] != "sce"]))
+    with pytest.raises(accuracy.BenchmarkError, match="not tuned whole: sce 0 of 8"):
+        transfer.plan(args)
+    assert transfer.rule_of("noisy-pair30", tmp_path)[0] == name  # the default does not read the field suite
+    with pytest.raises(accuracy.BenchmarkError, match="noisy-pair45-8k's field suite is not picked yet"):
+        transfer.rule_of("noisy-pair45-8k", tmp_path)
+
+
+def test_only_an_untuned_base_reads_as_not_tuned_yet_and_a_grid_that_changed_is_named():
+    """field_untuned says "0 of ?" only where a rule's base has no tuning trials; a recorded pick that is not in its
+    family's grid any more (a grid edited after tuning) stops it with the family, the pick and what to do."""
+    import accuracy
+
+    rows = _field_tuning_rows()
+    assert accuracy.field_untuned("noisy-pair30", [r for r in rows if r["family"] != "dist"]) == \
+        {"dist": "0 of 4", **{f: "0 of ?" for f in accuracy.RULES}}
+    dist_pick = accuracy.tuning_pick(rows, "noisy-pair30", "dist", "field")["trial"]
+    edited = [{**r, "trial": "tau=3"} if r["family"] == "dist" and r["trial"] == dist_pick else r for r in rows]
+    with pytest.raises(accuracy.BenchmarkError, match=r"dist pick 'tau=3' is not in that family's grid"):
+        accuracy.field_untuned("noisy-pair30", edited)

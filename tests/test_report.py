@@ -130,6 +130,40 @@ def test_the_check_fails_on_a_figure_drawn_from_other_records(tmp_path, monkeypa
     assert figures.check(results, out) == [f"figure per_sample_noisy-pair30: {out / 'per_sample_noisy-pair30.png'} is missing"]
 
 
+def test_the_field_per_sample_figure_draws_the_rule_from_its_config_beside_each_learned_row(tmp_path):
+    """The rule's bars come from the configs the residual rows ran (their distillation weight and τ), the figure is
+    planned for every regime with residual rows, the block links it, and a record without its config stops it."""
+    import json
+
+    from benchmarks import figures, report_field
+
+    results = tmp_path / "results"
+    results.mkdir()
+    src = ROOT / "benchmarks" / "results"
+    field = [r for r in json.loads((src / "accuracy_field.json").read_text())
+             if r.get("per_sample") and "rule_w" in r["per_sample"]]
+    assert {r["method"] for r in field} >= {"lkd-rule-tuned"}
+    configs = json.loads((src / "configs.json").read_text())
+    (results / "accuracy_field.json").write_text(json.dumps(field))
+    (results / "configs.json").write_text(json.dumps(configs))
+    regime = field[0]["regime"]
+    loss = configs[field[0]["config_sha"]]["loss"]
+    assert figures.rule_weights([r for r in field if r["regime"] == regime], configs, regime) == \
+        {"w_kd": float(loss["w_logit"]), "tau": float(loss["tau"])}
+    keys = [f["key"] for f in figures.plan(results)]
+    assert f"field_per_sample_{regime}" in keys
+    drawn = figures.draw_all(results, tmp_path / "figures")
+    assert (tmp_path / "figures" / f"field_per_sample_{regime}.png") in drawn
+    assert figures.check(results, tmp_path / "figures") == []
+    assert f"![](docs/figures/field_per_sample_{regime}.png)" in report_field.field_per_sample(results)
+    other = dict(configs)
+    other[field[0]["config_sha"]] = {**configs[field[0]["config_sha"]], "loss": {**loss, "tau": loss["tau"] + 1}}
+    with pytest.raises(ValueError, match="expected exactly one pair"):
+        figures.field_per_sample_figure(field, regime, tmp_path, other)
+    with pytest.raises(ValueError, match="configs.json complete"):
+        figures.field_per_sample_figure(field, regime, tmp_path, {})
+
+
 def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rule(tmp_path):
     import json
 
