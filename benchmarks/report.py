@@ -28,7 +28,7 @@ from benchmarks.records import paired  # noqa: E402
 from benchmarks.regimes import PER_SAMPLE, REGIME_ORDER, REGIME_TEXT, best_tuned, rows  # noqa: E402,F401
 
 from benchmarks.report_auto import BLOCKS as AUTO_BLOCKS  # noqa: E402
-from benchmarks.report_field import BLOCKS as FIELD_BLOCKS  # noqa: E402
+from benchmarks.report_field import BLOCKS as FIELD_BLOCKS, is_win, paired_draws  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 FIGURES = ROOT / "docs" / "figures"
 DOCS = {"BENCHMARKS.md": ROOT / "BENCHMARKS.md", "README.md": ROOT / "README.md"}
@@ -129,8 +129,6 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
     eligible only if it beats the regime's best hand-crafted loss (``rule-best-tuned``) on test by the win bar
     (≥ +0.5 at ≥ 2 SE, paired over seeds × noise draws); otherwise the winning rule ships. An unmeasured cost stops
     the pick, as in ``preset_pick``."""
-    from benchmarks.report_field import paired_draws
-
     rs = [r for r in finals if r["regime"] == regime and r["method"].endswith("-tuned")]
     by = {m: [r for r in rs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rs)}
     sel = {m: statistics.mean(r["select_top1"] for r in x) for m, x in by.items()
@@ -139,7 +137,7 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
     for m in sorted(sel, key=sel.get, reverse=True):
         if m.startswith("lkd"):
             d = paired_draws(rs, m, "rule-best-tuned")
-            if not (d and d["mean"] >= WIN_MARGIN and d["mean"] >= 2 * d["se"]):
+            if not is_win(d):
                 passed.append(f"{m} (test {_pm_field(d)} vs rule-best-tuned: not a win)")
                 continue
         ratio = _cost_ratio(f"{regime}:{m}")
@@ -165,7 +163,7 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
 def field_verdicts() -> str:
     """Issue 25's verdict per field-suite regime, in words, every number from the records: the best rule, each
     learned row against it (the win bar), the best hand-crafted row in hindsight, and what the preset pick ships."""
-    from benchmarks.report_field import REGIMES as FIELD_REGIMES, TIE, paired_draws
+    from benchmarks.report_field import REGIMES as FIELD_REGIMES, TIE
 
     finals = load("accuracy_field.json") or []
     out = []
@@ -181,10 +179,10 @@ def field_verdicts() -> str:
             d = paired_draws(rs, m, "rule-best-tuned")
             if d is None:
                 continue
-            win = d["mean"] >= WIN_MARGIN and d["mean"] >= 2 * d["se"]
-            above = "a win" if m.startswith("lkd") else "above by the win bar"
-            text = (f"`{m}` {_pm_field(d)} (worst pair {d['worst']:+.2f}, {d['n']} seed × draw pairs: "
-                    + (above if win else "level, within 0.2" if d["mean"] >= -TIE else "below") + ")")
+            how = (("a win" if m.startswith("lkd") else "above by the win bar") if is_win(d)
+                   else "above, short of the win bar" if d["mean"] > TIE
+                   else "level, within 0.2" if d["mean"] >= -TIE else "below")
+            text = f"`{m}` {_pm_field(d)} (worst pair {d['worst']:+.2f}, {d['n']} seed × draw pairs: {how})"
             (learned if m.startswith("lkd") else hand).append((d["mean"], text))
         sel = {m: statistics.mean(r["select_top1"] for r in rs if r["method"] == m)
                for m in dict.fromkeys(r["method"] for r in rs) if not m.startswith("lkd")}
@@ -285,7 +283,7 @@ def verdicts() -> str:
             cost = (f"{ratio:.2f}× ({'≤' if ratio <= COST_BOUND else '>'} {COST_BOUND})" if ratio is not None
                     else "not measured")
         learned = [d for d in (lkd, pd if pm_ and pm_.startswith("lkd") else None) if d]
-        win = any(d["mean"] >= WIN_MARGIN and d["mean"] >= 2 * d["se"] for d in learned)
+        win = any(is_win(d) for d in learned)
         shipped = pd if pd is not None else lkd
         within = shipped is not None and shipped["mean"] >= -TIE_MARGIN
         lines.append(f"| {regime} | {best} | {bt['test']:.2f} | {pm(lkd)} | {ptext} | "

@@ -30,6 +30,11 @@ def paired_draws(recs: list[dict], method: str, ref: str, key: str = "test_top1"
     return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d)}
 
 
+def is_win(d: dict | None) -> bool:
+    """Issue 15's win bar on a paired difference: at least +0.5 pt and at least 2 SE."""
+    return bool(d) and d["mean"] >= WIN and d["mean"] >= 2 * d["se"]
+
+
 def _pm(d: dict | None) -> str:
     return f"{d['mean']:+.2f} ± {d['se']:.2f}" if d else "—"
 
@@ -89,7 +94,7 @@ def field_finals(results: Path | None = None) -> str:
             mr = [r for r in rs if r["method"] == m]
             t = [r["test_top1"] for r in mr]
             d = paired_draws(rs, m, ref) if m != ref else None
-            win = ("yes" if d and d["mean"] >= WIN and d["mean"] >= 2 * d["se"] else "no") if d else "—"
+            win = ("yes" if is_win(d) else "no") if d else "—"
             tie = ("yes" if d["mean"] >= -TIE else "no") if d else "—"
             draws = sorted({r.get("noise_draw", 0) for r in mr})
             sel = [r["select_top1"] for r in mr if r.get("select_top1") is not None]

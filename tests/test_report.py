@@ -86,13 +86,14 @@ def test_the_field_verdict_names_the_rule_the_learned_rows_and_what_the_pick_shi
                 for s in range(5) for d in (0, 1)]
 
     finals = (rows("rule-best-tuned", 80.0, 85.0) + rows("lkd-rule-tuned", 81.0, 85.5) + rows("lkd-rule-capped-tuned", 80.1, 85.2)
-              + rows("rule-weights-tuned", 82.0, 86.0))
+              + rows("rule-weights-tuned", 82.0, 86.0) + rows("sce-tuned", 80.3, 84.0))
     (tmp_path / "accuracy_field.json").write_text(json.dumps(finals))
     (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": "noisy-pair30:rule-weights-tuned", "ratios": [1.0, 1.1, 1.0]}]}))
     text = report.field_verdicts()
     assert "**noisy-pair30.** The best rule on the selection split is `relabel[rule=relabel,base=dist]`." in text
     assert "`lkd-rule-tuned` +1.00 ± 0.00" in text and "10 seed × draw pairs: a win" in text
     assert "`lkd-rule-capped-tuned` +0.10 ± 0.00" in text and "level, within 0.2" in text
+    assert "`sce-tuned` +0.30 ± 0.00" in text and "above, short of the win bar" in text
     assert "Against the best hand-crafted row by selection top-1, `rule-weights-tuned`: `lkd-rule-tuned` -1.00" in text
     pick, why = report.field_preset_pick(finals, "noisy-pair30")
     assert pick == "rule-weights-tuned" and f"**rule-weights-tuned** — {why}." in text
