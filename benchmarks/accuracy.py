@@ -271,6 +271,28 @@ def _trial_of(regime: str, family: str, tuning: list[dict], suite: str):
     return trial, best
 
 
+# the field families whose picks are a KD or DIST loss: what rule-weights and the residual can sit on
+ON_KD_OR_DIST = ("kd", "dist", "dist-wce") + RULES
+
+
+def on_best_pick(regime: str, tuning: list[dict], build):
+    """The field suite's best hand-crafted loss (``rule-best``) as the trial a family built on it starts from; where
+    ``build`` cannot sit on it (label smoothing, DKD or WSL won: no CE and KD-or-DIST pair to weigh), the best pick
+    over the families it can — what ``lkd_ray auto``'s stage 3 does, so both search the same thing."""
+    trial, _ = _trial_of(regime, "rule-best", tuning, "field")
+    try:
+        build(trial)
+        return trial
+    except ValueError:
+        pass
+    from lkd_ray.search_spaces import pick_on_selection
+
+    # rule-best was picked, so KD and DIST (and every rule on them) are tuned: these rows are never empty
+    best = pick_on_selection([r for r in tuning if r["regime"] == regime and r["family"] in ON_KD_OR_DIST],
+                             SELECT[regime] * 10)
+    return next(t for t in family_trials(regime, best["family"], tuning, "field") if t.name == best["trial"])
+
+
 def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
     """The hand-crafted families of the regime's field suite whose trials are not all recorded: family → how many
     are ("0 of ?" where its bases are not tuned yet, so its trials cannot even be listed). Empty: the suite's best
@@ -297,14 +319,11 @@ def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "re
         if family in RULE_GRIDS:  # a field rule on the regime's tuned KD and DIST
             return rule_trials(family, {on: _trial_of(regime, on, tuning, suite)[0] for on in ("kd", "dist")})
         if family == "rule-weights":  # the best rule, its CE and distillation weights tuned
-            try:
-                return rule_weight_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
-            except ValueError as e:
-                raise BenchmarkError(f"{regime}: {e}") from e
+            return rule_weight_trials(on_best_pick(regime, tuning, rule_weight_trials))
         if family == "lkd-rule":  # the learned loss as a residual on the best hand-crafted loss
-            return lkd_rule_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
+            return lkd_rule_trials(on_best_pick(regime, tuning, lkd_rule_trials))
         if family == "lkd-rule-capped":  # … with fewer meta-steps: within the cost bar on small data too
-            return lkd_rule_capped_trials(_trial_of(regime, "rule-best", tuning, suite)[0])
+            return lkd_rule_capped_trials(on_best_pick(regime, tuning, lkd_rule_capped_trials))
         if family not in HANDCRAFTED_FIELD:
             raise BenchmarkError(f"unknown field tuning family {family!r}; valid: {', '.join(FIELD_TUNED)}")
         return HANDCRAFTED[family]

@@ -4,8 +4,8 @@ identity, the checks that stop bad input before any trial, and the pick with its
 
 Stage 1 runs every hand-crafted family of ``search_spaces.HANDCRAFTED`` asked for; stage 2 every field rule of
 ``search_spaces.RULE_GRIDS`` on the stage-1 picks of each of ``search_spaces.RULE_BASES`` (the tuned KD and DIST);
-stage 3 every learned family of ``search_spaces.LEARNED`` on the pick of its base family (``"*"``: the best pick of
-stages 1 and 2), as ``benchmarks/accuracy.py --suite field`` chains them. Every pick is made on the clean selection
+stage 3 every family of ``search_spaces.ON_PICK`` (the learned ones and ``rule-weights``) on the pick of its base
+family (``"*"``: the best pick of stages 1 and 2), as ``benchmarks/accuracy.py --suite field`` chains them. Every pick is made on the clean selection
 split when the config sets ``data.select_per_class`` (``search_spaces.pick_on_selection``), else on the quiz split.
 Every trial gets the same budget (``--epochs``); ``--trials`` caps each family at that many settings, spread evenly
 over its grid.
@@ -71,7 +71,7 @@ class AutoOptions:
 
 
 def all_families() -> list[str]:
-    return list(search_spaces.HANDCRAFTED) + list(search_spaces.RULE_GRIDS) + list(search_spaces.LEARNED)
+    return list(search_spaces.HANDCRAFTED) + list(search_spaces.RULE_GRIDS) + list(search_spaces.ON_PICK)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -91,8 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs of every trial (default: the config's optim.epochs); "
                    "best_config.yaml keeps the config's epochs")
     p.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
-                   help=f"only these families (default: all: {', '.join(all_families())}); a rule or learned family brings the hand-crafted families it "
-                        "starts from")
+                   help=f"only these families (default: all: {', '.join(all_families())}); a rule, learned or rule-weights family brings "
+                        "the hand-crafted families it starts from")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="the whole search's wall time; refused before any trial if it cannot fit every trial asked")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")
@@ -136,31 +136,31 @@ class Stages:
     """The families of each stage (registry order) and the notes on what was added."""
     hand: list[str]
     rules: list[str]
-    learned: list[str]
+    on_pick: list[str]  # stage 3: the learned families and rule-weights, each on a pick of stages 1 and 2
     notes: list[str] = field(default_factory=list)
 
 
 def resolve_families(asked: list[str] | None) -> Stages:
     """The three stages' families. A rule family brings the hand-crafted families it sits on (``RULE_BASES``), a
-    learned family the hand-crafted family it starts from; each addition is a note."""
-    hand, rules, learned = search_spaces.HANDCRAFTED, search_spaces.RULE_GRIDS, search_spaces.LEARNED
+    stage-3 family the hand-crafted family it starts from; each addition is a note."""
+    hand, rules, on_pick = search_spaces.HANDCRAFTED, search_spaces.RULE_GRIDS, search_spaces.ON_PICK
     if not asked:
-        return Stages(list(hand), list(rules), list(learned))
-    unknown = [f for f in asked if f not in hand and f not in rules and f not in learned]
+        return Stages(list(hand), list(rules), list(on_pick))
+    unknown = [f for f in asked if f not in hand and f not in rules and f not in on_pick]
     if unknown:
         raise AutoInputError(f"unknown families {unknown}: valid families are {', '.join(all_families())}")
     stage2 = [f for f in rules if f in asked]
-    stage3 = [f for f in learned if f in asked]
+    stage3 = [f for f in on_pick if f in asked]
     stage1 = [f for f in hand if f in asked]
     notes = []
     needs = [(f, b) for f in stage2 for b in search_spaces.RULE_BASES] + \
-            [(f, learned[f].base) for f in stage3 if learned[f].base != "*"]
+            [(f, on_pick[f].base) for f in stage3 if on_pick[f].base != "*"]
     for f, base in needs:
         if base not in stage1:
             stage1.append(base)
             notes.append(f"{f} starts from the tuned {base}: {base} added to stage 1")
     if not stage1:
-        raise AutoInputError(f"the learned families {stage3} start from a tuned hand-crafted loss: add one of "
+        raise AutoInputError(f"the families {stage3} start from a tuned hand-crafted loss: add one of "
                              f"{', '.join(hand)} to --families")
     return Stages([f for f in hand if f in stage1], stage2, stage3, notes)  # registry order
 
@@ -191,16 +191,16 @@ def planned_rule_trials(families: list[str], cap: int | None) -> list[search_spa
     return [t for f in families for t in capped(search_spaces.rule_trials(f, bases), cap)]
 
 
-def planned_learned_trials(families: list[str], cap: int | None) -> list[search_spaces.Trial]:
+def planned_on_pick_trials(families: list[str], cap: int | None) -> list[search_spaces.Trial]:
     """Stage 3's trials on placeholder bases (see ``planned_rule_trials``)."""
-    learned = search_spaces.LEARNED
-    return [t for f in families for t in capped(learned[f].build(_placeholder(learned[f].base)), cap)]
+    on_pick = search_spaces.ON_PICK
+    return [t for f in families for t in capped(on_pick[f].build(_placeholder(on_pick[f].base)), cap)]
 
 
 def stage_counts(st: Stages, cap: int | None) -> list[int]:
     """How many trials each stage will run (at most: a later stage skips a family whose base has no finished trial)."""
     return [len(stage1_trials(st.hand, cap)), len(planned_rule_trials(st.rules, cap)),
-            len(planned_learned_trials(st.learned, cap))]
+            len(planned_on_pick_trials(st.on_pick, cap))]
 
 
 def as_trial(row: dict) -> search_spaces.Trial:
@@ -233,37 +233,38 @@ def stage2_trials(families: list[str], cap: int | None, finished: list[dict],
 
 def stage3_trials(families: list[str], cap: int | None, finished: list[dict],
                   choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
-    """The learned families' trials on the pick of their base family (``"*"``: the best pick over every finished
-    trial of stages 1 and 2 that the family can sit on); also {trial label: its base's label} and notes."""
+    """Stage 3's trials (the learned families and rule-weights) on the pick of their base family (``"*"``: the best
+    pick over every finished trial of stages 1 and 2 that the family can sit on); also {trial label: its base's
+    label} and notes."""
     out, base_of, notes = [], {}, []
     for f in families:
-        learned = search_spaces.LEARNED[f]
-        rows = [r for r in finished if r.get("stage", 1) in (1, 2) and learned.base in ("*", r["family"])]
+        fam = search_spaces.ON_PICK[f]
+        rows = [r for r in finished if r.get("stage", 1) in (1, 2) and fam.base in ("*", r["family"])]
         if not rows:
-            notes.append(f"{f} skipped: no finished {learned.base if learned.base != '*' else 'stage-1 or stage-2'} "
+            notes.append(f"{f} skipped: no finished {fam.base if fam.base != '*' else 'stage-1 or stage-2'} "
                          f"trial to start from")
             continue
         best = choose(rows)
         try:
-            trials = learned.build(as_trial(best))
+            trials = fam.build(as_trial(best))
         except ValueError as e:  # the best pick is a loss this family cannot sit on: the best one it can
-            fits = [r for r in rows if _builds(learned, r)]
+            fits = [r for r in rows if _builds(fam, r)]
             if not fits:
                 notes.append(f"{f} skipped: no finished trial it can start from ({e})")
                 continue
             alt = choose(fits)
             notes.append(f"{f} starts from {alt['label']}, the best pick it can sit on: the best overall, "
                          f"{best['label']}, cannot be its base ({e})")
-            best, trials = alt, learned.build(as_trial(alt))
+            best, trials = alt, fam.build(as_trial(alt))
         for t in capped(trials, cap):
             out.append(t)
             base_of[t.label] = best["label"]
     return out, base_of, notes
 
 
-def _builds(learned: search_spaces.Learned, row: dict) -> bool:
+def _builds(fam: search_spaces.OnPick, row: dict) -> bool:
     try:
-        learned.build(as_trial(row))
+        fam.build(as_trial(row))
         return True
     except ValueError:
         return False

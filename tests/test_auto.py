@@ -30,14 +30,14 @@ def cache_dir(tmp_path_factory):
 # --------------------------------------------------------------------------- the plan, without Ray
 def test_families_come_from_the_registries_and_a_later_family_brings_its_bases(monkeypatch):
     st = plan.resolve_families(None)
-    assert (st.hand, st.rules, st.learned, st.notes) == (list(search_spaces.HANDCRAFTED), list(search_spaces.RULE_GRIDS),
-                                                          list(search_spaces.LEARNED), [])
+    assert (st.hand, st.rules, st.on_pick, st.notes) == (list(search_spaces.HANDCRAFTED), list(search_spaces.RULE_GRIDS),
+                                                          list(search_spaces.ON_PICK), [])
     st = plan.resolve_families(["lkd-sample-dist", "ls"])
-    assert st.hand == ["dist", "ls"] and st.learned == ["lkd-sample-dist"] and "dist added" in st.notes[0]
+    assert st.hand == ["dist", "ls"] and st.on_pick == ["lkd-sample-dist"] and "dist added" in st.notes[0]
     # a rule sits on every rule base: the bases missing are added to stage 1, in registry order, each with a note
     st = plan.resolve_families(["gce", "ls", "lkd-rule"])
     assert st.hand == [f for f in search_spaces.HANDCRAFTED if f in (*search_spaces.RULE_BASES, "ls")]
-    assert st.rules == ["gce"] and st.learned == ["lkd-rule"]
+    assert st.rules == ["gce"] and st.on_pick == ["lkd-rule"]
     assert [n.split(":")[-1].strip() for n in st.notes] == [f"{b} added to stage 1" for b in search_spaces.RULE_BASES]
     # a family the lead adds to a registry is searched with no change to auto
     monkeypatch.setitem(search_spaces.HANDCRAFTED, "new", [Trial("new", "tau=1", {"loss": {"method": "dist", "tau": 1.0}})])
@@ -67,7 +67,7 @@ def test_cap_spreads_over_the_grid_and_a_learned_family_starts_from_its_base_pic
     assert set(bases.values()) == {"dist[tau=4]", "kd[alpha=0.1,tau=1]"} and not notes
     assert all(bases[t.label] == ("dist[tau=4]" if t.family == "lkd-sample-dist" else "kd[alpha=0.1,tau=1]") for t in trials)
     assert {t.sections["loss"]["tau"] for t in trials if t.family == "lkd-sample-dist"} == {4.0}
-    assert len(trials) == 4 and len(plan.planned_learned_trials(["lkd-sample-dist", "lkd-sample"], 2)) == 4
+    assert len(trials) == 4 and len(plan.planned_on_pick_trials(["lkd-sample-dist", "lkd-sample"], 2)) == 4
     trials, bases, notes = plan.stage3_trials(["lkd-sample"], 2, rows[:2], search_spaces.pick)
     assert not trials and "lkd-sample skipped" in notes[0]
 
@@ -94,10 +94,24 @@ def test_three_stages_rules_sit_on_the_kd_and_dist_picks_and_lkd_rule_on_the_bes
     assert lr[0].sections["loss"]["ce_rule"] == "gce" and lr[0].sections["loss"]["gce_q"] == 0.5
     assert lr[0].sections["lossnet"]["base"] == "dist" and lr[0].sections["loss"]["tau"] == rule.sections["loss"]["tau"]
     assert b3[next(t for t in l3 if t.family == "lkd-sample").label] == "kd[alpha=0.9,tau=2]"  # its own base: stage 1's kd
+    # rule-weights: the same best pick, its CE and distillation weights over the grid, its own pair left out
+    rw, brw, nrw = plan.stage3_trials(["rule-weights"], None, s1 + gce, search_spaces.pick)
+    assert set(brw.values()) == {"gce[q=0.5,base=dist]"} and not nrw
+    pairs = {(t.sections["loss"]["w_ce"], t.sections["loss"]["w_logit"]) for t in rw}
+    own = (rule.sections["loss"].get("w_ce", 1.0), rule.sections["loss"].get("w_logit", 1.0))
+    grid = {(c, w) for c in search_spaces.RULE_WEIGHTS["w_ce"] for w in search_spaces.RULE_WEIGHTS["w_logit"]}
+    assert pairs == grid - {own} and len(rw) == len(grid) - (own in grid)
+    assert all({k: v for k, v in t.sections["loss"].items() if k not in ("w_ce", "w_logit")} ==
+               {k: v for k, v in rule.sections["loss"].items() if k not in ("w_ce", "w_logit")} for t in rw)
+    assert "rule-weights" in plan.resolve_families(None).on_pick
+    with pytest.raises(plan.AutoInputError, match="start from a tuned hand-crafted loss"):
+        plan.resolve_families(["rule-weights"])
     # the best overall is a loss the network cannot sit on (CE with label smoothing): the best one it can, with a note
     top_ls = [dict(s1[-1], quiz_top1=99.0)]
     l3, b3, n3 = plan.stage3_trials(["lkd-rule"], 1, s1[:-1] + top_ls + gce, search_spaces.pick)
     assert set(b3.values()) == {"gce[q=0.5,base=dist]"} and "ls[eps=0.1], cannot be its base" in n3[0]
+    _, brw, nrw = plan.stage3_trials(["rule-weights"], 1, s1[:-1] + top_ls + gce, search_spaces.pick)
+    assert set(brw.values()) == {"gce[q=0.5,base=dist]"} and "ls[eps=0.1], cannot be its base" in nrw[0]
     # no finished dist: the rules sit on kd alone, and say so; nothing to sit on: skipped
     trials, base_of, notes = plan.stage2_trials(["gce"], None, s1[:2], search_spaces.pick)
     assert set(base_of.values()) == {"kd[alpha=0.9,tau=2]"} and "not run on dist" in notes[0]
@@ -221,8 +235,8 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
         tmp_path, cache_dir, fashion_available, local_ray, monkeypatch, capsys):
     """Stage 1: dist, kd (brought by the rule) and a family added to the registry at run time whose trial diverges (its
     error is a row; the search goes on); stage 2: a field rule on the kd and dist picks (capped to one setting);
-    stage 3: the learned DIST family on the dist pick and lkd-rule on the best of stages 1 and 2: 6 trials, 1 epoch
-    each, 2 at a time. The config sets a clean selection split: every pick is made on it."""
+    stage 3: the learned DIST family on the dist pick, and lkd-rule and rule-weights on the best of stages 1 and 2:
+    7 trials, 1 epoch each, 2 at a time. The config sets a clean selection split: every pick is made on it."""
     from lkd_ray.cli import main
 
     monkeypatch.setitem(search_spaces.HANDCRAFTED, "boom", [Trial("boom", "lr=1e30", {"loss": {"method": "ce"},
@@ -230,14 +244,14 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     store = tmp_path / "store"
     code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--set", "data.select_per_class=10",
                  "--storage", str(store), "--name", "e2e",
-                 "--families", "dist", "boom", "lkd-sample-dist", "agree", "lkd-rule", "--trials", "1", "--max-concurrent", "2",
+                 "--families", "dist", "boom", "lkd-sample-dist", "agree", "lkd-rule", "rule-weights", "--trials", "1", "--max-concurrent", "2",
                  "--cpus-per-trial", "1", "--seed", "3", "--time-budget", "3000"])
     out = capsys.readouterr().out
     assert code == 0, out
     d = store / "e2e"
     rows = json.loads((d / "trials.json").read_text())
     by = {r["label"]: r for r in rows}
-    assert [(r["stage"], r["label"]) for r in rows] == [
+    assert [(r["stage"], r["label"]) for r in rows[:-1]] == [
         (1, "kd[alpha=0.5,tau=8]"), (1, "dist[tau=2]"), (1, "boom[lr=1e30]"), (2, "agree[rule=agree_soft,base=kd]"),
         (3, "lkd-sample-dist[lock=none,every=80,lr=0.01]"), (3, "lkd-rule[lock=none,per_epoch=8,lr=0.01]")]
     assert "TrainingDiverged" in by["boom[lr=1e30]"]["error"] and by["boom[lr=1e30]"]["quiz_top1"] is None
@@ -250,6 +264,10 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     lkd_rule = by["lkd-rule[lock=none,per_epoch=8,lr=0.01]"]  # on the best of stages 1 and 2, its rule included
     assert lkd_rule["base"] == choose([r for r in done if r["stage"] < 3])["label"]
     assert lkd_rule["sections"]["loss"].get("ce_rule") == by[lkd_rule["base"]]["sections"]["loss"].get("ce_rule")
+    reweighed = rows[-1]  # rule-weights on the same pick: the grid's setting the cap keeps, built on that pick
+    base_trial = Trial(by[lkd_rule["base"]]["family"], by[lkd_rule["base"]]["setting"], by[lkd_rule["base"]]["sections"])
+    assert reweighed["stage"] == 3 and reweighed["base"] == lkd_rule["base"] and reweighed["quiz_top1"] is not None
+    assert reweighed["label"] == plan.capped(search_spaces.rule_weight_trials(base_trial), 1)[0].label
     pick = json.loads((d / "pick.json").read_text())
     win = by[pick["pick"]]
     assert win["label"] == choose(done)["label"] and pick["split"]["picked_on"] == "selection"
@@ -267,7 +285,7 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     assert groups["teacher agrees"]["n"] + groups["teacher disagrees"]["n"] == 600 and "per_sample" not in rows[0]
     for f in ("trials.csv", "summary.txt", "quiz_per_family.png", "winner_curve.png", "per_sample.png"):
         assert (d / f).stat().st_size > 0, f
-    assert "[auto] 5/6 trials done, 0 running, 0 left, 1 failed; best so far" in out
+    assert "[auto] 6/7 trials done, 0 running, 0 left, 1 failed; best so far" in out
     assert "time budget 3000 s" in out and pick["budget"]["seed"] == 3
     # a search where no trial finishes still writes its table of errors, and exits 1 with where to look
     code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "fails",
@@ -408,7 +426,7 @@ def test_both_commands_take_the_same_flags_and_exit_2_on_a_bad_family(tmp_path):
         out = subprocess.run([*cmd, "--families", "kd", "nope", "--storage", str(tmp_path)], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.strip().startswith("error: unknown families ['nope']"), out.stderr
-        valid = [*search_spaces.HANDCRAFTED, *search_spaces.RULE_GRIDS, *search_spaces.LEARNED]
+        valid = [*search_spaces.HANDCRAFTED, *search_spaces.RULE_GRIDS, *search_spaces.ON_PICK]
         assert f"valid families are {', '.join(valid)}" in out.stderr and "agree" in valid and "lkd-rule" in valid
 
 

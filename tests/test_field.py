@@ -414,6 +414,24 @@ def test_rule_weights_tunes_the_best_rule_s_two_weights_and_never_becomes_the_ru
         rule_weight_trials(Trial("ls", "eps=0.1", {"loss": {"method": "ce", "label_smoothing": 0.1}}))
 
 
+def test_a_best_loss_with_no_ce_and_distillation_pair_leaves_the_residual_and_reweighting_on_the_best_they_can_sit_on():
+    """Where label smoothing (or DKD, WSL) wins the regime, rule-best stays that loss, and the families built on it
+    start from the best KD- or DIST-based pick instead — as ``lkd_ray auto``'s stage 3 does."""
+    import accuracy as acc
+
+    rows = _field_tuning_rows()
+    for r in rows:
+        if r["family"] == "ls" and r["trial"] == "eps=0.1":
+            r.update(select_top1=99.0, select_loss_cal=0.1)
+    best, pick = acc._trial_of("noisy-pair30", "rule-best", rows, "field")
+    assert pick["family"] == "ls" and best.sections["loss"]["method"] == "ce"
+    for fam in ("rule-weights", "lkd-rule", "lkd-rule-capped"):
+        trials = acc.family_trials("noisy-pair30", fam, rows, "field")
+        assert trials and all(t.sections["loss"]["ce_rule"] == "agree" for t in trials), fam  # the best rule, on dist
+        assert all(t.sections["loss"]["tau"] == 4.0 for t in trials), fam
+    assert all(t.sections["lossnet"]["base"] == "dist" for t in acc.family_trials("noisy-pair30", "lkd-rule", rows, "field"))
+
+
 def test_a_transfer_command_s_rule_does_not_change_when_the_field_suite_finishes(tmp_path):
     """The suite a transfer's rule comes from is in the command: without --rule, a regime of the regimes benchmark
     transfers that benchmark's best tuned row even once its field suite is tuned whole (so recorded commands keep

@@ -4,9 +4,8 @@ does for the benchmark, as one resumable command).
 
 The driver checks the input, prepares the teacher once (and its output cache), stores the teacher's weights at
 ``<storage>/<name>/teacher.pt`` so every trial on any node loads the same one, then runs stage 1 (every hand-crafted
-family), stage 2 (every field rule on the tuned KD and DIST) and stage 3 (every learned family on its base's pick)
-as Tune grids: one function trial per setting, each a
-single-process run with its own CPU/GPU share, ``--max-concurrent`` at a time. A trial that finishes writes its
+family), stage 2 (every field rule on the tuned KD and DIST) and stage 3 (every learned family, and rule-weights, on
+its base's pick) as Tune grids: one function trial per setting, each a single-process run with its own CPU/GPU share, ``--max-concurrent`` at a time. A trial that finishes writes its
 result to ``<storage>/<name>/trials/<label>-<config sha>.json`` before it returns; a re-run with the same ``--name``
 reads those and runs only what is missing (a trial killed half-way runs again from its start).
 """
@@ -319,7 +318,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     specs = _specs(s1, 1, base, opts)
     # the later stages' settings, on placeholder bases, must fit the config too: known before stage 1
     _specs(plan.planned_rule_trials(st.rules, opts.trials), 2, base, opts)
-    _specs(plan.planned_learned_trials(st.learned, opts.trials), 3, base, opts)
+    _specs(plan.planned_on_pick_trials(st.on_pick, opts.trials), 3, base, opts)
     counts = plan.stage_counts(st, opts.trials)
     epochs = opts.epochs or cfg.optim.epochs
     for n in notes:
@@ -340,7 +339,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     init_ray()
     done1 = _stored_results(storage, opts.name, specs)
     log(f"[auto] search {opts.name!r}: stage 1 {counts[0]} trials of {', '.join(st.hand)}; stage 2 {counts[1]} trials of "
-        f"{', '.join(st.rules) or 'none'}; stage 3 {counts[2]} trials of {', '.join(st.learned) or 'none'}; {epochs} "
+        f"{', '.join(st.rules) or 'none'}; stage 3 {counts[2]} trials of {', '.join(st.on_pick) or 'none'}; {epochs} "
         f"epochs each, {opts.max_concurrent} at a time; picks on the {plan.pick_split(n_select)['picked_on']} split; "
         f"{len(done1)} already finished")
     progress = _Progress(sum(counts), done1, log, choose, plan.pick_split(n_select)["picked_on"])
@@ -348,7 +347,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     deadline = t_start + opts.time_budget_s if opts.time_budget_s else None
     errors = _run_stage(1, s1, ctx, storage, opts, progress, None if deadline is None else deadline - time.perf_counter(), log)
     bases: dict[str, str] = {}
-    later = ((2, st.rules, plan.stage2_trials), (3, st.learned, plan.stage3_trials))
+    later = ((2, st.rules, plan.stage2_trials), (3, st.on_pick, plan.stage3_trials))
     for stage, fams, build in later:  # each on the picks of the stages before it
         results = _stored_results(storage, opts.name, specs)
         trials, base_of, skipped = build(fams, opts.trials, plan.finished(results), choose)
@@ -386,7 +385,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
                              f"in {where}/trials.csv; fix the cause and re-run the same command (it resumes)")
     win, why = plan.pick_with_reason(results, n_select)
     summary = {"name": opts.name, "pick": win["label"], "why": why, "split": plan.pick_split(n_select), "notes": notes,
-               "budget": budget, "teacher": info, "stages": {"1": st.hand, "2": st.rules, "3": st.learned},
+               "budget": budget, "teacher": info, "stages": {"1": st.hand, "2": st.rules, "3": st.on_pick},
                "stage2_bases": bases, "wall_s": time.perf_counter() - t_start,
                "storage": _join(storage.uri, safe_key(opts.name))}
     outputs = report.write_outputs(storage, safe_key(opts.name), results, win, summary,
