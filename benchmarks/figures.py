@@ -80,9 +80,16 @@ def rule_weights(rs: list[dict], configs: dict, regime: str) -> dict[str, float]
     return {"w_kd": float(w), "tau": float(tau)}
 
 
+def rule_weights_by_method(rs: list[dict], configs: dict, regime: str) -> dict[str, dict[str, float]]:
+    """Each residual method's base (distillation weight, τ): the rule's, or the reweighted rule's for ``lkd-best``."""
+    return {m: rule_weights([r for r in rs if r["method"] == m], configs, f"{regime} {m}")
+            for m in dict.fromkeys(r["method"] for r in rs)}
+
+
 def field_per_sample_figure(recs: list[dict], regime: str, out: Path, configs: dict) -> Path | None:
-    """What each learned residual of ``regime`` gives its training images, beside what its rule alone gives them:
-    the first bar of every group is the rule (its per-sample CE weight, distillation weight 1, its base τ)."""
+    """What each learned residual of ``regime`` gives its training images, beside what its base alone gives them:
+    each base (the rule: its per-sample CE weight, its distillation weight and τ) is a hatched bar before the
+    residuals that sit on it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +100,14 @@ def field_per_sample_figure(recs: list[dict], regime: str, out: Path, configs: d
         return None
     methods = list(dict.fromkeys(r["method"] for r in rs))
     groups = [g for g in ("clean", "flipped", "agree", "disagree") if any(r["per_sample"]["w_ce"][g]["n"] for r in rs)]
-    rule = rule_weights(rs, configs, regime)
+    base_of = {m: (w["w_kd"], w["tau"]) for m, w in rule_weights_by_method(rs, configs, regime).items()}
+    bases = list(dict.fromkeys(base_of.values()))
+    bars: list[tuple[str, tuple, list[dict], bool]] = []  # (label, its base (w_kd, τ), its rows, is the base itself)
+    for pair in bases:
+        on = [m for m in methods if base_of[m] == pair]
+        bars.append(("rule alone" if len(bases) == 1 else f"base alone (w_kd {pair[0]:g}, τ {pair[1]:g})", pair,
+                     [r for r in rs if r["method"] in on], True))
+        bars += [(m, pair, [r for r in rs if r["method"] == m], False) for m in on]
 
     def stat(rows: list[dict], o: str, g: str) -> tuple[float, float, float]:
         vals = [r["per_sample"][o][g] for r in rows if r["per_sample"][o][g]["n"]]
@@ -102,25 +116,26 @@ def field_per_sample_figure(recs: list[dict], regime: str, out: Path, configs: d
 
     panels = (("CE weight on the image", "rule_w", "w_ce_x_rule"), ("distillation weight", None, "w_kd"),
               ("temperature τ", None, "tau"))
-    bars = ["rule alone", *methods]
     width = 0.8 / len(bars)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (title, rule_key, learned_key) in zip(axes, panels):
-        for b, name in enumerate(bars):
+        for b, (name, pair, rows, is_base) in enumerate(bars):
             for i, g in enumerate(groups):
-                if b == 0:
-                    mean, lo, hi = stat(rs, rule_key, g) if rule_key else (rule[learned_key],) * 3
-                else:
-                    mean, lo, hi = stat([r for r in rs if r["method"] == name], learned_key, g)
+                if is_base:
+                    base = {"w_kd": pair[0], "tau": pair[1]}
+                    mean, lo, hi = stat(rows, rule_key, g) if rule_key else (base[learned_key],) * 3
+                else:  # the network's distillation output multiplies its base's weight: drawn as the product
+                    scale = pair[0] if learned_key == "w_kd" else 1.0
+                    mean, lo, hi = (scale * v for v in stat(rows, learned_key, g))
                 x = i + (b - (len(bars) - 1) / 2) * width
-                ax.bar(x, mean, width, color=COLOURS[g], alpha=0.35 if b == 0 else 0.85, hatch=HATCHES[b % len(HATCHES)],
+                ax.bar(x, mean, width, color=COLOURS[g], alpha=0.35 if is_base else 0.85, hatch=HATCHES[b % len(HATCHES)],
                        edgecolor="k", linewidth=0.5, label=name if i == 0 and ax is axes[0] else None)
                 ax.errorbar(x, mean, yerr=[[max(mean - lo, 0.0)], [max(hi - mean, 0.0)]], color="k", capsize=2, lw=0.8)
         ax.set_xticks(range(len(groups)), groups)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7, title="bars, left to right", title_fontsize=7)
-    fig.suptitle(f"{regime}: the learned residual beside the rule it started from (hatched), per group of training "
+    fig.suptitle(f"{regime}: the learned residual beside the loss it started from (pale), per group of training "
                  f"images at the end (mean over each row's {len(rs) // len(methods)} runs; whiskers: 10–90 %)", fontsize=9)
     path = out / f"field_per_sample_{regime}.png"
     from lkd_ray.plot import _savefig
@@ -176,7 +191,8 @@ def plan(results: Path) -> list[dict]:
         ps = [r for r in field if r["regime"] == regime and r.get("per_sample") and "rule_w" in r["per_sample"]]
         if ps:
             figs.append({"key": f"field_per_sample_{regime}",
-                         "data": {"regime": regime, "rule": rule_weights(ps, configs, regime), "records": _drawn(ps)},
+                         "data": {"regime": regime, "rule": rule_weights_by_method(ps, configs, regime),
+                                  "records": _drawn(ps)},
                          "draw": lambda out, regime=regime: [field_per_sample_figure(field, regime, out, configs)]})
     return figs
 

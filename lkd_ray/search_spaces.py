@@ -138,11 +138,13 @@ def lkd_rule_trials(rule: Trial, per_epoch: tuple[int, ...] = (4, 8), min_steps:
     loss["method"] = "lkd"
     if loss.get("w_ce", 1.0) == 0:
         loss["w_ce"] = 1.0
+    # a base with its distillation term off (a reweighted rule): only the CE weight can move, so only it is learned
+    outputs = {} if loss.get("w_logit", 1.0) else {"sample_outputs": ["w_ce"]}
     out = []
     for lock in ("none", "norm"):
         for n in per_epoch:
             for lr in (1e-3, 1e-2):
-                lossnet = {"kind": "sample", "base": method, "lock": lock, "trust": None, "lock_scope": "batch"}
+                lossnet = {"kind": "sample", "base": method, "lock": lock, "trust": None, "lock_scope": "batch", **outputs}
                 out.append(Trial(family, f"lock={lock},per_epoch={n},lr={_num(lr)}",
                                  {"loss": copy.deepcopy(loss), "lossnet": lossnet,
                                   "meta": {"meta_steps_per_epoch": float(n), "min_meta_steps": min_steps, "lr": lr}}))

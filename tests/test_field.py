@@ -414,6 +414,38 @@ def test_rule_weights_tunes_the_best_rule_s_two_weights_and_never_becomes_the_ru
         rule_weight_trials(Trial("ls", "eps=0.1", {"loss": {"method": "ce", "label_smoothing": 0.1}}))
 
 
+def test_lkd_best_is_the_residual_on_the_reweighted_rule_where_that_beats_the_rule_and_refused_where_it_does_not():
+    import argparse
+
+    import accuracy as acc
+
+    rows = _field_tuning_rows()
+    with pytest.raises(acc.NotTunedYet, match="--tune rule-weights"):
+        acc.family_trials("noisy-pair30", "lkd-best", rows, "field")
+    rule, _ = acc._trial_of("noisy-pair30", "rule-best", rows, "field")
+    weights = acc.family_trials("noisy-pair30", "rule-weights", rows, "field")
+    losing = [{"regime": "noisy-pair30", "family": "rule-weights", "trial": t.name, "seed": 100, "select_top1": 70.0,
+               "select_loss_cal": 0.9} for t in weights]
+    with pytest.raises(acc.BenchmarkError, match="is the rule itself .*run lkd-rule"):
+        acc.family_trials("noisy-pair30", "lkd-best", rows + losing, "field")
+    win = next(t for t in weights if t.name == "w_ce=1,w_logit=0")
+    winning = [dict(r, select_top1=99.0, select_loss_cal=0.1) if r["trial"] == win.name else r for r in losing]
+    best = acc.family_trials("noisy-pair30", "lkd-best", rows + winning, "field")
+    residual = acc.family_trials("noisy-pair30", "lkd-rule", rows + winning, "field")
+    assert {t.family for t in best} == {"lkd-best"} and [t.name for t in best] == [t.name for t in residual]
+    for b, r in zip(best, residual):  # the same grid on the reweighted rule: only the base's weights differ
+        assert b.sections["loss"] == {**r.sections["loss"], "w_ce": 1.0, "w_logit": 0.0}
+        assert b.sections["lossnet"] == {**r.sections["lossnet"], "sample_outputs": ["w_ce"]}  # the term off: CE's weight only
+        assert b.sections["meta"] == r.sections["meta"] and "sample_outputs" not in r.sections["lossnet"]
+    assert rule.sections["loss"]["ce_rule"] == best[0].sections["loss"]["ce_rule"] == "agree"
+    tuned = rows + winning + [{"regime": "noisy-pair30", "family": "lkd-best", "trial": t.name, "seed": 100,
+                               "select_top1": 90.0, "select_loss_cal": 0.3} for t in best]
+    args = argparse.Namespace(regime="noisy-pair30", tune=None, tune_seed=100, suite="field", out="/tmp/x", cache_dir="/tmp/x",
+                              threads=1, variant=None, overrides=[], seeds=[0], noise_draws=[0], methods=["lkd-best-tuned"])
+    (task,), _ = acc.plan(args, tuned)
+    assert task["config"]["loss"]["w_logit"] == 0.0 and task["config"]["lossnet"]["kind"] == "sample"
+
+
 def test_a_best_loss_with_no_ce_and_distillation_pair_leaves_the_residual_and_reweighting_on_the_best_they_can_sit_on():
     """Where label smoothing (or DKD, WSL) wins the regime, rule-best stays that loss, and the families built on it
     start from the best KD- or DIST-based pick instead — as ``lkd_ray auto``'s stage 3 does."""

@@ -185,6 +185,14 @@ def test_the_field_per_sample_figure_draws_the_rule_from_its_config_beside_each_
     assert (tmp_path / "figures" / f"field_per_sample_{regime}.png") in drawn
     assert figures.check(results, tmp_path / "figures") == []
     assert f"![](docs/figures/field_per_sample_{regime}.png)" in report_field.field_per_sample(results)
+    # a residual on a reweighted rule (lkd-best: distillation off) beside it: each base drawn before its residuals
+    rows = [r for r in field if r["regime"] == regime and r["method"] == "lkd-rule-tuned"]
+    reweighted = {f"rw{i}": {**configs[r["config_sha"]], "loss": {**configs[r["config_sha"]]["loss"], "w_logit": 0.0}}
+                  for i, r in enumerate(rows)}
+    both = field + [dict(r, method="lkd-best-tuned", config_sha=f"rw{i}") for i, r in enumerate(rows)]
+    by = figures.rule_weights_by_method([r for r in both if r["regime"] == regime], {**configs, **reweighted}, regime)
+    assert by["lkd-best-tuned"] == {"w_kd": 0.0, "tau": float(loss["tau"])} and by["lkd-rule-tuned"]["w_kd"] == loss["w_logit"]
+    assert figures.field_per_sample_figure(both, regime, tmp_path / "two", {**configs, **reweighted}).stat().st_size > 0
     other = dict(configs)
     other[field[0]["config_sha"]] = {**configs[field[0]["config_sha"]], "loss": {**loss, "tau": loss["tau"] + 1}}
     with pytest.raises(ValueError, match="expected exactly one pair"):
