@@ -74,7 +74,7 @@ RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
 # rule-best, so the residual's base and every recorded command stay what they were)
 # lkd-best: the residual on the best hand-crafted loss of the whole set, rule-weights included — where the
 # reweighting beats the rule (noisy-pair45-8k), the learned loss must find something beyond *it*
-FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped", "lkd-best")
+FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped", "lkd-best", "lkd-best-capped")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
@@ -346,6 +346,8 @@ def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "re
             return lkd_rule_capped_trials(on_best_pick(regime, tuning, lkd_rule_capped_trials))
         if family == "lkd-best":  # … on the best of the whole hand-crafted set, the rule's reweighting included
             return lkd_rule_trials(best_of_all(regime, tuning), family="lkd-best")
+        if family == "lkd-best-capped":  # … with lkd-rule-capped's schedule
+            return lkd_rule_trials(best_of_all(regime, tuning), per_epoch=(2, 3), min_steps=0, family="lkd-best-capped")
         if family not in HANDCRAFTED_FIELD:
             raise BenchmarkError(f"unknown field tuning family {family!r}; valid: {', '.join(FIELD_TUNED)}")
         return HANDCRAFTED[family]

@@ -438,6 +438,11 @@ def test_lkd_best_is_the_residual_on_the_reweighted_rule_where_that_beats_the_ru
         assert b.sections["lossnet"] == {**r.sections["lossnet"], "sample_outputs": ["w_ce"]}  # the term off: CE's weight only
         assert b.sections["meta"] == r.sections["meta"] and "sample_outputs" not in r.sections["lossnet"]
     assert rule.sections["loss"]["ce_rule"] == best[0].sections["loss"]["ce_rule"] == "agree"
+    capped = acc.family_trials("noisy-pair30", "lkd-best-capped", rows + winning, "field")
+    rule_capped = acc.family_trials("noisy-pair30", "lkd-rule-capped", rows + winning, "field")
+    assert {t.family for t in capped} == {"lkd-best-capped"} and [t.name for t in capped] == [t.name for t in rule_capped]
+    assert all(c.sections["meta"] == r.sections["meta"] and c.sections["loss"]["w_logit"] == 0.0
+               for c, r in zip(capped, rule_capped))
     tuned = rows + winning + [{"regime": "noisy-pair30", "family": "lkd-best", "trial": t.name, "seed": 100,
                                "select_top1": 90.0, "select_loss_cal": 0.3} for t in best]
     args = argparse.Namespace(regime="noisy-pair30", tune=None, tune_seed=100, suite="field", out="/tmp/x", cache_dir="/tmp/x",
