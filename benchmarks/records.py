@@ -185,9 +185,11 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
 
 
 def paired(recs: list[dict[str, Any]], method: str, ref: str, key: str = "test_top1") -> dict | None:
-    """Mean paired difference (method − ref over the seeds both have), its standard error, the worst and best seed."""
-    a = {r["seed"]: r[key] for r in recs if r["method"] == method}
-    b = {r["seed"]: r[key] for r in recs if r["method"] == ref}
+    """Mean paired difference (method − ref over the runs both have), its standard error, the worst and best pair.
+    A run is a (student seed, noise draw) pair: the field suite's finals run every seed on two noise draws, and a
+    pairing on the seed alone would keep one draw per seed and pair it with the other's."""
+    a = {(r["seed"], r.get("noise_draw", 0)): r[key] for r in recs if r["method"] == method}
+    b = {(r["seed"], r.get("noise_draw", 0)): r[key] for r in recs if r["method"] == ref}
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         return None

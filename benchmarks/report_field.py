@@ -9,6 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from benchmarks.records import paired
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REGIMES = ("noisy-pair30", "noisy-pair45-8k", "noisy-sym40", "scarce", "full")
 WIN, TIE = 0.5, 0.2
@@ -21,13 +23,7 @@ def _load(name: str, results: Path | None = None) -> list[dict[str, Any]]:
 
 def paired_draws(recs: list[dict], method: str, ref: str, key: str = "test_top1") -> dict | None:
     """Paired difference over the (student seed, noise draw) pairs both methods have: its mean, SE, n, worst."""
-    a = {(r["seed"], r.get("noise_draw", 0)): r[key] for r in recs if r["method"] == method}
-    b = {(r["seed"], r.get("noise_draw", 0)): r[key] for r in recs if r["method"] == ref}
-    keys = sorted(set(a) & set(b))
-    if len(keys) < 2:
-        return None
-    d = [a[k] - b[k] for k in keys]
-    return {"mean": statistics.mean(d), "se": statistics.stdev(d) / math.sqrt(len(d)), "n": len(d), "worst": min(d)}
+    return paired(recs, method, ref, key)
 
 
 def is_win(d: dict | None) -> bool:

@@ -39,6 +39,15 @@ def test_paired_difference_and_its_standard_error_match_scipy():
 
     r = report.paired(recs, "lkd-full", "kd")  # the report's own statistics agree
     assert (r["mean"], r["se"], r["n"]) == pytest.approx((d["mean"], d["se"], d["n"]))
+    # the field suite's finals: every seed on two noise draws, each paired with its own draw (not one draw per seed)
+    draws = [{**r, "noise_draw": 1, "test_top1": r["test_top1"] + (5.0 if r["method"] == "kd" else 0.0)} for r in recs[:-1]]
+    both = acc.paired(recs[:-1] + draws, "lkd-full", "kd")
+    diffs = [b - a for a, b in zip(kd, lkd)] + [b - a - 5.0 for a, b in zip(kd, lkd)]
+    assert both["n"] == 12 and both["mean"] == pytest.approx(sum(diffs) / 12)
+    assert both["se"] == pytest.approx(stats.sem(diffs)) and both["worst"] == pytest.approx(min(diffs))
+    from benchmarks.report_field import paired_draws
+
+    assert paired_draws(recs[:-1] + draws, "lkd-full", "kd") == both
 
 
 @pytest.mark.slow
