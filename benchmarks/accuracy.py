@@ -74,7 +74,10 @@ RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
 # rule-best, so the residual's base and every recorded command stay what they were)
 # lkd-best: the residual on the best hand-crafted loss of the whole set, rule-weights included — where the
 # reweighting beats the rule (noisy-pair45-8k), the learned loss must find something beyond *it*
-FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped", "lkd-best", "lkd-best-capped")
+# disagree-weight: the best of the whole set with its label term scaled where the teacher disagrees (what lkd-best
+# learned on noisy-pair45-8k, written by hand)
+FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped", "lkd-best", "lkd-best-capped",
+                                           "disagree-weight")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
@@ -295,22 +298,30 @@ def on_best_pick(regime: str, tuning: list[dict], build):
     return next(t for t in family_trials(regime, best["family"], tuning, "field") if t.name == best["trial"])
 
 
-def best_of_all(regime: str, tuning: list[dict]):
-    """The best hand-crafted loss of the whole field set by the selection pick: rule-best, or rule-weights' pick
-    where that beats it. Refused where it is rule-best itself: ``lkd-best`` would be ``lkd-rule`` run again."""
+def whole_set_best(regime: str, tuning: list[dict]):
+    """The best hand-crafted loss of the whole field set by the selection pick — the rule rule-weights sat on, or
+    rule-weights' pick where that beats it — and whether it is that rule."""
     from lkd_ray.search_spaces import pick_on_selection, rule_weight_trials
 
     rule = on_best_pick(regime, tuning, rule_weight_trials)  # what rule-weights sat on
     weights = [r for r in tuning if r["regime"] == regime and r["family"] == "rule-weights"]
     if not weights:
-        raise NotTunedYet(f"lkd-best in regime {regime}: rule-weights has no tuning trials; run `benchmarks/accuracy.py "
-                          f"--regime {regime} --suite field --tune rule-weights` first")
+        raise NotTunedYet(f"the best of {regime}'s whole hand-crafted set: rule-weights has no tuning trials; run "
+                          f"`benchmarks/accuracy.py --regime {regime} --suite field --tune rule-weights` first")
     rule_row = next(r for r in tuning if r["regime"] == regime and r["family"] == rule.family and r["trial"] == rule.name)
     best = pick_on_selection([rule_row, *weights], SELECT[regime] * 10)
     if best is rule_row:
+        return rule, True
+    return next(t for t in family_trials(regime, "rule-weights", tuning, "field") if t.name == best["trial"]), False
+
+
+def best_of_all(regime: str, tuning: list[dict]):
+    """``whole_set_best`` for ``lkd-best``; refused where it is the rule itself: that would be ``lkd-rule`` again."""
+    best, is_rule = whole_set_best(regime, tuning)
+    if is_rule:
         raise BenchmarkError(f"{regime}: the best hand-crafted loss of the whole set is the rule itself "
-                             f"({rule.label}); lkd-best would be lkd-rule's runs again: run lkd-rule")
-    return next(t for t in family_trials(regime, "rule-weights", tuning, "field") if t.name == best["trial"])
+                             f"({best.label}); lkd-best would be lkd-rule's runs again: run lkd-rule")
+    return best
 
 
 def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
@@ -332,8 +343,9 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
 
 
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
-    from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, lkd_rule_capped_trials, lkd_rule_trials,
-                                       lkd_sample_dist_trials, lkd_sample_trials, rule_trials, rule_weight_trials)
+    from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, disagree_weight_trials, lkd_rule_capped_trials,
+                                       lkd_rule_trials, lkd_sample_dist_trials, lkd_sample_trials, rule_trials,
+                                       rule_weight_trials)
 
     if suite == "field":
         if family in RULE_GRIDS:  # a field rule on the regime's tuned KD and DIST
@@ -348,6 +360,11 @@ def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "re
             return lkd_rule_trials(best_of_all(regime, tuning), family="lkd-best")
         if family == "lkd-best-capped":  # … with lkd-rule-capped's schedule
             return lkd_rule_trials(best_of_all(regime, tuning), per_epoch=(2, 3), min_steps=0, family="lkd-best-capped")
+        if family == "disagree-weight":  # the best of the whole set, its label term scaled where the teacher disagrees
+            try:
+                return disagree_weight_trials(whole_set_best(regime, tuning)[0])
+            except ValueError as e:
+                raise BenchmarkError(f"{regime}: {e}") from e
         if family not in HANDCRAFTED_FIELD:
             raise BenchmarkError(f"unknown field tuning family {family!r}; valid: {', '.join(FIELD_TUNED)}")
         return HANDCRAFTED[family]

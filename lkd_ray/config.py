@@ -170,9 +170,16 @@ class LossCfg(_Section):
     forget_rate: float = Field(0.2, ge=0, lt=1, description="ce_rule=small_loss: share of each batch left out, at full ramp")
     forget_ramp_epochs: int = Field(2, ge=0, description="ce_rule=small_loss: epochs over which the left-out share "
                                     "rises linearly from 0 to forget_rate (0: from the start)")
+    disagree_weight: float = Field(1.0, ge=0, le=1, description="the label term's weight on samples whose given label "
+                                   "is not the teacher's top class, on any ce_rule (1: the rule as it is; 0 on 'plain': "
+                                   "the 'agree' rule; below 1 on 'relabel': trust the teacher's relabelling less)")
 
     @model_validator(mode="after")
     def _ce_rule(self):
+        if self.disagree_weight != 1 and self.method == "ce":
+            raise ValueError(f"loss.disagree_weight={self.disagree_weight:g} weighs samples by whether the teacher's top "
+                             "class is the given label, and loss.method='ce' has no teacher: use a distillation method "
+                             "(kd, dist, …) or leave it at 1")
         if self.ce_rule in TEACHER_CE_RULES and self.method == "ce":
             raise ValueError(f"loss.ce_rule={self.ce_rule!r} reads the teacher's logits, and loss.method='ce' has no "
                              "teacher: use a distillation method (kd, dist, …) or another rule")

@@ -133,6 +133,34 @@ def test_config_refuses_a_teacher_rule_without_a_teacher_and_smoothing_on_a_rule
     build_config("fashion_mnist", overrides=["loss.method=ce", "loss.ce_rule=gce"])  # a robust CE needs no teacher
 
 
+@pytest.mark.parametrize("rule", ["plain", "relabel", "gce", "small_loss"])
+@pytest.mark.parametrize("kappa", [0.0, 0.4])
+def test_disagree_weight_scales_any_rule_where_the_teacher_s_top_class_is_not_the_label(batch, rule, kappa):
+    """κ·value where argmax z_t ≠ y, the value elsewhere (independent formula); κ = 0 on plain CE is the agree rule;
+    κ = 1 is the rule itself, the same object; the method's label term and the network at φ₀ follow it."""
+    zs, zt, y = batch
+    cfg = LossCfg(method="dist", ce_rule=rule, disagree_weight=kappa, tau=2.0, **PARAMS)
+    got = _np(build_ce_rule(cfg).per_sample(zs, y, zt, 3))
+    agree = _np(zt.argmax(1) == y)
+    want = np.where(agree, 1.0, kappa) * independent(rule, zs, zt, y, 3, **PARAMS)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    if rule == "plain" and kappa == 0:
+        np.testing.assert_allclose(got, independent("agree", zs, zt, y), rtol=1e-12)
+    _, parts = build_method(cfg)(StudentOutputs(zs), TeacherOutputs(zt), y, None, epoch=3)
+    assert parts["ce"].item() == pytest.approx(want.mean(), rel=1e-10)
+    net = SampleLossNet(tau=2.0, w_ce=1.0, w_kd=1.0, base="dist", ce_rule=build_ce_rule(cfg)).double()
+    z1, z2 = zs.clone().requires_grad_(True), zs.clone().requires_grad_(True)
+    val, ref = net(z1, zt, y, epoch=3), build_method(cfg)(StudentOutputs(z2), TeacherOutputs(zt), y, None, epoch=3)[0]
+    assert val.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(val, z1)[0], torch.autograd.grad(ref, z2)[0], rtol=1e-10, atol=1e-14)
+    plain_cfg = LossCfg(method="dist", ce_rule=rule, **PARAMS)
+    assert type(build_ce_rule(plain_cfg)) is CE_RULES[rule]  # κ = 1: no wrapper, the rule bit for bit
+    with pytest.raises(ConfigError, match="disagree_weight.*no teacher"):
+        build_config("fashion_mnist", overrides=["loss.method=ce", "loss.disagree_weight=0.5"])
+    with pytest.raises(ConfigError, match="disagree_weight"):
+        build_config("fashion_mnist", overrides=["loss.method=dist", "loss.disagree_weight=1.5"])
+
+
 # --------------------------------------------------------------------------- the learned loss on a rule
 @pytest.mark.parametrize("rule", ["agree", "agree_soft", "relabel", "gce", "sce", "boot_soft", "boot_hard", "small_loss"])
 @pytest.mark.parametrize("base", ["kd", "dist"])

@@ -438,6 +438,20 @@ def test_lkd_best_is_the_residual_on_the_reweighted_rule_where_that_beats_the_ru
         assert b.sections["lossnet"] == {**r.sections["lossnet"], "sample_outputs": ["w_ce"]}  # the term off: CE's weight only
         assert b.sections["meta"] == r.sections["meta"] and "sample_outputs" not in r.sections["lossnet"]
     assert rule.sections["loss"]["ce_rule"] == best[0].sections["loss"]["ce_rule"] == "agree"
+    # disagree-weight: the best of the whole set (the reweighted rule, or the rule), its label term scaled where the
+    # teacher disagrees; refused on the agree rule (already 0 there)
+    for extra in (winning, losing):
+        with pytest.raises(acc.BenchmarkError, match="agree rule: its label term is already 0"):
+            acc.family_trials("noisy-pair30", "disagree-weight", rows + extra, "field")
+    relabel = [dict(r, select_top1=99.5, select_loss_cal=0.05) if r["trial"] == "rule=relabel,base=dist" else r for r in rows]
+    on = acc.family_trials("noisy-pair30", "rule-weights", relabel, "field")
+    for won in (None, "w_ce=2,w_logit=0.5"):
+        extra = [{"regime": "noisy-pair30", "family": "rule-weights", "trial": t.name, "seed": 100,
+                  "select_top1": 99.9 if t.name == won else 70.0, "select_loss_cal": 0.01 if t.name == won else 0.9} for t in on]
+        base = next((t for t in on if t.name == won), None) or acc._trial_of("noisy-pair30", "rule-best", relabel, "field")[0]
+        dw = acc.family_trials("noisy-pair30", "disagree-weight", relabel + extra, "field")
+        assert [t.sections["loss"]["disagree_weight"] for t in dw] == [0.0, 0.25, 0.5, 0.75] and base.sections["loss"]["ce_rule"] == "relabel"
+        assert all({**t.sections["loss"], "disagree_weight": 1.0} == {**base.sections["loss"], "disagree_weight": 1.0} for t in dw)
     capped = acc.family_trials("noisy-pair30", "lkd-best-capped", rows + winning, "field")
     rule_capped = acc.family_trials("noisy-pair30", "lkd-rule-capped", rows + winning, "field")
     assert {t.family for t in capped} == {"lkd-best-capped"} and [t.name for t in capped] == [t.name for t in rule_capped]

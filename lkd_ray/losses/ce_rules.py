@@ -15,6 +15,11 @@ write by hand:
     small_loss  CE_i on the batch's (1 − r_e) lowest-CE samples, mean over those kept (Co-teaching's criterion,
                 Han et al. 2018, one network); r_e = rate·min(1, e / ramp_epochs) at epoch e
 
+Any rule can be scaled by ``loss.disagree_weight`` κ on the samples whose given label is not the teacher's top
+class (κ·value there, the value elsewhere): κ = 0 on ``plain`` is ``agree``; κ < 1 on ``relabel`` trusts the
+teacher's relabelling less than the labels it confirms — the per-sample weighting the learned residual found on
+noisy-pair45-8k, written by hand so the learned loss is measured against it.
+
 Every rule returns one value per sample whose batch mean is the term (``per_sample``); the per-sample loss
 network weighs exactly these values, so at φ₀ it is the rule. Rules that read the teacher say so
 (``needs_teacher``): the config refuses them on a method without a teacher.
@@ -162,7 +167,24 @@ class SmallLoss(CERule):
         return keep * ce
 
 
+class DisagreeWeighted(CERule):
+    """A rule scaled by ``loss.disagree_weight`` where the teacher's top class is not the given label."""
+
+    needs_teacher = True
+
+    def __init__(self, cfg: LossCfg, inner: CERule):
+        super().__init__(cfg)
+        self.inner = inner
+        self.name = f"{inner.name}+disagree_weight"  # never 'plain': a loss network must call it, not its CE shortcut
+
+    def per_sample(self, z_s, y, z_t=None, epoch=0):
+        agree = self._teacher(z_t).argmax(1) == y
+        w = torch.where(agree, z_s.new_ones(()), z_s.new_full((), self.cfg.disagree_weight))
+        return w * self.inner.per_sample(z_s, y, z_t, epoch)
+
+
 def build_ce_rule(cfg: LossCfg) -> CERule:
     if cfg.ce_rule not in CE_RULES:
         raise ValueError(f"unknown loss.ce_rule {cfg.ce_rule!r}; valid: {', '.join(CE_RULES)}")
-    return CE_RULES[cfg.ce_rule](cfg)
+    rule = CE_RULES[cfg.ce_rule](cfg)
+    return rule if cfg.disagree_weight == 1 else DisagreeWeighted(cfg, rule)
