@@ -76,8 +76,9 @@ RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
 # reweighting beats the rule (noisy-pair45-8k), the learned loss must find something beyond *it*
 # disagree-weight: the best of the whole set with its label term scaled where the teacher disagrees (what lkd-best
 # learned on noisy-pair45-8k, written by hand)
+# lkd-best-early: lkd-best's schedule in the first epochs only, to bring its cost under the bar
 FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped", "lkd-best", "lkd-best-capped",
-                                           "disagree-weight")
+                                           "disagree-weight", "lkd-best-early")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
@@ -343,9 +344,9 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
 
 
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
-    from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, disagree_weight_trials, lkd_rule_capped_trials,
-                                       lkd_rule_trials, lkd_sample_dist_trials, lkd_sample_trials, rule_trials,
-                                       rule_weight_trials)
+    from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, disagree_weight_trials, lkd_early_trials,
+                                       lkd_rule_capped_trials, lkd_rule_trials, lkd_sample_dist_trials, lkd_sample_trials,
+                                       rule_trials, rule_weight_trials)
 
     if suite == "field":
         if family in RULE_GRIDS:  # a field rule on the regime's tuned KD and DIST
@@ -360,6 +361,8 @@ def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "re
             return lkd_rule_trials(best_of_all(regime, tuning), family="lkd-best")
         if family == "lkd-best-capped":  # … with lkd-rule-capped's schedule
             return lkd_rule_trials(best_of_all(regime, tuning), per_epoch=(2, 3), min_steps=0, family="lkd-best-capped")
+        if family == "lkd-best-early":  # … lkd-best's schedule in the first epochs only
+            return lkd_early_trials(best_of_all(regime, tuning))
         if family == "disagree-weight":  # the best of the whole set, its label term scaled where the teacher disagrees
             try:
                 return disagree_weight_trials(whole_set_best(regime, tuning)[0])

@@ -146,6 +146,11 @@ def test_the_meta_schedule_keeps_meta_steps_per_epoch_on_data_of_any_size():
     assert short.meta_every == 4 and "at least 40" in why_short
     plain, why = meta_schedule(MetaCfg(meta_every=80), 56, 12)
     assert plain.meta_every == 80 and why is None
+    # frozen after 3 epochs: the floor and the count are over the epochs that adapt, and the log says so
+    early, why_early = meta_schedule(MetaCfg(meta_steps_per_epoch=4, min_meta_steps=20, freeze_after_epoch=3), 56, 12)
+    assert early.meta_every == 56 * 3 // 20 == 8 and "(21 meta-steps in the first 3 of 12 epochs (frozen after))" in why_early
+    late, why_late = meta_schedule(MetaCfg(meta_steps_per_epoch=4, freeze_after_epoch=20), 56, 12)  # past the run: no change
+    assert late.meta_every == 14 and "(48 meta-steps in 12 epochs)" in why_late
 
 
 # --------------------------------------------------------------------------- families and picks
@@ -452,6 +457,12 @@ def test_lkd_best_is_the_residual_on_the_reweighted_rule_where_that_beats_the_ru
         dw = acc.family_trials("noisy-pair30", "disagree-weight", relabel + extra, "field")
         assert [t.sections["loss"]["disagree_weight"] for t in dw] == [0.0, 0.25, 0.5, 0.75] and base.sections["loss"]["ce_rule"] == "relabel"
         assert all({**t.sections["loss"], "disagree_weight": 1.0} == {**base.sections["loss"], "disagree_weight": 1.0} for t in dw)
+    early = acc.family_trials("noisy-pair30", "lkd-best-early", rows + winning, "field")
+    assert len(early) == 8 and {t.family for t in early} == {"lkd-best-early"}
+    assert {(t.sections["lossnet"]["lock"], t.sections["meta"]["freeze_after_epoch"], t.sections["meta"]["lr"]) for t in early} == \
+        {(lock, f, lr) for lock in ("none", "norm") for f in (4, 6) for lr in (1e-2, 3e-2)}
+    assert all(t.sections["meta"]["meta_steps_per_epoch"] == 8 and t.sections["loss"] == best[0].sections["loss"]
+               and t.sections["lossnet"]["sample_outputs"] == ["w_ce"] for t in early)
     capped = acc.family_trials("noisy-pair30", "lkd-best-capped", rows + winning, "field")
     rule_capped = acc.family_trials("noisy-pair30", "lkd-rule-capped", rows + winning, "field")
     assert {t.family for t in capped} == {"lkd-best-capped"} and [t.name for t in capped] == [t.name for t in rule_capped]

@@ -164,7 +164,8 @@ def meta_schedule(meta: MetaCfg, steps_per_epoch: int, epochs: int) -> tuple[Met
     ``meta_every`` stands as given). A preset thus makes as many meta-steps per epoch on a data set 7× smaller."""
     if meta.meta_steps_per_epoch is None and not meta.min_meta_steps:
         return meta, None
-    steps = max(1, steps_per_epoch) * epochs
+    adapting = epochs if meta.freeze_after_epoch is None else min(epochs, meta.freeze_after_epoch)  # frozen after
+    steps = max(1, steps_per_epoch) * adapting
     every = meta.meta_every
     why = f"meta_every={every} as given"
     if meta.meta_steps_per_epoch is not None:
@@ -173,7 +174,8 @@ def meta_schedule(meta: MetaCfg, steps_per_epoch: int, epochs: int) -> tuple[Met
     if meta.min_meta_steps and steps // every < meta.min_meta_steps:
         every = max(1, steps // meta.min_meta_steps)
         why += f", shortened to every {every} steps for at least {meta.min_meta_steps} meta-steps"
-    return meta.model_copy(update={"meta_every": every}), f"{why} ({steps // every} meta-steps in {epochs} epochs)"
+    span = f"{epochs} epochs" if adapting == epochs else f"the first {adapting} of {epochs} epochs (frozen after)"
+    return meta.model_copy(update={"meta_every": every}), f"{why} ({steps // every} meta-steps in {span})"
 
 
 def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
