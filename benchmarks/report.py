@@ -123,22 +123,36 @@ def preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT)
     return None, f"no tuned method of {regime} with {seeds} seeds is within the cost bar"
 
 
+def _selection_means(rs: list[dict], seeds: int) -> dict[str, float]:
+    """Each tuned final row's mean selection top-1, for the rows with at least ``seeds`` seeds all measured on it."""
+    by = {m: [r for r in rs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rs)}
+    return {m: statistics.mean(r["select_top1"] for r in x) for m, x in by.items()
+            if len({r["seed"] for r in x}) >= seeds and all(r.get("select_top1") is not None for r in x)}
+
+
+def best_handcrafted(sel: dict[str, float]) -> str | None:
+    """The hand-crafted final row (not ``lkd*``) with the best mean selection top-1: the best tuned loss of the whole
+    set, as the split that picks everything ranks the finals."""
+    hand = {m: v for m, v in sel.items() if not m.startswith("lkd")}
+    return max(hand, key=hand.get) if hand else None
+
+
 def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT) -> tuple[str | None, str]:
     """What a field-suite regime ships (issue 25): among its tuned final rows with at least ``seeds`` seeds, the best
     mean selection top-1 (the clean split no learned loss trains on) within the cost bar — where a learned row is
-    eligible only if it beats the regime's best hand-crafted loss (``rule-best-tuned``) on test by the win bar
-    (≥ +0.5 at ≥ 2 SE, paired over seeds × noise draws); otherwise the winning rule ships. An unmeasured cost stops
-    the pick, as in ``preset_pick``."""
+    eligible only if it beats the best tuned loss of the whole hand-crafted set (``best_handcrafted``: the
+    hand-crafted final row with the best selection top-1, rules and their reweightings included) on test by the win
+    bar (≥ +0.5 at ≥ 2 SE, paired over seeds × noise draws); otherwise the winning rule ships. An unmeasured cost
+    stops the pick, as in ``preset_pick``."""
     rs = [r for r in finals if r["regime"] == regime and r["method"].endswith("-tuned")]
-    by = {m: [r for r in rs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rs)}
-    sel = {m: statistics.mean(r["select_top1"] for r in x) for m, x in by.items()
-           if len({r["seed"] for r in x}) >= seeds and all(r.get("select_top1") is not None for r in x)}
+    sel = _selection_means(rs, seeds)
+    ref = best_handcrafted(sel)
     passed = []
     for m in sorted(sel, key=sel.get, reverse=True):
         if m.startswith("lkd"):
-            d = paired_draws(rs, m, "rule-best-tuned")
+            d = paired_draws(rs, m, ref) if ref else None
             if not is_win(d):
-                passed.append(f"{m} (test {_pm_field(d)} vs rule-best-tuned: not a win)")
+                passed.append(f"{m} (test {_pm_field(d)} vs {ref}: not a win)")
                 continue
         ratio = _cost_ratio(f"{regime}:{m}")
         if ratio is None:
@@ -184,9 +198,7 @@ def field_verdicts() -> str:
                    else "level, within 0.2" if d["mean"] >= -TIE else "below")
             text = f"`{m}` {_pm_field(d)} (worst pair {d['worst']:+.2f}, {d['n']} seed × draw pairs: {how})"
             (learned if m.startswith("lkd") else hand).append((d["mean"], text))
-        sel = {m: statistics.mean(r["select_top1"] for r in rs if r["method"] == m)
-               for m in dict.fromkeys(r["method"] for r in rs) if not m.startswith("lkd")}
-        top = max(sel, key=sel.get)  # the best hand-crafted row as the selection split ranks the finals
+        top = best_handcrafted(_selection_means(rs, SEEDS_FOR_VERDICT)) or "rule-best-tuned"
         pick, why = field_preset_pick(finals, regime)
         parts = [f"**{regime}.** The best rule on the selection split is `{rule['family']}[{rule['trial']}]`."]
         if learned:
@@ -194,8 +206,9 @@ def field_verdicts() -> str:
         if hand:
             parts.append("Other hand-crafted rows against it: " + "; ".join(t for _, t in sorted(hand, reverse=True)) + ".")
         if learned and top != "rule-best-tuned":
-            vs = [f"`{m}` {_pm_field(paired_draws(rs, m, top))}" for m in dict.fromkeys(r["method"] for r in rs)
-                  if m.startswith("lkd")]
+            vs = [f"`{m}` {_pm_field(d)} ({'a win' if is_win(d) else 'not a win'})"
+                  for m in dict.fromkeys(r["method"] for r in rs) if m.startswith("lkd")
+                  for d in [paired_draws(rs, m, top)]]
             parts.append(f"Against the best hand-crafted row by selection top-1, `{top}`: " + "; ".join(vs) + ".")
         parts.append(f"The preset pick (`report.field_preset_pick`): **{pick or 'none yet'}** — {why}.")
         out.append(" ".join(parts))

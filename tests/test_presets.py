@@ -153,6 +153,16 @@ def test_a_field_regime_ships_the_learned_row_only_when_it_wins_on_test_else_the
     best, why = report.field_preset_pick(finals(0.3, 0.1), "r")  # below +0.5: the rule ships
     assert best == "rule-best-tuned" and "lkd-rule-tuned (test +0.30" in why and "not a win" in why
     assert report.field_preset_pick(finals(0.6, 2.0), "r")[0] == "rule-best-tuned"  # +0.6 but within 2 SE
+    # a hand-crafted row above the rule on the selection split (here a reweighting, +0.8 on test): the learned row
+    # must beat *it* by the bar — +0.2 over it is not a win, so the reweighting ships
+    (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": f"r:{m}", "ratios": [x]} for m, x in
+                                                             (("lkd-rule-tuned", 1.2), ("rule-best-tuned", 1.0),
+                                                              ("rule-weights-tuned", 1.0))]}))
+    rw = [dict(r, method="rule-weights-tuned", test_top1=r["test_top1"] + 0.8, select_top1=62.0)
+          for r in finals(0.0, 0.0) if r["method"] == "rule-best-tuned"]
+    best, why = report.field_preset_pick(finals(1.0, 0.1) + rw, "r")
+    assert best == "rule-weights-tuned" and "lkd-rule-tuned (test +0.20" in why and "vs rule-weights-tuned: not a win" in why
+    assert report.field_preset_pick(finals(1.5, 0.1) + rw, "r")[0] == "lkd-rule-tuned"  # +0.7 over it: a win
     (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": "r:lkd-rule-tuned", "ratios": [1.3]}]}))
     best, why = report.field_preset_pick(finals(1.0, 0.1), "r")  # over the cost bar; the rule's cost unmeasured
     assert best is None and "lkd-rule-tuned (1.30× > 1.25)" in why and "cost.py --setting r:rule-best-tuned" in why
