@@ -147,18 +147,27 @@ def field_per_sample(results: Path | None = None) -> str:
     if not recs:
         return "_No per-sample field runs recorded yet._\n"
     cols = ("rule_w", "w_ce", "w_ce_x_rule", "w_kd", "tau")
+    configs = json.loads(((results or RESULTS) / "configs.json").read_text()) if ((results or RESULTS) / "configs.json").is_file() else {}
     lines = ["| regime | row | images | rule's CE weight | learned CE weight | learned × rule | distillation weight | τ |",
              "|---|---|---|---|---|---|---|---|"]
+    fixed = []
     for regime in REGIMES:
         for m in dict.fromkeys(r["method"] for r in recs if r["regime"] == regime):
             rs = [r for r in recs if r["regime"] == regime and r["method"] == m]
+            outputs = (configs.get(rs[0].get("config_sha"), {}).get("lossnet") or {}).get("sample_outputs") \
+                or ["w_ce", "w_kd", "tau"]
+            if set(outputs) != {"w_ce", "w_kd", "tau"}:
+                fixed.append(f"{regime} {m}")
             for g in ("clean", "flipped", "agree", "disagree"):
                 vals = {o: [r["per_sample"][o][g]["mean"] for r in rs if r["per_sample"][o][g]["n"]] for o in cols}
                 if vals["w_ce"]:
-                    lines.append(f"| {regime} | {m} | {g} | " + " | ".join(f"{statistics.mean(vals[o]):.2f}" for o in cols) + " |")
+                    cells = ["—" if o in ("w_kd", "tau") and o not in outputs else f"{statistics.mean(vals[o]):.2f}" for o in cols]
+                    lines.append(f"| {regime} | {m} | {g} | " + " | ".join(cells) + " |")
     figures = "".join(f"![](docs/figures/field_per_sample_{regime}.png)\n" for regime in REGIMES
                       if any(r["regime"] == regime for r in recs))  # drawn by benchmarks/figures.py from these records
-    return ("\n".join(lines) + "\n\nMeans over the runs of each group's mean (φ₀: learned weights 1, τ the base's).\n\n"
+    note = (f" —: not learned (the row's base has its distillation term off, so only its CE weight is: {', '.join(fixed)})"
+            if fixed else "")
+    return ("\n".join(lines) + f"\n\nMeans over the runs of each group's mean (φ₀: learned weights 1, τ the base's).{note}\n\n"
             + figures)
 
 

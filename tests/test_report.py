@@ -177,8 +177,8 @@ def test_the_field_per_sample_figure_draws_the_rule_from_its_config_beside_each_
     (results / "configs.json").write_text(json.dumps(configs))
     regime = field[0]["regime"]
     loss = configs[field[0]["config_sha"]]["loss"]
-    assert figures.rule_weights([r for r in field if r["regime"] == regime], configs, regime) == \
-        {"w_kd": float(loss["w_logit"]), "tau": float(loss["tau"])}
+    assert figures.rule_weights([r for r in field if r["regime"] == regime and r["method"] == field[0]["method"]],
+                                configs, regime) == {"w_kd": float(loss["w_logit"]), "tau": float(loss["tau"])}
     keys = [f["key"] for f in figures.plan(results)]
     assert f"field_per_sample_{regime}" in keys
     drawn = figures.draw_all(results, tmp_path / "figures")
@@ -189,10 +189,22 @@ def test_the_field_per_sample_figure_draws_the_rule_from_its_config_beside_each_
     rows = [r for r in field if r["regime"] == regime and r["method"] == "lkd-rule-tuned"]
     reweighted = {f"rw{i}": {**configs[r["config_sha"]], "loss": {**configs[r["config_sha"]]["loss"], "w_logit": 0.0}}
                   for i, r in enumerate(rows)}
-    both = field + [dict(r, method="lkd-best-tuned", config_sha=f"rw{i}") for i, r in enumerate(rows)]
+    both = field + [dict(r, method="lkd-test-tuned", config_sha=f"rw{i}") for i, r in enumerate(rows)]
     by = figures.rule_weights_by_method([r for r in both if r["regime"] == regime], {**configs, **reweighted}, regime)
-    assert by["lkd-best-tuned"] == {"w_kd": 0.0, "tau": float(loss["tau"])} and by["lkd-rule-tuned"]["w_kd"] == loss["w_logit"]
+    assert by["lkd-test-tuned"] == {"w_kd": 0.0, "tau": float(loss["tau"])} and by["lkd-rule-tuned"]["w_kd"] == loss["w_logit"]
     assert figures.field_per_sample_figure(both, regime, tmp_path / "two", {**configs, **reweighted}).stat().st_size > 0
+    # the block marks what such a row does not learn (its config's sample_outputs): its distillation weight and τ
+    for v in reweighted.values():
+        v["lossnet"] = {**v["lossnet"], "sample_outputs": ["w_ce"]}
+    two = tmp_path / "two-results"
+    two.mkdir()
+    (two / "accuracy_field.json").write_text(json.dumps(both))
+    (two / "configs.json").write_text(json.dumps({**configs, **reweighted}))
+    block = report_field.field_per_sample(two)
+    test_rows = [ln for ln in block.splitlines() if "| lkd-test-tuned |" in ln]
+    assert test_rows and all(ln.endswith("| — | — |") for ln in test_rows)
+    assert not any(ln.endswith("| — | — |") for ln in block.splitlines() if "| lkd-rule-tuned |" in ln)
+    assert f"{regime} lkd-test-tuned" in block.split("only its CE weight is:")[1]
     other = dict(configs)
     other[field[0]["config_sha"]] = {**configs[field[0]["config_sha"]], "loss": {**loss, "tau": loss["tau"] + 1}}
     with pytest.raises(ValueError, match="expected exactly one pair"):
