@@ -111,7 +111,7 @@ def field_per_sample_figure(recs: list[dict], regime: str, out: Path, configs: d
 
     def stat(rows: list[dict], o: str, g: str) -> tuple[float, float, float]:
         vals = [r["per_sample"][o][g] for r in rows if r["per_sample"][o][g]["n"]]
-        return (statistics.mean(v["mean"] for v in vals), statistics.mean(v["q10"] for v in vals),
+        return (statistics.mean(v["q50"] for v in vals), statistics.mean(v["q10"] for v in vals),
                 statistics.mean(v["q90"] for v in vals))
 
     panels = (("CE weight on the image", "rule_w", "w_ce_x_rule"), ("distillation weight", None, "w_kd"),
@@ -136,7 +136,7 @@ def field_per_sample_figure(recs: list[dict], regime: str, out: Path, configs: d
         ax.grid(alpha=0.3, axis="y")
     axes[0].legend(fontsize=7, title="bars, left to right", title_fontsize=7)
     fig.suptitle(f"{regime}: the learned residual beside the loss it started from (pale), per group of training "
-                 f"images at the end (mean over each row's {len(rs) // len(methods)} runs; whiskers: 10–90 %)", fontsize=9)
+                 f"images at the end (median, averaged over each row's {len(rs) // len(methods)} runs; whiskers: 10–90 %)", fontsize=9)
     path = out / f"field_per_sample_{regime}.png"
     from lkd_ray.plot import _savefig
 
