@@ -4,10 +4,10 @@ identity, the checks that stop bad input before any trial, and the pick with its
 
 Stage 1 runs every hand-crafted family of ``search_spaces.HANDCRAFTED`` asked for; stage 2 every field rule of
 ``search_spaces.RULE_GRIDS`` on the stage-1 picks of each of ``search_spaces.RULE_BASES`` (the tuned KD and DIST);
-stage 3 every family of ``search_spaces.ON_PICK`` (the learned ones and ``rule-weights``) on the pick of its base
-family (``"*"``: the best pick of stages 1 and 2), as ``benchmarks/accuracy.py --suite field`` chains them. Every pick is made on the clean selection
-split when the config sets ``data.select_per_class`` (``search_spaces.pick_on_selection``), else on the quiz split.
-Every trial gets the same budget (``--epochs``); ``--trials`` caps each family at that many settings, spread evenly
+stage 3 every family of ``search_spaces.ON_PICK`` (the learned ones, ``rule-weights`` and ``disagree-weight``) on the
+pick of its base family (``"*"``: the best pick of stages 1 and 2), as ``benchmarks/accuracy.py --suite field``
+chains them. Every pick is made on the clean selection split when the config sets ``data.select_per_class``
+(``search_spaces.pick_on_selection``), else on the quiz split. Every trial gets the same budget (``--epochs``); ``--trials`` caps each family at that many settings, spread evenly
 over its grid.
 """
 from __future__ import annotations
@@ -91,8 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=None, help="epochs of every trial (default: the config's optim.epochs); "
                    "best_config.yaml keeps the config's epochs")
     p.add_argument("--families", nargs="+", default=None, metavar="FAMILY",
-                   help=f"only these families (default: all: {', '.join(all_families())}); a rule, learned or rule-weights family brings "
-                        "the hand-crafted families it starts from")
+                   help=f"only these families (default: all: {', '.join(all_families())}); a rule or stage-3 family "
+                        "(learned, rule-weights, disagree-weight) brings the hand-crafted families it starts from")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="the whole search's wall time; refused before any trial if it cannot fit every trial asked")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once")

@@ -67,7 +67,8 @@ class Method:
         z_s = _full(out.logits)
         parts: dict[str, torch.Tensor] = {}
         if c.w_ce and not self.owns_ce:
-            if c.ce_rule == "plain" and c.disagree_weight == 1:  # the library's mean-reduced CE: the records before the rules ran exactly this
+            # plain CE: the library's mean-reduced CE, which the records before the rules ran exactly
+            if c.ce_rule == "plain" and c.disagree_weight == 1:
                 parts["ce"] = c.w_ce * handcrafted.ce(z_s, y, c.label_smoothing)
             else:
                 z_t = _full(teacher.logits) if teacher is not None else None
