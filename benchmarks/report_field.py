@@ -147,7 +147,8 @@ def field_per_sample(results: Path | None = None) -> str:
     if not recs:
         return "_No per-sample field runs recorded yet._\n"
     cols = ("rule_w", "w_ce", "w_ce_x_rule", "w_kd", "tau")
-    configs = json.loads(((results or RESULTS) / "configs.json").read_text()) if ((results or RESULTS) / "configs.json").is_file() else {}
+    store = (results or RESULTS) / "configs.json"
+    configs = json.loads(store.read_text()) if store.is_file() else {}
     lines = ["| regime | row | images | rule's CE weight | learned CE weight | learned × rule | distillation weight | τ |",
              "|---|---|---|---|---|---|---|---|"]
     fixed = []
