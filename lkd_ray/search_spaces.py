@@ -143,12 +143,13 @@ def lkd_rule_capped_trials(rule: Trial) -> list[Trial]:
 
 
 def lkd_rule_trials(rule: Trial, per_epoch: tuple[int, ...] = (4, 8), min_steps: int = 40,
-                    family: str = "lkd-rule") -> list[Trial]:
+                    family: str = "lkd-rule", scope: str = "full") -> list[Trial]:
     """The per-sample loss network as a residual on the regime's best hand-crafted loss (its rule included): at
     φ₀ it *is* that loss, so it can only gain what the meta-gradient finds beyond the rule. Its distillation base
     is the rule's (KD or DIST); grid: lock none or norm × meta-steps per epoch ∈ {4, 8} × meta lr ∈ {1e-3, 1e-2} —
     the schedule in units of the data (``meta.meta_steps_per_epoch``), so a preset keeps it on data of any size,
-    and at least 40 meta-steps a run (a floor for short runs: 4 per epoch × 12 epochs is above it)."""
+    and at least 40 meta-steps a run (a floor for short runs: 4 per epoch × 12 epochs is above it).
+    ``scope="head"`` (``lkd_head_trials``) unrolls the classifier only, on detached features."""
     loss = dict(rule.sections["loss"])
     method = loss.get("method", "lkd")
     if method not in ("kd", "dist"):
@@ -163,10 +164,21 @@ def lkd_rule_trials(rule: Trial, per_epoch: tuple[int, ...] = (4, 8), min_steps:
         for n in per_epoch:
             for lr in (1e-3, 1e-2):
                 lossnet = {"kind": "sample", "base": method, "lock": lock, "trust": None, "lock_scope": "batch", **outputs}
+                meta = {"meta_steps_per_epoch": float(n), "min_meta_steps": min_steps, "lr": lr}
+                if scope != "full":  # the full scope is the default: configs recorded before this field stay as they were
+                    meta["scope"] = scope
                 out.append(Trial(family, f"lock={lock},per_epoch={n},lr={_num(lr)}",
-                                 {"loss": copy.deepcopy(loss), "lossnet": lossnet,
-                                  "meta": {"meta_steps_per_epoch": float(n), "min_meta_steps": min_steps, "lr": lr}}))
+                                 {"loss": copy.deepcopy(loss), "lossnet": lossnet, "meta": meta}))
     return out
+
+
+def lkd_head_trials(rule: Trial, family: str = "lkd-rule-head") -> list[Trial]:
+    """``lkd_rule_trials``' grid with the meta-step unrolled through the classifier head only (``meta.scope=head``:
+    the student's features computed once without a graph, the virtual SGD step and the quiz loss through the last
+    layer). It prices a meta-step at about one student step instead of about four, which is what brings the
+    full grid's 8 meta-steps per epoch under the cost bar on 8,000 images (measured: BENCHMARKS.md); what it may
+    lose is the part of the meta-gradient that runs through the feature extractor."""
+    return lkd_rule_trials(rule, family=family, scope="head")
 
 
 def lkd_early_trials(best: Trial, family: str = "lkd-best-early") -> list[Trial]:
