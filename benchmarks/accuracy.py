@@ -78,9 +78,11 @@ RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
 # learned on noisy-pair45-8k, written by hand)
 # lkd-best-early: lkd-best's schedule in the first epochs only, to bring its cost under the bar
 # lkd-rule-head, lkd-best-head: lkd-rule's and lkd-best's grids with the meta-step through the classifier head only
-# (about one student step a meta-step instead of about four)
+# (about one student step a meta-step instead of about four); lkd-rule-b32, lkd-best-b32: the same grids with each
+# meta-step on 32 images (unroll and quiz batch) through the whole student
 FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped", "lkd-best", "lkd-best-capped",
-                                           "disagree-weight", "lkd-best-early", "lkd-rule-head", "lkd-best-head")
+                                           "disagree-weight", "lkd-best-early", "lkd-rule-head", "lkd-best-head",
+                                           "lkd-rule-b32", "lkd-best-b32")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
@@ -347,7 +349,7 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
 
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
     from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, disagree_weight_trials, lkd_early_trials, lkd_head_trials,
-                                       lkd_rule_capped_trials, lkd_rule_trials, lkd_sample_dist_trials, lkd_sample_trials,
+                                       lkd_rule_capped_trials, lkd_small_batch_trials, lkd_rule_trials, lkd_sample_dist_trials, lkd_sample_trials,
                                        rule_trials, rule_weight_trials)
 
     if suite == "field":
@@ -363,6 +365,10 @@ def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "re
             return lkd_head_trials(on_best_pick(regime, tuning, lkd_head_trials))
         if family == "lkd-best-head":
             return lkd_head_trials(best_of_all(regime, tuning), family="lkd-best-head")
+        if family == "lkd-rule-b32":  # … with each meta-step on 32 images, through the whole student
+            return lkd_small_batch_trials(on_best_pick(regime, tuning, lkd_small_batch_trials))
+        if family == "lkd-best-b32":
+            return lkd_small_batch_trials(best_of_all(regime, tuning), family="lkd-best-b32")
         if family == "lkd-best":  # … on the best of the whole hand-crafted set, the rule's reweighting included
             return lkd_rule_trials(best_of_all(regime, tuning), family="lkd-best")
         if family == "lkd-best-capped":  # … with lkd-rule-capped's schedule

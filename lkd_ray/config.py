@@ -67,7 +67,8 @@ class DataCfg(_Section):
     channels: Literal[1, 3] = 1
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(512, ge=1)
-    quiz_batch_size: int | None = Field(None, description="None: same as batch_size")
+    quiz_batch_size: int | None = Field(None, ge=1, description="the meta-step's quiz batch (None: same as batch_size); "
+                                        "with meta.unroll_batch_size it sets what a meta-step costs")
     num_workers: int = Field(0, ge=0)
     train_subset: int | None = Field(None, ge=10, description="use only this many training images (after the quiz split); quick runs")
     labels_per_class: int | None = Field(None, ge=1, description="scarce labels: the student trains on a stratified, seeded "
@@ -261,6 +262,9 @@ class MetaCfg(_Section):
         "the student converges instead of drifting on meta-gradients that shrink with the student's lr")
     clip_norm: float = Field(1.0, gt=0)
     batch_source: Literal["same", "fresh"] = "same"
+    unroll_batch_size: int | None = Field(None, ge=1, description="unroll the virtual student step on the first N images "
+                                          "of each training batch (a random subset: batches are shuffled); None: the "
+                                          "whole batch. A meta-step's cost scales with it and data.quiz_batch_size")
     freeze_after_epoch: int | None = Field(None, ge=1, description="stop meta-updates after this many epochs (None: adapt for the whole run)")
     snapshot_every: int = Field(50, ge=1)
     p_snapshot: float = Field(0.2, ge=0, le=1)

@@ -181,6 +181,24 @@ def lkd_head_trials(rule: Trial, family: str = "lkd-rule-head") -> list[Trial]:
     return lkd_rule_trials(rule, family=family, scope="head")
 
 
+META_BATCH = 32  # the small-meta-batch families' unroll and quiz batch (images)
+
+
+def lkd_small_batch_trials(rule: Trial, family: str = "lkd-rule-b32", n: int = META_BATCH) -> list[Trial]:
+    """``lkd_rule_trials``' grid with each meta-step on ``n`` images: the unroll on the first ``n`` of the student's
+    batch (``meta.unroll_batch_size``) and a quiz batch of ``n`` (``data.quiz_batch_size``). The meta-gradient still
+    runs through the whole student, as at full cost, but a meta-step costs about a quarter of one on 128 + 128 images
+    (measured: BENCHMARKS.md) — the other way under the cost bar beside ``lkd_head_trials``, trading a noisier
+    meta-gradient for the feature extractor's part of it."""
+    out = []
+    for t in lkd_rule_trials(rule, family=family):
+        sections = copy.deepcopy(t.sections)
+        sections["meta"]["unroll_batch_size"] = n
+        sections["data"] = {**sections.get("data", {}), "quiz_batch_size": n}
+        out.append(Trial(family, t.name, sections))
+    return out
+
+
 def lkd_early_trials(best: Trial, family: str = "lkd-best-early") -> list[Trial]:
     """``lkd_rule_trials``' most-adapting schedule (8 meta-steps per epoch), its meta-steps in the first epochs only
     (``meta.freeze_after_epoch`` ∈ {4, 6} of 12; the network's weighting then stays as learned), meant to bring the

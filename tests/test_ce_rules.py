@@ -198,3 +198,14 @@ def test_the_network_on_a_rule_is_gradchecked_through_a_two_step_unroll(rule, ba
     errs = run_gradcheck(eps=1e-4, unroll=2, max_entries=12, seed=7, kind="sample", base=base,
                          loss={"ce_rule": rule, "forget_rate": 0.3, "forget_ramp_epochs": 0})
     assert max(errs.values()) < 1e-5, errs
+
+
+@pytest.mark.parametrize("scope,unroll", [("head", 1), ("head", 2), ("full", 2)])
+def test_the_reweighted_rule_s_residual_is_gradchecked_at_both_scopes(scope, unroll):
+    """``lkd-best-head``'s shape: the relabel rule with the distillation term off, only the CE weight learned, the
+    meta-step unrolled through the classifier head only (or the whole student): float64 finite differences agree."""
+    from lkd_ray.meta.gradcheck import run_gradcheck
+
+    errs = run_gradcheck(eps=1e-4, scope=scope, unroll=unroll, max_entries=12, seed=11, kind="sample", base="dist",
+                         lock="norm", sample_outputs=["w_ce"], loss={"ce_rule": "relabel", "w_logit": 0.0})
+    assert set(errs) == {"higher", "torch.func"} and max(errs.values()) < 1e-5, errs

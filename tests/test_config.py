@@ -126,3 +126,11 @@ def test_paths_handed_to_workers_are_absolute_where_they_exist_here_and_left_alo
     assert out.lossnet.init_from == "s3://bucket/run" and out.data.root == "not/here"  # a URI; a path for another machine
     assert os.path.isabs(out.run.cache_dir)
     assert cfg.data.noisy_labels == "labels.npy"  # the user's config is not changed
+
+
+@pytest.mark.parametrize("field", ["data.quiz_batch_size", "meta.unroll_batch_size"])
+def test_a_meta_step_batch_of_no_images_is_refused_by_name(field):
+    with pytest.raises(ConfigError, match=rf"{field}: Input should be greater than or equal to 1"):
+        build_config("fashion_mnist", overrides=[f"{field}=0"])
+    section, name = field.split(".")
+    assert getattr(getattr(build_config("fashion_mnist", overrides=[f"{field}=16"]), section), name) == 16

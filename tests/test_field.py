@@ -468,6 +468,20 @@ def test_lkd_best_is_the_residual_on_the_reweighted_rule_where_that_beats_the_ru
     assert {t.family for t in capped} == {"lkd-best-capped"} and [t.name for t in capped] == [t.name for t in rule_capped]
     assert all(c.sections["meta"] == r.sections["meta"] and c.sections["loss"]["w_logit"] == 0.0
                for c, r in zip(capped, rule_capped))
+    # the head-scope families: the same grids, on the same bases, with only the meta-step's scope changed
+    for fam, same in (("lkd-best-head", best), ("lkd-rule-head", residual)):
+        head = acc.family_trials("noisy-pair30", fam, rows + winning, "field")
+        assert {t.family for t in head} == {fam} and [t.name for t in head] == [t.name for t in same]
+        for h, s in zip(head, same):
+            assert h.sections["meta"] == {**s.sections["meta"], "scope": "head"} and "scope" not in s.sections["meta"]
+            assert (h.sections["loss"], h.sections["lossnet"]) == (s.sections["loss"], s.sections["lossnet"])
+    for fam, same in (("lkd-best-b32", best), ("lkd-rule-b32", residual)):  # … or only the meta-step's batches
+        small = acc.family_trials("noisy-pair30", fam, rows + winning, "field")
+        assert {t.family for t in small} == {fam} and [t.name for t in small] == [t.name for t in same]
+        for m, s in zip(small, same):
+            assert m.sections["meta"] == {**s.sections["meta"], "unroll_batch_size": 32}
+            assert m.sections["data"] == {"quiz_batch_size": 32} and "data" not in s.sections
+            assert (m.sections["loss"], m.sections["lossnet"]) == (s.sections["loss"], s.sections["lossnet"])
     tuned = rows + winning + [{"regime": "noisy-pair30", "family": "lkd-best", "trial": t.name, "seed": 100,
                                "select_top1": 90.0, "select_loss_cal": 0.3} for t in best]
     args = argparse.Namespace(regime="noisy-pair30", tune=None, tune_seed=100, suite="field", out="/tmp/x", cache_dir="/tmp/x",

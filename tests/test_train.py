@@ -239,6 +239,39 @@ def test_freeze_after_epoch_stops_meta_updates_and_fresh_batches_are_other_batch
     assert all(not torch.equal(s, t) for s, t in zip(seen, trained_on))
 
 
+def test_a_meta_step_unrolls_a_subset_of_the_batch_and_takes_a_smaller_quiz_batch_when_asked():
+    """``meta.unroll_batch_size`` and ``data.quiz_batch_size`` set a meta-step's cost: the unroll sees the first N images
+    of the batch the student just stepped on (the same images, in order), the quiz batch its own size, and φ moves."""
+    cfg, data = _synthetic(data={"quiz_batch_size": 8},
+                           meta={"meta_every": 2, "p_snapshot": 0.0, "unroll_batch_size": 12})
+    run = build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1))
+    seen, quiz = [], []
+    compute = run.trainer.meta.step_fn.compute
+
+    def spy(bundle, opt, batches, xq, yq, *a, **k):  # records what the meta-step unrolls on; computes as usual
+        seen.append([(b.inputs.clone(), b.y.clone(), b.t_logits.shape) for b in batches])
+        quiz.append(len(yq))
+        return compute(bundle, opt, batches, xq, yq, *a, **k)
+
+    run.trainer.meta.step_fn.compute = spy
+    stepped = []
+    step = run.trainer.train_step
+
+    def record_step(batch):
+        stepped.append((batch.x.clone(), batch.y.clone()))
+        return step(batch)
+
+    run.trainer.train_step = record_step
+    phi0 = [p.detach().clone() for p in run.trainer.lossnets.parameters()]
+    res = run.fit(progress=False)
+    assert len(seen) == res["steps"] // 2 > 0 and set(quiz) == {8}
+    for i, ((x, y, t_shape),) in enumerate(seen):
+        sx, sy = stepped[2 * i + 1]  # the batch the student had just stepped on: its first 12 images
+        assert torch.equal(x, sx[:12]) and torch.equal(y, sy[:12]) and t_shape[0] == 12
+    assert res["meta"]["accepted"] == len(seen)
+    assert any(not torch.equal(a, b) for a, b in zip(phi0, run.trainer.lossnets.parameters()))
+
+
 @pytest.mark.parametrize("sampling", ["recent", "gaussian"])
 
 

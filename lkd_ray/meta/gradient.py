@@ -29,6 +29,13 @@ class MetaBatch:
     t_logits: torch.Tensor
     t_feat: torch.Tensor | None = None
 
+    def first(self, n: int | None) -> "MetaBatch":
+        """The batch's first ``n`` samples (None or ≥ its size: the batch itself)."""
+        if n is None or n >= len(self.y):
+            return self
+        return MetaBatch(self.inputs[:n], self.y[:n], self.t_logits[:n] if self.t_logits is not None else None,
+                         None if self.t_feat is None else self.t_feat[:n])
+
 
 @dataclass(frozen=True)
 class SGDHyper:

@@ -134,7 +134,8 @@ class GradientMetaLearner:
     def meta_update(self, trainer, batch: MetaBatch, state) -> dict[str, Any]:
         t0 = time.perf_counter()
         m = self.cfg
-        batches = [batch if m.batch_source == "same" else self._fresh_batch() for _ in range(m.unroll_steps)]
+        batches = [(batch if m.batch_source == "same" else self._fresh_batch()).first(m.unroll_batch_size)
+                   for _ in range(m.unroll_steps)]
         q = self.quiz.next()
         xq, yq = self.to_device(q[0], q[1])
         start = None
