@@ -130,25 +130,59 @@ def _selection_means(rs: list[dict], seeds: int) -> dict[str, float]:
             if len({r["seed"] for r in x}) >= seeds and all(r.get("select_top1") is not None for r in x)}
 
 
-def best_handcrafted(sel: dict[str, float]) -> str | None:
-    """The hand-crafted final row (not ``lkd*``) with the best mean selection top-1: the best tuned loss of the whole
-    set, as the split that picks everything ranks the finals."""
-    hand = {m: v for m, v in sel.items() if not m.startswith("lkd")}
-    return max(hand, key=hand.get) if hand else None
+def best_handcrafted(rs: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT) -> str | None:
+    """The best tuned loss of the whole hand-crafted set, as the split that picks everything ranks the finals: of the
+    hand-crafted final rows (not ``lkd*``) within one binomial SE of the best mean selection top-1, the lowest mean
+    calibrated selection loss (``search_spaces.pick_on_selection``'s rule; by selection top-1 where it is missing)."""
+    from lkd_ray.search_spaces import selection_band
+
+    sel = {m: v for m, v in _selection_means(rs, seeds).items() if not m.startswith("lkd")}
+    if not sel:
+        return None
+    cal, n = _calibrated_means(rs), _selection_images(regime)
+    top = max(sel.values())
+    band = [m for m, v in sel.items() if v >= top - (selection_band(top, n) if n else 0.0)]
+    return min(band, key=lambda m: (cal.get(m, float("inf")), -sel[m]))
+
+
+def _selection_images(regime: str) -> int | None:
+    """The regime's selection split size (images), or None for a regime the accuracy benchmark does not define."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import accuracy
+
+    per_class = accuracy.SELECT.get(regime)
+    return per_class * 10 if per_class else None  # every benchmark data set here has ten classes
+
+
+def _calibrated_means(rs: list[dict]) -> dict[str, float]:
+    """Each final row's mean calibrated selection loss, for rows whose every record has it."""
+    by = {m: [r.get("select_loss_cal") for r in rs if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rs)}
+    return {m: statistics.mean(v) for m, v in by.items() if v and None not in v}
 
 
 def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VERDICT) -> tuple[str | None, str]:
-    """What a field-suite regime ships (issue 25): among its tuned final rows with at least ``seeds`` seeds, the best
-    mean selection top-1 (the clean split no learned loss trains on) within the cost bar — where a learned row is
-    eligible only if it beats the best tuned loss of the whole hand-crafted set (``best_handcrafted``: the
-    hand-crafted final row with the best selection top-1, rules and their reweightings included) on test by the win
-    bar (≥ +0.5 at ≥ 2 SE, paired over seeds × noise draws); otherwise the winning rule ships. An unmeasured cost
-    stops the pick, as in ``preset_pick``."""
+    """What a field-suite regime ships (issue 25), picked as every tuning pick is (``search_spaces.pick_on_selection``):
+    among its eligible tuned final rows with at least ``seeds`` seeds, those within one binomial SE of the best
+    eligible mean selection top-1 (the clean split no learned loss trains on) sit within the split's noise, and of
+    them the lowest mean calibrated selection loss ships (by selection top-1 where a row's records lack it). Eligible:
+    whole run within the cost bar, and for a learned row a win on test by the bar (≥ +0.5 at ≥ 2 SE, paired over
+    seeds × noise draws) over the best tuned loss of the whole hand-crafted set (``best_handcrafted``) and a measured
+    transfer that passes ``transfer_gate``. An unmeasured cost or transfer of a row that could be in the band stops
+    the pick and says what to run."""
+    from lkd_ray.search_spaces import selection_band
+
     rs = [r for r in finals if r["regime"] == regime and r["method"].endswith("-tuned")]
     sel = _selection_means(rs, seeds)
-    ref = best_handcrafted(sel)
-    passed = []
+    cal = _calibrated_means(rs)
+    ref = best_handcrafted(rs, regime, seeds)
+    n = _selection_images(regime)
+    passed, eligible, floor = [], [], None
     for m in sorted(sel, key=sel.get, reverse=True):
+        if floor is not None and sel[m] < floor:
+            break  # below the band of the best eligible row: it could not ship
+        best_cal = min((cal.get(e, float("inf")) for e, _ in eligible), default=None)
+        if best_cal is not None and cal.get(m, float("inf")) >= best_cal:
+            continue  # in the band but a higher calibrated loss than an eligible row above it: it could not ship
         if m.startswith("lkd"):
             d = paired_draws(rs, m, ref) if ref else None
             if not is_win(d):
@@ -159,7 +193,10 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
             after = f" after {', '.join(passed)}" if passed else ""
             return None, (f"{m} has the best selection top-1 ({sel[m]:.2f}) of what is left{after}, but its whole-run "
                           f"cost is not measured: run `benchmarks/cost.py --setting {regime}:{m}`")
-        if ratio <= COST_BOUND and m.startswith("lkd"):  # a result on one data set is not a result until it travels
+        if ratio > COST_BOUND:
+            passed.append(f"{m} ({ratio:.2f}× > {COST_BOUND})")
+            continue
+        if m.startswith("lkd"):  # a result on one data set is not a result until it travels
             ok, how = transfer_gate(regime, m)
             if ok is None:
                 return None, (f"{m} wins on {regime} within the cost bar but its transfer is not measured ({how}): ship "
@@ -167,11 +204,21 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
             if not ok:
                 passed.append(f"{m} (transferred unchanged: {how})")
                 continue
-        if ratio <= COST_BOUND:
-            after = f"; passed over {', '.join(passed)}" if passed else ""
-            return m, f"best selection top-1 ({sel[m]:.2f}) within the cost bar ({ratio:.2f}× ≤ {COST_BOUND}){after}"
-        passed.append(f"{m} ({ratio:.2f}× > {COST_BOUND})")
-    return None, f"no tuned row of {regime} with {seeds} seeds is eligible within the cost bar ({', '.join(passed)})"
+        eligible.append((m, ratio))
+        if floor is None:
+            floor = sel[m] - (selection_band(sel[m], n) if n else 0.0)
+    if not eligible:
+        return None, f"no tuned row of {regime} with {seeds} seeds is eligible within the cost bar ({', '.join(passed)})"
+    m, ratio = min(eligible, key=lambda e: (cal.get(e[0], float("inf")), -sel[e[0]]))
+    after = f"; passed over {', '.join(passed)}" if passed else ""
+    top = eligible[0][0]
+    if len(eligible) == 1 or m not in cal:
+        how = f"best selection top-1 ({sel[m]:.2f})"
+    else:
+        band = ", ".join(f"{e} {cal[e]:.4f}" for e, _ in eligible if e in cal and e != m)
+        how = (f"lowest calibrated selection loss ({cal[m]:.4f}; {band}) of the {len(eligible)} eligible rows within one "
+               f"binomial SE ({sel[top] - floor:.2f}) of the best selection top-1 ({top}, {sel[top]:.2f}; its own {sel[m]:.2f})")
+    return m, f"{how}, within the cost bar ({ratio:.2f}× ≤ {COST_BOUND}){after}"
 
 
 def field_verdicts() -> str:
@@ -198,7 +245,7 @@ def field_verdicts() -> str:
                    else "level, within 0.2" if d["mean"] >= -TIE else "below")
             text = f"`{m}` {_pm_field(d)} (worst pair {d['worst']:+.2f}, {d['n']} seed × draw pairs: {how})"
             (learned if m.startswith("lkd") else hand).append((d["mean"], text))
-        top = best_handcrafted(_selection_means(rs, SEEDS_FOR_VERDICT)) or "rule-best-tuned"
+        top = best_handcrafted(rs, regime) or "rule-best-tuned"
         pick, why = field_preset_pick(finals, regime)
         parts = [f"**{regime}.** The best rule on the selection split is `{rule['family']}[{rule['trial']}]`."]
         if learned:
@@ -209,7 +256,7 @@ def field_verdicts() -> str:
             vs = [f"`{m}` {_pm_field(d)} ({'a win' if is_win(d) else 'not a win'})"
                   for m in dict.fromkeys(r["method"] for r in rs) if m.startswith("lkd")
                   for d in [paired_draws(rs, m, top)]]
-            parts.append(f"Against the best hand-crafted row by selection top-1, `{top}`: " + "; ".join(vs) + ".")
+            parts.append(f"Against the best hand-crafted row on the selection split, `{top}`: " + "; ".join(vs) + ".")
         parts.append(f"The preset pick (`report.field_preset_pick`): **{pick or 'none yet'}** — {why}.")
         out.append(" ".join(parts))
     return "\n\n".join(out) + "\n" if out else "_No field-suite finals recorded yet._\n"

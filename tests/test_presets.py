@@ -176,3 +176,41 @@ def test_the_transfer_gate_reads_the_presets_transfer_runs_against_the_regimes_b
     ok, how = report.transfer_gate("noisy-pair45-8k", "lkd-rule-capped-tuned")
     assert ok is False and "below the transferred rule by more than 0.2 pt" in how
     assert report.transfer_gate("noisy-pair45-8k", "lkd-rule-tuned") == (None, "not transferred")
+
+
+def test_the_field_preset_pick_is_the_tuning_pick_s_rule_within_the_selection_split_s_noise(tmp_path, monkeypatch):
+    """Rows within one binomial SE of the best eligible selection top-1 sit within the split's noise: the lowest
+    calibrated selection loss ships (as every tuning pick is made), a row below the band does not even with a lower
+    loss, and the best hand-crafted row a learned row must beat is picked the same way."""
+    from benchmarks import report
+    from lkd_ray.search_spaces import selection_band
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    band = selection_band(69.5, 500)  # noisy-pair45-8k: 50 selection images per class, 10 classes
+    assert 2.0 < band < 2.1
+
+    def rows(method, test, select, cal):
+        return [{"regime": "noisy-pair45-8k", "method": method, "seed": s, "noise_draw": d, "test_top1": test + s + d,
+                 "select_top1": select, "select_loss_cal": cal} for s in range(5) for d in (0, 1)]
+
+    (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": f"noisy-pair45-8k:{m}-tuned", "ratios": [1.0]}
+                                                             for m in ("a", "b", "c", "lkd-x")]}))
+    finals = rows("a-tuned", 69.0, 69.5, 0.96) + rows("b-tuned", 69.1, 69.5 - band + 0.01, 0.95) \
+        + rows("c-tuned", 70.0, 69.5 - band - 0.01, 0.90)
+    best, why = report.field_preset_pick(finals, "noisy-pair45-8k")
+    assert best == "b-tuned" and "lowest calibrated selection loss (0.9500; a-tuned 0.9600)" in why
+    assert report.best_handcrafted(finals, "noisy-pair45-8k") == "b-tuned"
+    monkeypatch.setattr(report, "transfer_gate", lambda regime, m: (True, "as measured"))
+    # a learned row with the best selection top-1: +0.6 over a (the strict maximum) but only +0.5 over b, the
+    # band's pick, each at SE 0: a win over b by the bar too; at +0.4 over b it is not, and b ships
+    won = finals + rows("lkd-x-tuned", 69.6, 72.0, 0.99)
+    assert report.field_preset_pick(won, "noisy-pair45-8k")[0] == "lkd-x-tuned"
+    lost = finals + rows("lkd-x-tuned", 69.5, 72.0, 0.99)
+    best, why = report.field_preset_pick(lost, "noisy-pair45-8k")
+    assert best == "b-tuned" and "lkd-x-tuned (test +0.40 ± 0.00 vs b-tuned: not a win)" in why
+    # a row in the band whose cost is unmeasured stops the pick only if it could ship (a lower calibrated loss)
+    (tmp_path / "cost.json").write_text(json.dumps({"rows": [{"setting": "noisy-pair45-8k:a-tuned", "ratios": [1.0]}]}))
+    best, why = report.field_preset_pick(finals, "noisy-pair45-8k")
+    assert best is None and "cost.py --setting noisy-pair45-8k:b-tuned" in why
+    worse_b = [dict(r, select_loss_cal=0.97) if r["method"] == "b-tuned" else r for r in finals]
+    assert report.field_preset_pick(worse_b, "noisy-pair45-8k")[0] == "a-tuned"

@@ -94,7 +94,7 @@ def test_the_field_verdict_names_the_rule_the_learned_rows_and_what_the_pick_shi
     assert "`lkd-rule-tuned` +1.00 ± 0.00" in text and "10 seed × draw pairs: a win" in text
     assert "`lkd-rule-capped-tuned` +0.10 ± 0.00" in text and "level, within 0.2" in text
     assert "`sce-tuned` +0.30 ± 0.00" in text and "above, short of the win bar" in text
-    assert "Against the best hand-crafted row by selection top-1, `rule-weights-tuned`: `lkd-rule-tuned` -1.00" in text
+    assert "Against the best hand-crafted row on the selection split, `rule-weights-tuned`: `lkd-rule-tuned` -1.00" in text
     pick, why = report.field_preset_pick(finals, "noisy-pair30")
     assert pick == "rule-weights-tuned" and f"**rule-weights-tuned** — {why}." in text
 
