@@ -72,6 +72,16 @@ def field_tuning(results: Path | None = None) -> str:
     return "\n\n".join(out) + "\n"
 
 
+def _meta_cost(mr: list[dict]) -> str:
+    """A learned row's median meta-steps (φ's version at the end) and median seconds its runs spent in meta-steps
+    (``meta_s``: time inside the meta-step only, so it compares meta-steps across rows run beside the same jobs)."""
+    steps = [r["lossnet_version"] for r in mr if r.get("lossnet_version")]
+    if not steps:
+        return "—"
+    secs = [r["meta_s"] for r in mr if r.get("meta_s") is not None]
+    return f"{statistics.median(steps):g}, {statistics.median(secs):.1f} s" if secs else f"{statistics.median(steps):g}, —"
+
+
 def field_finals(results: Path | None = None) -> str:
     """Per regime: every final row over student seeds × noise draws, paired against the best hand-crafted loss."""
     recs = _load("accuracy_field.json", results)
@@ -84,8 +94,9 @@ def field_finals(results: Path | None = None) -> str:
             continue
         ref = "rule-best-tuned"
         lines = [f"**{regime}**", "", "| method | runs (seeds × draws) | test top-1 (mean ± std) | Δ vs rule-best-tuned "
-                 "(paired ± SE) | worst Δ | select top-1 | win (≥ +0.5 at ≥ 2 SE)? | within −0.2? |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "(paired ± SE) | worst Δ | select top-1 | win (≥ +0.5 at ≥ 2 SE)? | within −0.2? | meta-steps, "
+                 "meta-step s a run (medians) |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for m in dict.fromkeys(r["method"] for r in rs):
             mr = [r for r in rs if r["method"] == m]
             t = [r["test_top1"] for r in mr]
@@ -98,7 +109,7 @@ def field_finals(results: Path | None = None) -> str:
             worst = f"{d['worst']:+.2f}" if d else "—"
             sel_mean = f"{statistics.mean(sel):.2f}" if sel else "—"
             lines.append(f"| {m} | {len(mr)} ({len({r['seed'] for r in mr})} × {len(draws)}) | {statistics.mean(t):.2f} ± "
-                         f"{std:.2f} | {_pm(d)} | {worst} | {sel_mean} | {win} | {tie} |")
+                         f"{std:.2f} | {_pm(d)} | {worst} | {sel_mean} | {win} | {tie} | {_meta_cost(mr)} |")
         out.append("\n".join(lines))
     return "\n\n".join(out) + "\n"
 
