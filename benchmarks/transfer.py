@@ -2,7 +2,7 @@
 hand-crafted rule of its source regime, also transferred unchanged (issue 25, item 5).
 
 Settings (Fashion-MNIST, teacher trained on each setting's own given labels, a clean quiz of 20 per class; every
-setting has 8,000 training images — 6.75× fewer than the regimes — so each also tests the schedule's size):
+noisy setting has 8,000 training images — 6.75× fewer than the regimes — so each also tests the schedule's size):
 
 * ``subset8k``   a seeded 8,000-image subset of the preset's own regime (same noise kind and rate)
 * ``pair20`` / ``pair45``   pair-flip noise at 20 % / 45 %
@@ -10,6 +10,9 @@ setting has 8,000 training images — 6.75× fewer than the regimes — so each 
                     T-shirt/top ↔ shirt, pullover ↔ coat, sandal → sneaker → ankle boot)
 * ``pair30-54k``   the other way in size: the whole 54,000-image training split with 30 % pair-flip (the
                    ``noisy-pair30`` regime's data and teacher; for a preset tuned on 8,000 images, 6.75× more)
+* ``scarce50`` / ``scarce300``   for a preset of the ``scarce`` regime (clean labels, few of them): the scarce
+                 regime's recipe (batch 32, 40 epochs, a teacher trained on the whole clean split, a 20-per-class
+                 quiz) with 50 or 300 labelled images per class instead of its 100 — half and three times its data
 * ``userfile``   a user's own labels: ``data.noisy_labels`` (a CIFAR-N style ``.pt`` dict written here, seeded:
                  25 % of the images relabelled by a random row-stochastic confusion matrix, neither uniform nor a
                  pair map) and ``data.trusted`` (20 clean images per class, which become the quiz)
@@ -39,7 +42,8 @@ import records  # noqa: E402
 
 RECORDS = "accuracy_transfer.json"
 SIZE = 8000
-SETTINGS = ("subset8k", "pair20", "pair45", "confusion30", "userfile", "pair30-54k")
+SETTINGS = ("subset8k", "pair20", "pair45", "confusion30", "userfile", "pair30-54k", "scarce50", "scarce300")
+SCARCE = {"scarce50": 50, "scarce300": 300}  # labelled images per class, in the scarce regime's recipe
 USER_NOISE, USER_SEED = 0.25, 2025
 
 
@@ -62,8 +66,18 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+def setting_sections(setting: str, source_regime: str, files: tuple[str, str] | None = None) -> dict:
+    """The config sections of a transfer setting (the preset and the rule then set the loss): the 8,000-image noisy
+    settings train 12 epochs with the recipe's batch; the scarce ones take the scarce regime's whole recipe."""
+    if setting in SCARCE:
+        regime = accuracy.REGIMES["scarce"]
+        return {**{k: dict(v) for k, v in regime.items()},
+                "data": {**regime["data"], "labels_per_class": SCARCE[setting]}}
+    return {"optim": {"epochs": 12}, "data": setting_data(setting, source_regime, files)}
+
+
 def setting_data(setting: str, source_regime: str, files: tuple[str, str] | None = None) -> dict:
-    """The data section of a transfer setting (the preset and the rule then set the loss)."""
+    """The data section of a noisy transfer setting."""
     base = {"train_subset": SIZE, "quiz_per_class": 20}
     if setting == "subset8k":
         src = dict(accuracy.REGIMES[source_regime].get("data", {}))
@@ -161,7 +175,7 @@ def plan(args) -> list[dict]:
         files = user_label_files(Path(args.out) / "files", clean, write=not getattr(args, "plan_only", False))
     tasks = []
     for setting in args.settings:
-        data = setting_data(setting, source, files)
+        sections_of_setting = setting_sections(setting, source, files)
         for seed in args.seeds:
             roles = ([("preset", f"preset:{args.preset}", candidate or {}, None if candidate else args.preset)]
                      if not getattr(args, "rule_only", False) else [])
@@ -170,7 +184,7 @@ def plan(args) -> list[dict]:
                 named = role == "rule" and getattr(args, "rule", None)  # a named rule's runs get folders of their own
                 slug = "".join(c if c.isalnum() else "-" for c in args.rule).strip("-") if named else ""
                 name = f"{setting}-{args.preset.replace(':', '-')}-{role}{'-' + slug if slug else ''}-s{seed}"
-                merged = accuracy.merge(accuracy.COMMON, {"optim": {"epochs": 12}}, {"data": data}, sections,
+                merged = accuracy.merge(accuracy.COMMON, sections_of_setting, sections,
                                         {"run": {"seed": seed, "name": name, "progress": False, "cache_dir": args.cache_dir}})
                 cfg = build_config("fashion_mnist", preset=preset, **merged)
                 tasks.append({"regime": setting, "setting": setting, "source_regime": source, "method": method,

@@ -264,8 +264,11 @@ def test_transfer_runs_every_preset_unchanged_beside_its_source_regime_s_best_ru
         data = t["config"]["data"]
         if t["setting"] == "pair30-54k":  # the whole split, as the noisy-pair30 regime trains on
             assert data["train_subset"] is None and (data["label_noise"], data["noise_kind"]) == (0.3, "pairflip")
+        elif t["setting"] in ("scarce50", "scarce300"):  # the scarce recipe with half or three times its labels
+            assert data["labels_per_class"] == int(t["setting"][6:]) and data["label_noise"] == 0
+            assert (data["batch_size"], t["config"]["optim"]["epochs"], data["quiz_per_class"]) == (32, 40, 20)
         else:
-            assert data["train_subset"] == transfer.SIZE
+            assert data["train_subset"] == transfer.SIZE and t["config"]["optim"]["epochs"] == 12
         if t["role"] == "preset":  # unchanged: every field the preset sets
             for section, fields in PRESETS["noisy-pair30"]["sections"].items():
                 assert all(t["config"][section][k] == v for k, v in fields.items())
