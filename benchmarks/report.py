@@ -176,18 +176,19 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
     cal = _calibrated_means(rs)
     ref = best_handcrafted(rs, regime, seeds)
     n = _selection_images(regime)
-    passed, eligible, floor = [], [], None
+    passed, eligible, outranked, floor = [], [], [], None
     for m in sorted(sel, key=sel.get, reverse=True):
         if floor is not None and sel[m] < floor:
             break  # below the band of the best eligible row: it could not ship
-        best_cal = min((cal.get(e, float("inf")) for e, _ in eligible), default=None)
-        if best_cal is not None and cal.get(m, float("inf")) >= best_cal:
-            continue  # in the band but a higher calibrated loss than an eligible row above it: it could not ship
         if m.startswith("lkd"):
             d = paired_draws(rs, m, ref) if ref else None
             if not is_win(d):
                 passed.append(f"{m} (test {_pm_field(d)} vs {ref}: not a win)")
                 continue
+        best_cal = min((cal.get(e, float("inf")) for e, _ in eligible), default=None)
+        if best_cal is not None and cal.get(m, float("inf")) >= best_cal:
+            outranked.append(m)  # in the band but a higher calibrated loss than an eligible row above it: cannot ship
+            continue
         ratio = _cost_ratio(f"{regime}:{m}")
         if ratio is None:
             after = f" after {', '.join(passed)}" if passed else ""
@@ -212,12 +213,14 @@ def field_preset_pick(finals: list[dict], regime: str, seeds: int = SEEDS_FOR_VE
     m, ratio = min(eligible, key=lambda e: (cal.get(e[0], float("inf")), -sel[e[0]]))
     after = f"; passed over {', '.join(passed)}" if passed else ""
     top = eligible[0][0]
-    if len(eligible) == 1 or m not in cal:
+    others = [e for e, _ in eligible if e != m] + outranked
+    if not others or m not in cal:
         how = f"best selection top-1 ({sel[m]:.2f})"
     else:
-        band = ", ".join(f"{e} {cal[e]:.4f}" for e, _ in eligible if e in cal and e != m)
-        how = (f"lowest calibrated selection loss ({cal[m]:.4f}; {band}) of the {len(eligible)} eligible rows within one "
-               f"binomial SE ({sel[top] - floor:.2f}) of the best selection top-1 ({top}, {sel[top]:.2f}; its own {sel[m]:.2f})")
+        band = ", ".join(f"{e} {cal[e]:.4f}" for e in others if e in cal)
+        how = (f"lowest calibrated selection loss ({cal[m]:.4f}; {band}) of the {len(others) + 1} rows within one "
+               f"binomial SE ({sel[top] - floor:.2f}) of the best eligible selection top-1 ({top}, {sel[top]:.2f}; its "
+               f"own {sel[m]:.2f})")
     return m, f"{how}, within the cost bar ({ratio:.2f}× ≤ {COST_BOUND}){after}"
 
 
@@ -279,9 +282,26 @@ def transfer_gate(regime: str, method: str, seeds: int = 3) -> tuple[bool | None
     rule_label = f"|{rule_best['family']}[{rule_trial.name}]"  # the regime's best rule, as transfer.py names it
     recs = [r for r in (load("accuracy_transfer.json") or []) if r.get("source_regime") == regime]
 
+    from benchmarks.records import NEUTRAL
+    from lkd_ray.config import build_config
+
+    built = build_config("fashion_mnist", **trial.sections).to_dict()  # every field of what the trial runs, defaults too
+
     def runs_trial(r: dict) -> bool:
+        """The record's loss, loss network and meta-step are exactly the trial's: a run whose config merely contains
+        the trial's fields (another family's trial on the same base, with more fields set) is not it."""
         cfg = accuracy._stored_config(r["config_sha"], RESULTS / "configs.json")
-        return bool(cfg) and all(cfg.get(sec, {}).get(k) == v for sec, f in trial.sections.items() for k, v in f.items())
+        if not cfg:
+            return False
+        missing = object()
+        for sec in ("loss", "lossnet", "meta"):
+            for k, v in built[sec].items():
+                got = cfg.get(sec, {}).get(k, missing)
+                if got is missing:  # a field added after the run: it ran with what is now its neutral value
+                    got = NEUTRAL.get((sec, k), missing)
+                if got != v:
+                    return False
+        return True
 
     pre = [r for r in recs if r.get("role") == "preset" and runs_trial(r)]
     if not pre:

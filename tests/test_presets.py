@@ -175,7 +175,12 @@ def test_the_transfer_gate_reads_the_presets_transfer_runs_against_the_regimes_b
 
     ok, how = report.transfer_gate("noisy-pair45-8k", "lkd-rule-capped-tuned")
     assert ok is False and "below the transferred rule by more than 0.2 pt" in how
+    # lkd-best's transfer runs hold every field lkd-rule's trial sets (the same grid point, on the reweighted rule, with
+    # more fields set): they are not lkd-rule's runs, which were never transferred
+    assert report.transfer_gate("noisy-pair45-8k", "lkd-best-tuned")[0] is not None
     assert report.transfer_gate("noisy-pair45-8k", "lkd-rule-tuned") == (None, "not transferred")
+    ok, how = report.transfer_gate("scarce", "lkd-rule-capped-tuned")  # scarce's learned preset travels to 50 and 300 labels
+    assert ok is True and "in 2 settings" in how
 
 
 def test_the_field_preset_pick_is_the_tuning_pick_s_rule_within_the_selection_split_s_noise(tmp_path, monkeypatch):
