@@ -106,7 +106,7 @@ NEUTRAL: dict[tuple[str, str], Any] = {
     ("run", "log_every"): 50,
     ("loss", "ce_rule"): "plain", ("loss", "gce_q"): 0.7, ("loss", "sce_alpha"): 0.1, ("loss", "sce_beta"): 1.0,
     ("loss", "boot_beta"): 0.95, ("loss", "forget_rate"): 0.2, ("loss", "forget_ramp_epochs"): 2,
-    ("loss", "disagree_weight"): 1.0,
+    ("loss", "disagree_weight"): 1.0, ("loss", "ramp_epochs"): 0, ("loss", "ramp_weight"): 1.0, ("loss", "ramp_tau"): 1.0,
     ("meta", "meta_steps_per_epoch"): None, ("meta", "min_meta_steps"): 0, ("meta", "unroll_batch_size"): None,
     ("data", "confusion_map"): None, ("data", "noise_seed"): None, ("data", "noisy_labels"): None,
     ("data", "noisy_labels_key"): "worse_label", ("data", "trusted"): None, ("data", "select_per_class"): None,

@@ -171,12 +171,24 @@ class LossCfg(_Section):
     forget_rate: float = Field(0.2, ge=0, lt=1, description="ce_rule=small_loss: share of each batch left out, at full ramp")
     forget_ramp_epochs: int = Field(2, ge=0, description="ce_rule=small_loss: epochs over which the left-out share "
                                     "rises linearly from 0 to forget_rate (0: from the start)")
+    ramp_epochs: int = Field(0, ge=0, description="a hand-written schedule on the loss's scale and temperature: over "
+                             "this many epochs the CE weight and the distillation term's weight rise linearly from 1× to "
+                             "loss.ramp_weight× and its temperature to loss.ramp_tau× (on DIST, its inter-class term "
+                             "only, as the per-sample network moves it); 0: no ramp. kd and dist only")
+    ramp_weight: float = Field(1.0, gt=0, description="loss.ramp_epochs: the weights' factor at the ramp's end")
+    ramp_tau: float = Field(1.0, gt=0, description="loss.ramp_epochs: the temperature's factor at the ramp's end")
     disagree_weight: float = Field(1.0, ge=0, le=1, description="the label term's weight on samples whose given label "
                                    "is not the teacher's top class, on any ce_rule (1: the rule as it is; 0 on 'plain': "
                                    "the 'agree' rule; below 1 on 'relabel': trust the teacher's relabelling less)")
 
     @model_validator(mode="after")
     def _ce_rule(self):
+        if (self.ramp_weight != 1 or self.ramp_tau != 1) and not self.ramp_epochs:
+            raise ValueError("loss.ramp_weight / loss.ramp_tau set a ramp's end, and loss.ramp_epochs is 0 (no ramp): "
+                             "give loss.ramp_epochs, the epochs the ramp rises over")
+        if self.ramp_epochs and self.method not in ("kd", "dist"):
+            raise ValueError(f"loss.ramp_epochs schedules a hand-crafted kd or dist loss; loss.method={self.method!r} "
+                             "has no such ramp (a learned loss learns its own schedule): use kd or dist")
         if self.disagree_weight != 1 and self.method == "ce":
             raise ValueError(f"loss.disagree_weight={self.disagree_weight:g} weighs samples by whether the teacher's top "
                              "class is the given label, and loss.method='ce' has no teacher: use a distillation method "

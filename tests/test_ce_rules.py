@@ -209,3 +209,44 @@ def test_the_reweighted_rule_s_residual_is_gradchecked_at_both_scopes(scope, unr
     errs = run_gradcheck(eps=1e-4, scope=scope, unroll=unroll, max_entries=12, seed=11, kind="sample", base="dist",
                          lock="norm", sample_outputs=["w_ce"], loss={"ce_rule": "relabel", "w_logit": 0.0})
     assert set(errs) == {"higher", "torch.func"} and max(errs.values()) < 1e-5, errs
+
+
+def _np_pearson_rows(a, b):
+    a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+
+@pytest.mark.parametrize("method", ["kd", "dist"])
+def test_a_ramp_scales_the_loss_and_heats_its_temperature_linearly_over_its_epochs(batch, method):
+    """``loss.ramp_epochs``: at epoch e the CE weight and the distillation weight are 1 + (w − 1)·min(1, e/R) and the
+    temperature τ·(1 + (t − 1)·min(1, e/R)) — on DIST its inter-class term only, the intra-class term at τ — checked
+    against numpy formulas; epoch 0 is the loss itself, bit for bit."""
+    zs, zt, y = batch
+    cfg = LossCfg(method=method, tau=2.0, ce_rule="boot_soft", boot_beta=0.8, w_ce=0.7, w_logit=1.3,
+                  ramp_epochs=10, ramp_weight=2.0, ramp_tau=2.0)
+    plain = build_method(LossCfg(**{**cfg.model_dump(), "ramp_epochs": 0, "ramp_weight": 1.0, "ramp_tau": 1.0}))
+    ramped = build_method(cfg)
+    out, t = StudentOutputs(zs), TeacherOutputs(zt)
+    assert torch.equal(ramped(out, t, y, epoch=0)[0], plain(out, t, y, epoch=0)[0])
+    s, tt = _np(zs), _np(zt)
+    ce_rule = independent("boot_soft", zs, zt, y, boot_beta=0.8).mean()
+    for epoch, f in ((5, 0.5), (10, 1.0), (30, 1.0)):
+        w, tau = 1 + f, 2.0 * (1 + f)
+        ps, pt = _softmax(s / tau), _softmax(tt / tau)
+        if method == "kd":
+            distil = w * tau ** 2 * (pt * (np.log(pt) - np.log(ps))).sum(1).mean()
+        else:
+            ps2, pt2 = _softmax(s / 2.0), _softmax(tt / 2.0)
+            inter = (tau ** 2 * (1 - _np_pearson_rows(ps, pt))).mean()
+            intra = 2.0 ** 2 * (1 - _np_pearson_rows(ps2.T, pt2.T).mean())
+            distil = w * inter + intra
+        ref = 0.7 * w * ce_rule + 1.3 * distil
+        assert ramped(out, t, y, epoch=epoch)[0].item() == pytest.approx(ref, rel=1e-9), epoch
+
+
+def test_a_ramp_without_its_epochs_or_on_a_learned_loss_is_refused():
+    with pytest.raises(ConfigError, match="loss.ramp_epochs is 0"):
+        build_config("fashion_mnist", overrides=["loss.method=dist", "loss.ramp_weight=2"])
+    with pytest.raises(ConfigError, match="loss.method='lkd' has no such ramp"):
+        build_config("fashion_mnist", overrides=["loss.ramp_epochs=10"])
+    assert build_config("fashion_mnist", overrides=["loss.method=kd", "loss.ramp_epochs=10", "loss.ramp_tau=2"]).loss.ramp_tau == 2

@@ -58,6 +58,15 @@ class Method:
     def logit_term(self, z_s, z_t, y, state, epoch) -> torch.Tensor | None:
         return None
 
+    def ramp(self, epoch: int) -> tuple[float, float]:
+        """(weight factor, temperature factor) at ``epoch`` of ``loss.ramp_epochs``' linear ramp: 1 at epoch 0, the
+        configured end factors from epoch ``ramp_epochs`` on; (1, 1) without a ramp."""
+        c = self.cfg
+        if not c.ramp_epochs:
+            return 1.0, 1.0
+        f = min(1.0, epoch / c.ramp_epochs)
+        return 1.0 + (c.ramp_weight - 1.0) * f, 1.0 + (c.ramp_tau - 1.0) * f
+
     def feature_term(self, f_s, f_t, state) -> torch.Tensor:
         return handcrafted.feature_mse(f_s, f_t)
 
@@ -67,12 +76,13 @@ class Method:
         z_s = _full(out.logits)
         parts: dict[str, torch.Tensor] = {}
         if c.w_ce and not self.owns_ce:
+            w_ce = c.w_ce * self.ramp(epoch)[0] if c.ramp_epochs else c.w_ce
             # plain CE: the library's mean-reduced CE, which the records before the rules ran exactly
             if c.ce_rule == "plain" and c.disagree_weight == 1:
-                parts["ce"] = c.w_ce * handcrafted.ce(z_s, y, c.label_smoothing)
+                parts["ce"] = w_ce * handcrafted.ce(z_s, y, c.label_smoothing)
             else:
                 z_t = _full(teacher.logits) if teacher is not None else None
-                parts["ce"] = c.w_ce * self.ce_rule(z_s, y, z_t, epoch)
+                parts["ce"] = w_ce * self.ce_rule(z_s, y, z_t, epoch)
         if self.needs_teacher and (c.w_logit or self.owns_ce):
             if teacher is None or teacher.logits is None:
                 raise ValueError(f"method {self.name!r} distils from the teacher's logits; none were given")
@@ -106,6 +116,9 @@ class KD(Method):
     name = "kd"
 
     def logit_term(self, z_s, z_t, y, state, epoch):
+        if self.cfg.ramp_epochs:
+            w, t = self.ramp(epoch)
+            return w * handcrafted.kd(z_s, z_t, self.cfg.tau * t)
         return handcrafted.kd(z_s, z_t, self.cfg.tau)
 
 
@@ -124,7 +137,12 @@ class DIST(Method):
     name = "dist"
 
     def logit_term(self, z_s, z_t, y, state, epoch):
-        return handcrafted.dist(z_s, z_t, self.cfg.dist_beta, self.cfg.dist_gamma, self.cfg.tau)
+        c = self.cfg
+        if c.ramp_epochs:  # the inter-class term ramps (weight and τ); the intra-class term, a batch statistic, stays
+            w, t = self.ramp(epoch)
+            return (c.dist_beta * w * handcrafted.dist_inter_per_sample(z_s, z_t, c.tau * t).mean()
+                    + c.dist_gamma * handcrafted.dist_intra(z_s, z_t, c.tau))
+        return handcrafted.dist(z_s, z_t, c.dist_beta, c.dist_gamma, c.tau)
 
 
 @register
