@@ -79,10 +79,11 @@ RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
 # lkd-best-early: lkd-best's schedule in the first epochs only, to bring its cost under the bar
 # lkd-rule-head, lkd-best-head: lkd-rule's and lkd-best's grids with the meta-step through the classifier head only
 # (about one student step a meta-step instead of about four); lkd-rule-b32, lkd-best-b32: the same grids with each
-# meta-step on 32 images (unroll and quiz batch) through the whole student
+# meta-step on 32 images (unroll and quiz batch) through the whole student; ramp: the best rule with a linear ramp of
+# its weights and temperature over the run (what the learned residual did on scarce, written by hand)
 FIELD_TUNED = HANDCRAFTED_FIELD + RULES + ("rule-weights", "lkd-rule", "lkd-rule-capped", "lkd-best", "lkd-best-capped",
                                            "disagree-weight", "lkd-best-early", "lkd-rule-head", "lkd-best-head",
-                                           "lkd-rule-b32", "lkd-best-b32")
+                                           "lkd-rule-b32", "lkd-best-b32", "ramp")
 FIELD_ONLY = ("noisy-pair45-8k",)  # regimes added for the field suite: the regimes suite's records never had them
 
 
@@ -303,6 +304,13 @@ def on_best_pick(regime: str, tuning: list[dict], build):
     return next(t for t in family_trials(regime, best["family"], tuning, "field") if t.name == best["trial"])
 
 
+def regime_epochs(regime: str) -> int:
+    """The student's epochs in ``regime`` (its own, or the recipe's)."""
+    from lkd_ray.config import build_config
+
+    return REGIMES[regime].get("optim", {}).get("epochs") or build_config("fashion_mnist").optim.epochs
+
+
 def whole_set_best(regime: str, tuning: list[dict]):
     """The best hand-crafted loss of the whole field set by the selection pick — the rule rule-weights sat on, or
     rule-weights' pick where that beats it — and whether it is that rule."""
@@ -349,7 +357,7 @@ def field_untuned(regime: str, tuning: list[dict]) -> dict[str, str]:
 
 def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "regimes"):
     from lkd_ray.search_spaces import (HANDCRAFTED, RULE_GRIDS, disagree_weight_trials, lkd_early_trials, lkd_head_trials,
-                                       lkd_rule_capped_trials, lkd_small_batch_trials, lkd_rule_trials, lkd_sample_dist_trials, lkd_sample_trials,
+                                       lkd_rule_capped_trials, lkd_small_batch_trials, ramp_trials, lkd_rule_trials, lkd_sample_dist_trials, lkd_sample_trials,
                                        rule_trials, rule_weight_trials)
 
     if suite == "field":
@@ -365,6 +373,10 @@ def family_trials(regime: str, family: str, tuning: list[dict], suite: str = "re
             return lkd_head_trials(on_best_pick(regime, tuning, lkd_head_trials))
         if family == "lkd-best-head":
             return lkd_head_trials(best_of_all(regime, tuning), family="lkd-best-head")
+        if family == "ramp":  # the best rule, its weights and temperature ramped over the whole run
+            def on_rule(trial):
+                return ramp_trials(trial, regime_epochs(regime))
+            return on_rule(on_best_pick(regime, tuning, on_rule))
         if family == "lkd-rule-b32":  # … with each meta-step on 32 images, through the whole student
             return lkd_small_batch_trials(on_best_pick(regime, tuning, lkd_small_batch_trials))
         if family == "lkd-best-b32":

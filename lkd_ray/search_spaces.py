@@ -117,6 +117,24 @@ def rule_weight_trials(rule: Trial) -> list[Trial]:
             for c in RULE_WEIGHTS["w_ce"] for w in RULE_WEIGHTS["w_logit"] if (c, w) != own]
 
 
+RAMP = {"ramp_weight": (1.5, 2.0), "ramp_tau": (1.0, 2.0)}
+
+
+def ramp_trials(rule: Trial, epochs: int) -> list[Trial]:
+    """The regime's best rule with a linear ramp over the whole run (``loss.ramp_epochs`` = ``epochs``) of its CE and
+    distillation weights to ×{1.5, 2} and its temperature to ×{1, 2} (DIST: the inter-class term's). On scarce the
+    learned residual's outputs grew from the rule to about ×2 over training, and its network frozen at the end
+    values from the first step did worse than the rule: the path was the finding, so the path written by hand is a
+    baseline it must beat."""
+    loss = dict(rule.sections["loss"])
+    if loss.get("method") not in ("kd", "dist"):
+        raise ValueError(f"a ramp schedules a kd or dist loss's weights and temperature: a {loss.get('method')!r} pick "
+                         "has none")
+    return [Trial("ramp", f"w={_num(w)},tau={_num(t)}", {"loss": {**loss, "ramp_epochs": epochs, "ramp_weight": w,
+                                                                   "ramp_tau": t}})
+            for w in RAMP["ramp_weight"] for t in RAMP["ramp_tau"]]
+
+
 DISAGREE_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 
 

@@ -556,3 +556,21 @@ def test_only_an_untuned_base_reads_as_not_tuned_yet_and_a_grid_that_changed_is_
     edited = [{**r, "trial": "tau=3"} if r["family"] == "dist" and r["trial"] == dist_pick else r for r in rows]
     with pytest.raises(accuracy.BenchmarkError, match=r"dist pick 'tau=3' is not in that family's grid"):
         accuracy.field_untuned("noisy-pair30", edited)
+
+
+def test_the_ramp_family_ramps_the_best_rule_over_the_regime_s_whole_run():
+    """``ramp``: the best rule (a KD- or DIST-based pick) with its weights and temperature ramped linearly over the
+    regime's own epochs (scarce trains 40, the others the recipe's), a 2 × 2 grid; everything else is the rule's."""
+    import accuracy as acc
+
+    from lkd_ray.search_spaces import RAMP
+
+    rows = _field_tuning_rows()
+    rule, _ = acc._trial_of("noisy-pair30", "rule-best", rows, "field")
+    trials = acc.family_trials("noisy-pair30", "ramp", rows, "field")
+    assert acc.regime_epochs("scarce") == 40 and acc.regime_epochs("noisy-pair30") == 12
+    assert {(t.sections["loss"]["ramp_weight"], t.sections["loss"]["ramp_tau"]) for t in trials} == \
+        {(w, tau) for w in RAMP["ramp_weight"] for tau in RAMP["ramp_tau"]}
+    for t in trials:
+        assert t.family == "ramp" and t.sections["loss"]["ramp_epochs"] == 12
+        assert {k: v for k, v in t.sections["loss"].items() if not k.startswith("ramp_")} == rule.sections["loss"]
