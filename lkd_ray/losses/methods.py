@@ -76,7 +76,7 @@ class Method:
         z_s = _full(out.logits)
         parts: dict[str, torch.Tensor] = {}
         if c.w_ce and not self.owns_ce:
-            w_ce = c.w_ce * self.ramp(epoch)[0] if c.ramp_epochs else c.w_ce
+            w_ce = c.w_ce * self.ramp(epoch)[0]  # ×1.0 without a ramp: exact
             # plain CE: the library's mean-reduced CE, which the records before the rules ran exactly
             if c.ce_rule == "plain" and c.disagree_weight == 1:
                 parts["ce"] = w_ce * handcrafted.ce(z_s, y, c.label_smoothing)
@@ -116,10 +116,8 @@ class KD(Method):
     name = "kd"
 
     def logit_term(self, z_s, z_t, y, state, epoch):
-        if self.cfg.ramp_epochs:
-            w, t = self.ramp(epoch)
-            return w * handcrafted.kd(z_s, z_t, self.cfg.tau * t)
-        return handcrafted.kd(z_s, z_t, self.cfg.tau)
+        w, t = self.ramp(epoch)  # (1, 1) without a ramp: exact
+        return w * handcrafted.kd(z_s, z_t, self.cfg.tau * t)
 
 
 @register
