@@ -4,7 +4,7 @@ identity, the checks that stop bad input before any trial, and the pick with its
 
 Stage 1 runs every hand-crafted family of ``search_spaces.HANDCRAFTED`` asked for; stage 2 every field rule of
 ``search_spaces.RULE_GRIDS`` on the stage-1 picks of each of ``search_spaces.RULE_BASES`` (the tuned KD and DIST);
-stage 3 every family of ``search_spaces.ON_PICK`` (the learned ones, ``rule-weights`` and ``disagree-weight``) on the
+stage 3 every family of ``search_spaces.ON_PICK`` (the learned ones, ``rule-weights``, ``disagree-weight``, ``ramp``) on the
 pick of its base family (``"*"``: the best pick of stages 1 and 2), as ``benchmarks/accuracy.py --suite field``
 chains them. Every pick is made on the clean selection split when the config sets ``data.select_per_class``
 (``search_spaces.pick_on_selection``), else on the quiz split. Every trial gets the same budget (``--epochs``); ``--trials`` caps each family at that many settings, spread evenly
@@ -191,16 +191,17 @@ def planned_rule_trials(families: list[str], cap: int | None) -> list[search_spa
     return [t for f in families for t in capped(search_spaces.rule_trials(f, bases), cap)]
 
 
-def planned_on_pick_trials(families: list[str], cap: int | None) -> list[search_spaces.Trial]:
-    """Stage 3's trials on placeholder bases (see ``planned_rule_trials``)."""
+def planned_on_pick_trials(families: list[str], cap: int | None, epochs: int | None = None) -> list[search_spaces.Trial]:
+    """Stage 3's trials on placeholder bases (see ``planned_rule_trials``); ``epochs``: each trial's (a schedule over
+    the run, ``ramp``, needs them)."""
     on_pick = search_spaces.ON_PICK
-    return [t for f in families for t in capped(on_pick[f].build(_placeholder(on_pick[f].base)), cap)]
+    return [t for f in families for t in capped(on_pick[f].trials(_placeholder(on_pick[f].base), epochs), cap)]
 
 
-def stage_counts(st: Stages, cap: int | None) -> list[int]:
+def stage_counts(st: Stages, cap: int | None, epochs: int | None = None) -> list[int]:
     """How many trials each stage will run (at most: a later stage skips a family whose base has no finished trial)."""
     return [len(stage1_trials(st.hand, cap)), len(planned_rule_trials(st.rules, cap)),
-            len(planned_on_pick_trials(st.on_pick, cap))]
+            len(planned_on_pick_trials(st.on_pick, cap, epochs))]
 
 
 def as_trial(row: dict) -> search_spaces.Trial:
@@ -232,10 +233,10 @@ def stage2_trials(families: list[str], cap: int | None, finished: list[dict],
 
 
 def stage3_trials(families: list[str], cap: int | None, finished: list[dict],
-                  choose) -> tuple[list[search_spaces.Trial], dict, list[str]]:
-    """Stage 3's trials (the learned families and rule-weights) on the pick of their base family (``"*"``: the best
-    pick over every finished trial of stages 1 and 2 that the family can sit on); also {trial label: its base's
-    label} and notes."""
+                  choose, epochs: int | None = None) -> tuple[list[search_spaces.Trial], dict, list[str]]:
+    """Stage 3's trials (the learned families, rule-weights, disagree-weight, ramp) on the pick of their base family
+    (``"*"``: the best pick over every finished trial of stages 1 and 2 that the family can sit on); also {trial
+    label: its base's label} and notes. ``epochs``: each trial's (the ramp rises over the whole run)."""
     out, base_of, notes = [], {}, []
     for f in families:
         fam = search_spaces.ON_PICK[f]
@@ -246,25 +247,25 @@ def stage3_trials(families: list[str], cap: int | None, finished: list[dict],
             continue
         best = choose(rows)
         try:
-            trials = fam.build(as_trial(best))
+            trials = fam.trials(as_trial(best), epochs)
         except ValueError as e:  # the best pick is a loss this family cannot sit on: the best one it can
-            fits = [r for r in rows if _builds(fam, r)]
+            fits = [r for r in rows if _builds(fam, r, epochs)]
             if not fits:
                 notes.append(f"{f} skipped: no finished trial it can start from ({e})")
                 continue
             alt = choose(fits)
             notes.append(f"{f} starts from {alt['label']}, the best pick it can sit on: the best overall, "
                          f"{best['label']}, cannot be its base ({e})")
-            best, trials = alt, fam.build(as_trial(alt))
+            best, trials = alt, fam.trials(as_trial(alt), epochs)
         for t in capped(trials, cap):
             out.append(t)
             base_of[t.label] = best["label"]
     return out, base_of, notes
 
 
-def _builds(fam: search_spaces.OnPick, row: dict) -> bool:
+def _builds(fam: search_spaces.OnPick, row: dict, epochs: int | None) -> bool:
     try:
-        fam.build(as_trial(row))
+        fam.trials(as_trial(row), epochs)
         return True
     except ValueError:
         return False

@@ -277,20 +277,31 @@ class OnPick:
     from; ``"*"``: the best hand-crafted pick of every family run). ``build`` raises ValueError for a pick it cannot
     sit on (a searcher then takes the best pick it can)."""
     base: str
-    build: Callable[[Trial | None], list[Trial]]
+    build: Callable[..., list[Trial]]
+    over_run: bool = False  # build(pick, epochs): a schedule over the whole run needs the run's epochs
+
+    def trials(self, pick: Trial | None, epochs: int | None = None) -> list[Trial]:
+        if not self.over_run:
+            return self.build(pick)
+        if not epochs:
+            raise TypeError("this family schedules over the whole run: give the run's epochs")
+        return self.build(pick, epochs)
 
 
 LEARNED: dict[str, OnPick] = {
     "lkd-sample": OnPick("kd", lkd_sample_trials),
     "lkd-sample-dist": OnPick("dist", lkd_sample_dist_trials),
     "lkd-rule": OnPick("*", lkd_rule_trials),  # the residual on the best hand-crafted loss, field rules included
+    "lkd-rule-capped": OnPick("*", lkd_rule_capped_trials),  # … with meta-steps few enough for the cost bar on small data
 }
 # Every family built on a pick: the learned ones, the best loss's own CE and distillation weights tuned — the
-# hand-crafted reweighting that beat the learned residual on noisy-pair45-8k — and its label term scaled where the
-# teacher disagrees (what the residual on that reweighting then learned): a search that offers the residual offers
-# what it found too (the learned loss must beat them, not claim them).
+# hand-crafted reweighting that beat the learned residual on noisy-pair45-8k —, its label term scaled where the
+# teacher disagrees (what the residual on that reweighting then learned) and its weights and temperature ramped over
+# the run (what the residual learned on scarce): a search that offers the residual offers what it found too (the
+# learned loss must beat them, not claim them).
 ON_PICK: dict[str, OnPick] = {**LEARNED, "rule-weights": OnPick("*", rule_weight_trials),
-                               "disagree-weight": OnPick("*", disagree_weight_trials)}
+                               "disagree-weight": OnPick("*", disagree_weight_trials),
+                               "ramp": OnPick("*", ramp_trials, over_run=True)}
 # The field's rules (issue 25) run after the hand-crafted families they sit on: each on the tuned KD and the tuned
 # DIST (``rule_trials(family, {"kd": pick, "dist": pick})``); a learned family with base "*" starts from the best
 # pick over the hand-crafted families and these rules.

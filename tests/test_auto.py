@@ -112,6 +112,24 @@ def test_three_stages_rules_sit_on_the_kd_and_dist_picks_and_lkd_rule_on_the_bes
     assert set(b3.values()) == {"gce[q=0.5,base=dist]"} and "ls[eps=0.1], cannot be its base" in n3[0]
     _, brw, nrw = plan.stage3_trials(["rule-weights"], 1, s1[:-1] + top_ls + gce, search_spaces.pick)
     assert set(brw.values()) == {"gce[q=0.5,base=dist]"} and "ls[eps=0.1], cannot be its base" in nrw[0]
+    # ramp: the best pick with its weights and temperature ramped over the search's epochs (it needs them), the rest
+    # of the loss the pick's; on a pick with no KD or DIST term (the ls top) the best pick it can sit on, with a note
+    rp, brp, nrp = plan.stage3_trials(["ramp"], None, s1 + gce, search_spaces.pick, epochs=7)
+    assert set(brp.values()) == {"gce[q=0.5,base=dist]"} and not nrp and len(rp) == 4
+    assert {(t.sections["loss"]["ramp_weight"], t.sections["loss"]["ramp_tau"]) for t in rp} == \
+        {(w, t) for w in search_spaces.RAMP["ramp_weight"] for t in search_spaces.RAMP["ramp_tau"]}
+    assert all(t.sections["loss"]["ramp_epochs"] == 7 and {k: v for k, v in t.sections["loss"].items() if
+               not k.startswith("ramp_")} == rule.sections["loss"] for t in rp)
+    _, brp, nrp = plan.stage3_trials(["ramp"], 1, s1[:-1] + top_ls + gce, search_spaces.pick, epochs=7)
+    assert set(brp.values()) == {"gce[q=0.5,base=dist]"} and "ls[eps=0.1], cannot be its base" in nrp[0]
+    with pytest.raises(TypeError, match="run's epochs"):
+        plan.stage3_trials(["ramp"], None, s1 + gce, search_spaces.pick)
+    assert plan.stage_counts(plan.resolve_families(["dist", "ramp", "lkd-rule-capped"]), None, 7)[2] == 4 + 8
+    # lkd-rule-capped: lkd-rule's residual on the same pick, at 2 or 3 meta-steps per epoch with no floor
+    cp, bcp, _ = plan.stage3_trials(["lkd-rule-capped"], None, s1 + gce, search_spaces.pick)
+    assert set(bcp.values()) == {"gce[q=0.5,base=dist]"}
+    assert {t.sections["meta"]["meta_steps_per_epoch"] for t in cp} == {2.0, 3.0}
+    assert {t.sections["meta"]["min_meta_steps"] for t in cp} == {0}
     # no finished dist: the rules sit on kd alone, and say so; nothing to sit on: skipped
     trials, base_of, notes = plan.stage2_trials(["gce"], None, s1[:2], search_spaces.pick)
     assert set(base_of.values()) == {"kd[alpha=0.9,tau=2]"} and "not run on dist" in notes[0]
@@ -235,8 +253,8 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
         tmp_path, cache_dir, fashion_available, local_ray, monkeypatch, capsys):
     """Stage 1: dist, kd (brought by the rule) and a family added to the registry at run time whose trial diverges (its
     error is a row; the search goes on); stage 2: a field rule on the kd and dist picks (capped to one setting);
-    stage 3: the learned DIST family on the dist pick, and lkd-rule and rule-weights on the best of stages 1 and 2:
-    7 trials, 1 epoch each, 2 at a time. The config sets a clean selection split: every pick is made on it."""
+    stage 3: the learned DIST family on the dist pick, and lkd-rule, rule-weights and ramp on the best of stages 1
+    and 2: 8 trials, 1 epoch each, 2 at a time. The config sets a clean selection split: every pick is made on it."""
     from lkd_ray.cli import main
 
     monkeypatch.setitem(search_spaces.HANDCRAFTED, "boom", [Trial("boom", "lr=1e30", {"loss": {"method": "ce"},
@@ -244,14 +262,14 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     store = tmp_path / "store"
     code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--set", "data.select_per_class=10",
                  "--storage", str(store), "--name", "e2e",
-                 "--families", "dist", "boom", "lkd-sample-dist", "agree", "lkd-rule", "rule-weights", "--trials", "1", "--max-concurrent", "2",
+                 "--families", "dist", "boom", "lkd-sample-dist", "agree", "lkd-rule", "rule-weights", "ramp", "--trials", "1", "--max-concurrent", "2",
                  "--cpus-per-trial", "1", "--seed", "3", "--time-budget", "3000"])
     out = capsys.readouterr().out
     assert code == 0, out
     d = store / "e2e"
     rows = json.loads((d / "trials.json").read_text())
     by = {r["label"]: r for r in rows}
-    assert [(r["stage"], r["label"]) for r in rows[:-1]] == [
+    assert [(r["stage"], r["label"]) for r in rows[:-2]] == [
         (1, "kd[alpha=0.5,tau=8]"), (1, "dist[tau=2]"), (1, "boom[lr=1e30]"), (2, "agree[rule=agree_soft,base=kd]"),
         (3, "lkd-sample-dist[lock=none,every=80,lr=0.01]"), (3, "lkd-rule[lock=none,per_epoch=8,lr=0.01]")]
     assert "TrainingDiverged" in by["boom[lr=1e30]"]["error"] and by["boom[lr=1e30]"]["quiz_top1"] is None
@@ -264,10 +282,14 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     lkd_rule = by["lkd-rule[lock=none,per_epoch=8,lr=0.01]"]  # on the best of stages 1 and 2, its rule included
     assert lkd_rule["base"] == choose([r for r in done if r["stage"] < 3])["label"]
     assert lkd_rule["sections"]["loss"].get("ce_rule") == by[lkd_rule["base"]]["sections"]["loss"].get("ce_rule")
-    reweighed = rows[-1]  # rule-weights on the same pick: the grid's setting the cap keeps, built on that pick
+    reweighed, ramp = rows[-2:]  # rule-weights on the same pick: the grid's setting the cap keeps, built on that pick
     base_trial = Trial(by[lkd_rule["base"]]["family"], by[lkd_rule["base"]]["setting"], by[lkd_rule["base"]]["sections"])
     assert reweighed["stage"] == 3 and reweighed["base"] == lkd_rule["base"] and reweighed["quiz_top1"] is not None
     assert reweighed["label"] == plan.capped(search_spaces.rule_weight_trials(base_trial), 1)[0].label
+    # ramp on the same pick, over the search's epochs (1 here, not the config's 4); it ran to its end through Ray
+    assert ramp["stage"] == 3 and ramp["base"] == lkd_rule["base"] and ramp["quiz_top1"] is not None
+    assert ramp["label"] == plan.capped(search_spaces.ramp_trials(base_trial, 1), 1)[0].label
+    assert ramp["sections"]["loss"]["ramp_epochs"] == 1
     pick = json.loads((d / "pick.json").read_text())
     win = by[pick["pick"]]
     assert win["label"] == choose(done)["label"] and pick["split"]["picked_on"] == "selection"
@@ -285,7 +307,7 @@ def test_search_runs_every_family_ships_a_loadable_best_config_and_reports_a_fai
     assert groups["teacher agrees"]["n"] + groups["teacher disagrees"]["n"] == 600 and "per_sample" not in rows[0]
     for f in ("trials.csv", "summary.txt", "quiz_per_family.png", "winner_curve.png", "per_sample.png"):
         assert (d / f).stat().st_size > 0, f
-    assert "[auto] 6/7 trials done, 0 running, 0 left, 1 failed; best so far" in out
+    assert "[auto] 7/8 trials done, 0 running, 0 left, 1 failed; best so far" in out
     assert "time budget 3000 s" in out and pick["budget"]["seed"] == 3
     # a search where no trial finishes still writes its table of errors, and exits 1 with where to look
     code = main(["auto", *TINY, "--set", f"run.cache_dir={cache_dir}", "--storage", str(store), "--name", "fails",

@@ -141,6 +141,27 @@ def test_teacher_student_class_mismatch_is_clear():
         build_run(cfg, data=data, teacher=build_model("cnn_teacher", 7, 1))
 
 
+def test_a_ramp_says_in_the_run_log_what_it_does_and_when_the_run_is_another_length():
+    """``loss.ramp_epochs`` counts epochs: a run of another length than the ramp was tuned over says so, and how to
+    make it ramp over the whole run."""
+    from lkd_ray.train.run import ramp_schedule
+
+    cfg, data = _synthetic(loss={"method": "dist", "ramp_epochs": 4, "ramp_weight": 2.0, "ramp_tau": 1.5},
+                           optim={"epochs": 2})
+    lines = []
+    build_run(cfg, data=data, teacher=build_model("cnn_teacher", 10, 1), log=lines.append)
+    ramp = [ln for ln in lines if ln.startswith("loss ramp:")]
+    assert len(ramp) == 1 and "DIST's inter-class term ×1 → ×2" in ramp[0] and "τ ×1 → ×1.5 over 4 epochs" in ramp[0]
+    assert "ends at 50% of the ramp" in ramp[0] and "loss.ramp_epochs=2" in ramp[0]
+    kd = cfg.loss.model_copy(update={"method": "kd"})
+    assert ramp_schedule(kd, 10).endswith("over 4 epochs, then held for the last 6 of 10") and "KD's term" in ramp_schedule(kd, 10)
+    assert ramp_schedule(kd, 4).endswith("over 4 epochs")
+    assert ramp_schedule(cfg.loss.model_copy(update={"ramp_epochs": 0}), 4) is None
+    lines.clear()
+    build_run(_synthetic(loss={"method": "dist"})[0], data=data, teacher=build_model("cnn_teacher", 10, 1), log=lines.append)
+    assert not [ln for ln in lines if ln.startswith("loss ramp:")]
+
+
 def test_nan_meta_gradient_is_rejected_and_training_goes_on():
     cfg, data = _synthetic(meta={"meta_every": 2, "p_snapshot": 0.0})
     data.quiz.images[:] = float("nan")  # every quiz loss, hence every meta-gradient, is NaN

@@ -11,6 +11,7 @@ reads those and runs only what is missing (a trial killed half-way runs again fr
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -318,9 +319,9 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     specs = _specs(s1, 1, base, opts)
     # the later stages' settings, on placeholder bases, must fit the config too: known before stage 1
     _specs(plan.planned_rule_trials(st.rules, opts.trials), 2, base, opts)
-    _specs(plan.planned_on_pick_trials(st.on_pick, opts.trials), 3, base, opts)
-    counts = plan.stage_counts(st, opts.trials)
     epochs = opts.epochs or cfg.optim.epochs
+    _specs(plan.planned_on_pick_trials(st.on_pick, opts.trials, epochs), 3, base, opts)
+    counts = plan.stage_counts(st, opts.trials, epochs)
     for n in notes:
         log(f"[auto] {n}")
     info, kd_run = prepare(cfg, storage, opts.name, opts.endpoint_url, log)
@@ -347,7 +348,7 @@ def run_auto(cfg: Config, opts: plan.AutoOptions, log=print) -> dict[str, Any]:
     deadline = t_start + opts.time_budget_s if opts.time_budget_s else None
     errors = _run_stage(1, s1, ctx, storage, opts, progress, None if deadline is None else deadline - time.perf_counter(), log)
     bases: dict[str, str] = {}
-    later = ((2, st.rules, plan.stage2_trials), (3, st.on_pick, plan.stage3_trials))
+    later = ((2, st.rules, plan.stage2_trials), (3, st.on_pick, functools.partial(plan.stage3_trials, epochs=epochs)))
     for stage, fams, build in later:  # each on the picks of the stages before it
         results = _stored_results(storage, opts.name, specs)
         trials, base_of, skipped = build(fams, opts.trials, plan.finished(results), choose)

@@ -178,6 +178,22 @@ def meta_schedule(meta: MetaCfg, steps_per_epoch: int, epochs: int) -> tuple[Met
     return meta.model_copy(update={"meta_every": every}), f"{why} ({steps // every} meta-steps in {span})"
 
 
+def ramp_schedule(loss, epochs: int) -> str | None:
+    """The loss's hand-written ramp (``loss.ramp_epochs``) in words, for the run's log; None without one. A ramp
+    counts epochs, so a preset's ramp tuned over one run length says so when the run is another length."""
+    if not loss.ramp_epochs:
+        return None
+    term = "DIST's inter-class term" if loss.method == "dist" else "KD's term"
+    words = (f"the weights of CE and {term} ×1 → ×{loss.ramp_weight:g} and its τ ×1 → ×{loss.ramp_tau:g} over "
+             f"{loss.ramp_epochs} epochs")
+    if loss.ramp_epochs < epochs:
+        words += f", then held for the last {epochs - loss.ramp_epochs} of {epochs}"
+    elif loss.ramp_epochs > epochs:
+        words += (f": this run has {epochs}, so it ends at {epochs / loss.ramp_epochs:.0%} of the ramp (set "
+                  f"loss.ramp_epochs={epochs} to ramp over the whole run, as the ramp family tunes it)")
+    return words
+
+
 def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
               data: DataBundle | None = None, teacher: torch.nn.Module | None = None, teacher_info: dict | None = None,
               meta_updater: Callable[[LossNetworks], Any] | None = None, snapshots=None,
@@ -240,6 +256,9 @@ def build_run(cfg: Config, *, rank: int = 0, world_size: int = 1, device: torch.
             cfg.meta.sampling, cfg.meta.max_snapshots, None if mb is None else mb << 20, cfg.run.cache_dir)
         trainer.meta = GradientMetaLearner(meta_cfg, trainer.method, lossnets, updater, store, data, trainer.teacher,
                                            trainer.to_device, cfg.run.seed, rank)
+    ramp = ramp_schedule(cfg.loss, cfg.optim.epochs)
+    if ramp:
+        log(f"loss ramp: {ramp}")
     if trainer.meta is not None and hasattr(trainer.meta, "attach"):
         trainer.meta.attach(trainer)
     return Run(cfg, data, teacher, teacher_info, trainer, info)
