@@ -67,6 +67,8 @@ RECORDS, TUNING = "accuracy_regimes.json", "accuracy_regimes_tuning.json"
 # a clean selection split disjoint from the meta-objective's quiz (search_spaces.pick_on_selection), the learned
 # loss as a residual on the regime's best rule, and finals over noise draws as well as student seeds.
 FIELD_RECORDS, FIELD_TUNING = "accuracy_field.json", "accuracy_field_tuning.json"
+# Teachers the records ran on (0.4 MB each): a retrained one is another teacher (``teacher_conflicts``).
+KEPT_TEACHERS = ROOT / "benchmarks" / "artifacts" / "teachers"
 SELECT = {"full": 50, "scarce": 20, "noisy-sym40": 50, "noisy-pair30": 50, "noisy-pair45-8k": 50}  # clean images per class, beside the quiz
 HANDCRAFTED_FIELD = ("kd", "dkd", "dist", "ls", "wsl", "dist-wce")
 RULES = ("agree", "relabel", "gce", "sce", "boot", "small-loss")
@@ -510,6 +512,40 @@ def check_against(tasks: list[dict], recorded: list[dict], store_path: Path = re
     return todo
 
 
+def teacher_conflicts(recorded: list[dict], regime: str, suite: str, draw: int, teacher: dict) -> list[dict]:
+    """Records of ``regime`` (same suite, same noise draw) that ran on another teacher than ``teacher``.
+
+    Why: the teacher's key is its recipe's hash, not its weights, and seeded training is not bit-for-bit the same
+    on another machine (``full``'s teacher came out at 91.52, 91.26 and 91.66 % on three of them). A suite that
+    resumed on a retrained teacher would rank families that ran on different teachers."""
+    want = (teacher.get("key"), teacher.get("test_top1"))
+    return [r for r in recorded if r.get("regime") == regime and r.get("suite", "regimes") == suite
+            and r.get("noise_draw", 0) == draw and r.get("teacher")
+            and (r["teacher"].get("key"), r["teacher"].get("test_top1")) != want]
+
+
+def restore_kept_teachers(cache_dir: str, kept: Path = KEPT_TEACHERS, log=print) -> list[str]:
+    """Copy the teachers kept in the repository into ``cache_dir`` where it has none of that name, so a suite
+    resumes on the teacher its records ran on (``teacher_conflicts``) instead of training another. Each copy is
+    atomic (a copy cut short never looks like a cached teacher)."""
+    import shutil
+
+    dest = Path(cache_dir) / "teachers"
+    restored = []
+    for src in sorted(kept.glob("*.pt")):
+        meta = src.with_suffix(".json")
+        if not meta.is_file() or (dest / src.name).is_file():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in (src, meta):  # weights first: the cache counts a teacher as present only with its .json
+            tmp = dest / f"{f.name}.tmp"
+            shutil.copyfile(f, tmp)
+            os.replace(tmp, dest / f.name)
+        restored.append(src.name)
+        log(f"teacher {src.stem}: restored from {src} into {dest} (the teacher the records ran on)")
+    return restored
+
+
 def _stored_config(sha: str, store_path: Path = records.CONFIGS) -> dict:
     store = json.loads(store_path.read_text()) if store_path.is_file() else {}
     return store.get(sha, {})
@@ -591,10 +627,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     records.keep_configs([t["config"] for t in todo], results / "configs.json")
     teachers = {}
+    restore_kept_teachers(args.cache_dir)
     for draw in sorted({t.get("noise_draw", 0) for t in todo}):  # one teacher per noise draw, before runs read it
         info = prepare(args.regime, args.cache_dir, args.suite, draw)
         teachers[draw] = {"key": info.get("key"), "test_top1": info.get("test_top1")}
         print(f"teacher {info.get('key')} (noise draw {draw}): test top-1 {info.get('test_top1')}", flush=True)
+        other = teacher_conflicts(tuning + recorded, args.regime, args.suite, draw, teachers[draw])
+        if other:
+            seen = sorted({f"{r['teacher'].get('key')} at {r['teacher'].get('test_top1')} %" for r in other})
+            print(f"error: {len(other)} recorded run(s) of {args.regime} ({args.suite} suite, noise draw {draw}) ran on "
+                  f"teacher {', '.join(seen)}; the teacher here is {info.get('key')} at {info.get('test_top1')} % "
+                  f"(retrained on another machine?). Mixing them would rank families that ran on different teachers: "
+                  f"put the records' teacher in {Path(args.cache_dir) / 'teachers'} (or {KEPT_TEACHERS}), or drop "
+                  f"those records (python benchmarks/records.py drop ... --reason ...) and re-run them", file=sys.stderr)
+            return 2
     prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1 + args.other_jobs), "threads": args.threads}
     for t in todo:
         t["provenance"] = {**prov, "teacher": teachers[t.get("noise_draw", 0)]}

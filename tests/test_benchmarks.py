@@ -214,6 +214,54 @@ def test_dropping_rows_removes_only_what_matches_and_logs_why(tmp_path):
     assert json.loads(recs.read_text()) == left and len(json.loads((tmp_path / "dropped.json").read_text())) == 1
 
 
+def test_a_suite_does_not_resume_on_another_teacher(tmp_path):
+    """A teacher's key is its recipe, not its weights: a retrained one can score otherwise. Records of the same
+    regime, suite and noise draw that ran on another teacher are named (so the benchmark stops); other regimes,
+    suites or draws, and records that predate the teacher field, are not."""
+    acc = _load("accuracy")
+    here = {"key": "k1", "test_top1": 91.66}
+    rows = [{"regime": "full", "suite": "field", "noise_draw": 0, "teacher": {"key": "k1", "test_top1": 91.26}, "seed": 0},
+            {"regime": "full", "suite": "field", "noise_draw": 0, "teacher": dict(here), "seed": 1},
+            {"regime": "full", "teacher": {"key": "k1", "test_top1": 91.52}, "seed": 2},  # regimes suite
+            {"regime": "full", "suite": "field", "noise_draw": 1, "teacher": {"key": "k2", "test_top1": 90.0}, "seed": 3},
+            {"regime": "scarce", "suite": "field", "noise_draw": 0, "teacher": {"key": "k1", "test_top1": 91.26}, "seed": 4},
+            {"regime": "full", "suite": "field", "seed": 5}]  # no teacher recorded
+    assert [r["seed"] for r in acc.teacher_conflicts(rows, "full", "field", 0, here)] == [0]
+    assert [r["seed"] for r in acc.teacher_conflicts(rows, "full", "regimes", 0, here)] == [2]
+    assert acc.teacher_conflicts(rows, "full", "field", 0, {"key": "k1", "test_top1": 91.26}) == [rows[1]]
+
+    kept, cache = tmp_path / "kept", tmp_path / "cache"
+    kept.mkdir()
+    (kept / "t-a.pt").write_bytes(b"weights a")
+    (kept / "t-a.json").write_text('{"key": "a"}')
+    (kept / "t-b.pt").write_bytes(b"weights b")  # no .json: not a whole teacher, not restored
+    (cache / "teachers").mkdir(parents=True)
+    assert acc.restore_kept_teachers(str(cache), kept, log=lambda m: None) == ["t-a.pt"]
+    assert (cache / "teachers" / "t-a.pt").read_bytes() == b"weights a"
+    assert sorted(p.name for p in (cache / "teachers").iterdir()) == ["t-a.json", "t-a.pt"]
+    (cache / "teachers" / "t-a.pt").write_bytes(b"the cache's own")  # a cached teacher is never overwritten
+    assert acc.restore_kept_teachers(str(cache), kept, log=lambda m: None) == []
+    assert (cache / "teachers" / "t-a.pt").read_bytes() == b"the cache's own"
+
+
+def test_the_kept_teachers_load_as_weights_and_match_the_field_records_that_ran_on_them():
+    """Each teacher kept in the repository loads with ``weights_only=True`` as the benchmark's teacher network, its
+    name carries its key, and the field suite's records with that key ran on it (the same test top-1)."""
+    from lkd_ray.models import load_teacher
+
+    acc = _load("accuracy")
+    kept = sorted(acc.KEPT_TEACHERS.glob("*.pt"))
+    assert kept, f"no teacher kept in {acc.KEPT_TEACHERS}"
+    field = json.loads((ROOT / "benchmarks" / "results" / acc.FIELD_TUNING).read_text())
+    for pt in kept:
+        info = json.loads(pt.with_suffix(".json").read_text())
+        assert pt.stem.endswith(info["key"])
+        net = load_teacher("cnn_teacher", str(pt), 10, 1)  # weights_only=True inside; a wrong shape raises
+        assert not any(p.requires_grad for p in net.parameters())
+        ran = [r for r in field if (r.get("teacher") or {}).get("key") == info["key"] and r.get("regime") == "full"]
+        assert ran and {r["teacher"]["test_top1"] for r in ran} == {info["test_top1"]}
+
+
 def test_the_benchmark_modules_import_no_circle():
     """Every import between benchmarks/*.py (top level or inside a function, `benchmarks.x` or the scripts' `import x`)
     forms no circle: report and figures once imported each other."""
