@@ -524,6 +524,21 @@ def teacher_conflicts(recorded: list[dict], regime: str, suite: str, draw: int, 
             and (r["teacher"].get("key"), r["teacher"].get("test_top1")) != want]
 
 
+def teacher_conflict_error(recorded: list[dict], regime: str, suite: str, draw: int, teacher: dict,
+                           cache_dir: str) -> str | None:
+    """What to tell the user when ``teacher_conflicts`` finds records on another teacher; None when there are none."""
+    other = teacher_conflicts(recorded, regime, suite, draw, teacher)
+    if not other:
+        return None
+    seen = sorted({f"{r['teacher'].get('key')} at {r['teacher'].get('test_top1')} %" for r in other})
+    return (f"{len(other)} recorded run(s) of {regime} ({suite} suite, noise draw {draw}) ran on teacher "
+            f"{', '.join(seen)}; the teacher here is {teacher.get('key')} at {teacher.get('test_top1')} % (retrained on "
+            f"another machine?). Mixing them would rank families that ran on different teachers: put the records' "
+            f"teacher in {Path(cache_dir) / 'teachers'} in place of this one (the teachers in {KEPT_TEACHERS} are "
+            f"copied there only where the cache has none), or drop those records (python benchmarks/records.py drop "
+            f"... --reason ...) and re-run them")
+
+
 def restore_kept_teachers(cache_dir: str, kept: Path = KEPT_TEACHERS, log=print) -> list[str]:
     """Copy the teachers kept in the repository into ``cache_dir`` where it has none of that name, so a suite
     resumes on the teacher its records ran on (``teacher_conflicts``) instead of training another. Each copy is
@@ -632,14 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         info = prepare(args.regime, args.cache_dir, args.suite, draw)
         teachers[draw] = {"key": info.get("key"), "test_top1": info.get("test_top1")}
         print(f"teacher {info.get('key')} (noise draw {draw}): test top-1 {info.get('test_top1')}", flush=True)
-        other = teacher_conflicts(tuning + recorded, args.regime, args.suite, draw, teachers[draw])
-        if other:
-            seen = sorted({f"{r['teacher'].get('key')} at {r['teacher'].get('test_top1')} %" for r in other})
-            print(f"error: {len(other)} recorded run(s) of {args.regime} ({args.suite} suite, noise draw {draw}) ran on "
-                  f"teacher {', '.join(seen)}; the teacher here is {info.get('key')} at {info.get('test_top1')} % "
-                  f"(retrained on another machine?). Mixing them would rank families that ran on different teachers: "
-                  f"put the records' teacher in {Path(args.cache_dir) / 'teachers'} (or {KEPT_TEACHERS}), or drop "
-                  f"those records (python benchmarks/records.py drop ... --reason ...) and re-run them", file=sys.stderr)
+        err = teacher_conflict_error(tuning + recorded, args.regime, args.suite, draw, teachers[draw], args.cache_dir)
+        if err:
+            print(f"error: {err}", file=sys.stderr)
             return 2
     prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1 + args.other_jobs), "threads": args.threads}
     for t in todo:
