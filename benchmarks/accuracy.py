@@ -512,31 +512,32 @@ def check_against(tasks: list[dict], recorded: list[dict], store_path: Path = re
     return todo
 
 
-def teacher_conflicts(recorded: list[dict], regime: str, suite: str, draw: int, teacher: dict) -> list[dict]:
-    """Records of ``regime`` (same suite, same noise draw) that ran on another teacher than ``teacher``.
+def on_other_teacher(rows: list[dict], teacher: dict) -> list[dict]:
+    """The rows that recorded a teacher other than ``teacher`` (rows that predate the field are not judged).
 
     Why: the teacher's key is its recipe's hash, not its weights, and seeded training is not bit-for-bit the same
     on another machine (``full``'s teacher came out at 91.52, 91.26 and 91.66 % on three of them). A suite that
     resumed on a retrained teacher would rank families that ran on different teachers."""
     want = (teacher.get("key"), teacher.get("test_top1"))
-    return [r for r in recorded if r.get("regime") == regime and r.get("suite", "regimes") == suite
-            and r.get("noise_draw", 0) == draw and r.get("teacher")
-            and (r["teacher"].get("key"), r["teacher"].get("test_top1")) != want]
+    return [r for r in rows if r.get("teacher") and (r["teacher"].get("key"), r["teacher"].get("test_top1")) != want]
 
 
-def teacher_conflict_error(recorded: list[dict], regime: str, suite: str, draw: int, teacher: dict,
-                           cache_dir: str) -> str | None:
-    """What to tell the user when ``teacher_conflicts`` finds records on another teacher; None when there are none."""
-    other = teacher_conflicts(recorded, regime, suite, draw, teacher)
+def teacher_conflicts(recorded: list[dict], regime: str, suite: str, draw: int, teacher: dict) -> list[dict]:
+    """Records of ``regime`` (same suite, same noise draw) that ran on another teacher than ``teacher``."""
+    return on_other_teacher([r for r in recorded if r.get("regime") == regime and r.get("suite", "regimes") == suite
+                             and r.get("noise_draw", 0) == draw], teacher)
+
+
+def teacher_conflict_error(other: list[dict], what: str, teacher: dict, cache_dir: str) -> str | None:
+    """What to tell the user when records of ``what`` ran on another teacher (``other``); None when none did."""
     if not other:
         return None
     seen = sorted({f"{r['teacher'].get('key')} at {r['teacher'].get('test_top1')} %" for r in other})
-    return (f"{len(other)} recorded run(s) of {regime} ({suite} suite, noise draw {draw}) ran on teacher "
-            f"{', '.join(seen)}; the teacher here is {teacher.get('key')} at {teacher.get('test_top1')} % (retrained on "
-            f"another machine?). Mixing them would rank families that ran on different teachers: put the records' "
-            f"teacher in {Path(cache_dir) / 'teachers'} in place of this one (the teachers in {KEPT_TEACHERS} are "
-            f"copied there only where the cache has none), or drop those records (python benchmarks/records.py drop "
-            f"... --reason ...) and re-run them")
+    return (f"{len(other)} recorded run(s) of {what} ran on teacher {', '.join(seen)}; the teacher here is "
+            f"{teacher.get('key')} at {teacher.get('test_top1')} % (retrained on another machine?). Mixing them would "
+            f"compare runs on different teachers: put the records' teacher in {Path(cache_dir) / 'teachers'} in place "
+            f"of this one (the teachers in {KEPT_TEACHERS} are copied there only where the cache has none), or drop "
+            f"those records (python benchmarks/records.py drop ... --reason ...) and re-run them")
 
 
 def restore_kept_teachers(cache_dir: str, kept: Path = KEPT_TEACHERS, log=print) -> list[str]:
@@ -647,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
         info = prepare(args.regime, args.cache_dir, args.suite, draw)
         teachers[draw] = {"key": info.get("key"), "test_top1": info.get("test_top1")}
         print(f"teacher {info.get('key')} (noise draw {draw}): test top-1 {info.get('test_top1')}", flush=True)
-        err = teacher_conflict_error(tuning + recorded, args.regime, args.suite, draw, teachers[draw], args.cache_dir)
+        err = teacher_conflict_error(teacher_conflicts(tuning + recorded, args.regime, args.suite, draw, teachers[draw]),
+                                     f"{args.regime} ({args.suite} suite, noise draw {draw})", teachers[draw], args.cache_dir)
         if err:
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -250,12 +250,21 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         return 0
     records.keep_configs([t["config"] for t in todo], results / "configs.json")
+    teachers = {}
     for setting in dict.fromkeys(t["setting"] for t in todo):  # each setting's teacher (and its output cache) once
         info = prepare(next(t["config"] for t in todo if t["setting"] == setting))
+        teachers[setting] = {"key": info.get("key"), "test_top1": info.get("test_top1")}
         print(f"{setting}: teacher {info.get('key')} test top-1 {info.get('test_top1')}", flush=True)
+        # a setting's preset and rule rows are compared pairwise: they must share its teacher (accuracy.on_other_teacher)
+        err = accuracy.teacher_conflict_error(
+            accuracy.on_other_teacher([r for r in recorded if r.get("setting") == setting], teachers[setting]),
+            f"transfer setting {setting}", teachers[setting], args.cache_dir)
+        if err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     prov = {**records.provenance(jobs_beside=min(args.jobs, len(todo)) - 1 + args.other_jobs), "threads": args.threads}
     for t in todo:
-        t["provenance"] = prov
+        t["provenance"] = {**prov, "teacher": teachers[t["setting"]]}
     t0 = time.perf_counter()
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         futs = [pool.submit(accuracy.run_one, t) for t in todo]

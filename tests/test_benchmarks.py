@@ -229,10 +229,17 @@ def test_a_suite_does_not_resume_on_another_teacher(tmp_path):
     assert [r["seed"] for r in acc.teacher_conflicts(rows, "full", "field", 0, here)] == [0]
     assert [r["seed"] for r in acc.teacher_conflicts(rows, "full", "regimes", 0, here)] == [2]
     assert acc.teacher_conflicts(rows, "full", "field", 0, {"key": "k1", "test_top1": 91.26}) == [rows[1]]
-    err = acc.teacher_conflict_error(rows, "full", "field", 0, here, str(tmp_path / "c"))
+    other = acc.teacher_conflicts(rows, "full", "field", 0, here)
+    err = acc.teacher_conflict_error(other, "full (field suite, noise draw 0)", here, str(tmp_path / "c"))
     assert "1 recorded run(s) of full (field suite, noise draw 0)" in err and "k1 at 91.26 %" in err
     assert "k1 at 91.66 %" in err and str(tmp_path / "c" / "teachers") in err and "records.py drop" in err
-    assert acc.teacher_conflict_error(rows, "full", "field", 1, rows[3]["teacher"], "c") is None
+    assert acc.teacher_conflict_error(acc.teacher_conflicts(rows, "full", "field", 1, rows[3]["teacher"]), "x",
+                                      rows[3]["teacher"], "c") is None
+    # the transfer benchmark judges a setting's rows the same way (its older rows recorded no teacher)
+    xfer = [{"setting": "pair20", "teacher": {"key": "t", "test_top1": 80.0}}, {"setting": "pair20"},
+            {"setting": "pair45", "teacher": {"key": "t", "test_top1": 70.0}}]
+    assert acc.on_other_teacher([r for r in xfer if r["setting"] == "pair20"], {"key": "t", "test_top1": 80.5}) == [xfer[0]]
+    assert acc.on_other_teacher([r for r in xfer if r["setting"] == "pair20"], {"key": "t", "test_top1": 80.0}) == []
 
     kept, cache = tmp_path / "kept", tmp_path / "cache"
     kept.mkdir()
