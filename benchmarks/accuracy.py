@@ -544,7 +544,7 @@ def restore_kept_teachers(cache_dir: str, kept: Path = KEPT_TEACHERS, log=print)
     """Copy the teachers kept in the repository into ``cache_dir`` where it has none of that name, so a suite
     resumes on the teacher its records ran on (``teacher_conflicts``) instead of training another. Each copy is
     atomic (a copy cut short never looks like a cached teacher)."""
-    import shutil
+    from lkd_ray.storage import atomic_write_bytes
 
     dest = Path(cache_dir) / "teachers"
     restored = []
@@ -554,9 +554,7 @@ def restore_kept_teachers(cache_dir: str, kept: Path = KEPT_TEACHERS, log=print)
             continue
         dest.mkdir(parents=True, exist_ok=True)
         for f in (src, meta):  # weights first: the cache counts a teacher as present only with its .json
-            tmp = dest / f"{f.name}.tmp"
-            shutil.copyfile(f, tmp)
-            os.replace(tmp, dest / f.name)
+            atomic_write_bytes(dest / f.name, f.read_bytes())
         restored.append(src.name)
         log(f"teacher {src.stem}: restored from {src} into {dest} (the teacher the records ran on)")
     return restored
