@@ -69,6 +69,28 @@ def per_sample_figure(recs: list[dict], method: str, out: Path, regime: str, suf
 HATCHES = ("//", None, "..", "xx", "--")  # the rule, then each learned row: told apart beside the group's colour
 
 
+def with_rule_weight(recs: list[dict], configs: dict) -> list[dict]:
+    """The field records with per-sample outputs, each with the rule's own CE weight beside the learned one. A residual
+    whose base has no rule (``loss.ce_rule=plain``: full's best hand-crafted loss is plain DIST) records none, since
+    plain CE weighs every image's CE by exactly 1: it is filled in as 1 here (a view, the records stay as they ran),
+    so those rows are tabled and drawn beside their base like the rest."""
+    out = []
+    for r in recs:
+        ps = r.get("per_sample")
+        if not ps or "w_ce" not in ps:
+            continue
+        if "rule_w" in ps:
+            out.append(r)
+            continue
+        config = configs.get(r.get("config_sha"), {})
+        if (config.get("lossnet") or {}).get("kind") != "sample" or config.get("loss", {}).get("ce_rule", "plain") != "plain":
+            continue  # not a residual on a plain base: nothing to say about its rule
+        one = {g: {**v, **{k: 1.0 for k in ("mean", "q10", "q50", "q90") if v.get(k) is not None}}
+               for g, v in ps["w_ce"].items()}
+        out.append({**r, "per_sample": {**ps, "rule_w": one, "w_ce_x_rule": ps["w_ce"]}})
+    return out
+
+
 def rule_weights(rs: list[dict], configs: dict, regime: str) -> dict[str, float]:
     """The rule's own distillation weight and τ (one for all the regime's residual rows), from the configs they ran."""
     got = {(configs.get(r.get("config_sha"), {}).get("loss", {}).get("w_logit"),
@@ -186,7 +208,7 @@ def plan(results: Path) -> list[dict]:
                              "draw": lambda out, rs=rs, method=method, regime=regime, suffix=suffix:
                                  [per_sample_figure(rs, method, out, regime, suffix, configs)]})
     field_path = results / "accuracy_field.json"
-    field = json.loads(field_path.read_text()) if field_path.is_file() else []
+    field = with_rule_weight(json.loads(field_path.read_text()) if field_path.is_file() else [], configs)
     for regime in dict.fromkeys(r["regime"] for r in field):
         ps = [r for r in field if r["regime"] == regime and r.get("per_sample") and "rule_w" in r["per_sample"]]
         if ps:

@@ -154,12 +154,14 @@ def _transfer_row(recs: list[dict], preset: str, setting: str, rule_method: str)
 def field_per_sample(results: Path | None = None) -> str:
     """What the learned residual does beside the rule it started from, per group of training images: the rule's own
     weight on each sample's CE, the learned weight on it, their product, and the learned distillation weight and τ."""
-    recs = [r for r in _load("accuracy_field.json", results) if r.get("per_sample") and "rule_w" in r["per_sample"]]
+    from benchmarks.figures import with_rule_weight
+
+    store = (results or RESULTS) / "configs.json"
+    configs = json.loads(store.read_text()) if store.is_file() else {}
+    recs = with_rule_weight(_load("accuracy_field.json", results), configs)
     if not recs:
         return "_No per-sample field runs recorded yet._\n"
     cols = ("rule_w", "w_ce", "w_ce_x_rule", "w_kd", "tau")
-    store = (results or RESULTS) / "configs.json"
-    configs = json.loads(store.read_text()) if store.is_file() else {}
     lines = ["| regime | row | images | rule's CE weight | learned CE weight | learned × rule | distillation weight | τ |",
              "|---|---|---|---|---|---|---|---|"]
     fixed = []

@@ -255,3 +255,48 @@ def test_the_auto_block_measures_the_pick_against_hindsight_and_the_settings_rul
     # a search on a retrained teacher says how far it is from the reference rows' teacher of the same key
     assert "noisy-pair30: the search's teacher (k1, retrained here) scores 89.00 % on test, the reference rows' 89.30 %." in text
     assert "confusion30: the search's teacher" not in text  # transfer settings have no regime teacher to compare
+
+
+def test_a_residual_on_a_plain_base_is_drawn_beside_its_base_with_the_rule_weight_one(tmp_path):
+    """full's best hand-crafted loss is plain DIST: its residual's records carry no rule weight (no rule object ran),
+    and plain CE weighs every image's CE by exactly 1. The view fills that in — rule weight 1, learned × rule = the
+    learned weight — so those rows are tabled and drawn like the rest; a residual on a rule keeps its own recorded
+    weight, a plain base that is not a per-sample residual (or a config that says there was a rule) gets none, and
+    the records themselves are not changed."""
+    import copy
+    import json
+
+    from benchmarks import figures, report_field
+
+    src = ROOT / "benchmarks" / "results"
+    field = json.loads((src / "accuracy_field.json").read_text())
+    configs = json.loads((src / "configs.json").read_text())
+    plain = [r for r in field if r.get("per_sample") and "rule_w" not in r["per_sample"]]
+    ruled = [r for r in field if r.get("per_sample") and "rule_w" in r["per_sample"]][:2]
+    assert plain and {configs[r["config_sha"]]["loss"]["ce_rule"] for r in plain} == {"plain"}
+    before = copy.deepcopy(plain + ruled)
+    view = figures.with_rule_weight(plain + ruled, configs)
+    assert plain + ruled == before, "the records are not changed"
+    assert len(view) == len(plain) + len(ruled) and view[len(plain):] == ruled
+    for r, v in zip(plain, view):
+        for g, stats in v["per_sample"]["rule_w"].items():
+            n = r["per_sample"]["w_ce"][g]["n"]
+            assert stats["n"] == n and all(stats[k] == (1.0 if n else None) for k in ("mean", "q10", "q50", "q90"))
+        assert v["per_sample"]["w_ce_x_rule"] == r["per_sample"]["w_ce"]
+    # a config with a rule but no recorded rule weight, or a plain base that is no per-sample network: left out
+    sha = plain[0]["config_sha"]
+    with_rule = {**configs, sha: {**configs[sha], "loss": {**configs[sha]["loss"], "ce_rule": "agree"}}}
+    not_sample = {**configs, sha: {**configs[sha], "lossnet": {**configs[sha]["lossnet"], "kind": "logit"}}}
+    assert figures.with_rule_weight(plain[:1], with_rule) == [] and figures.with_rule_weight(plain[:1], not_sample) == []
+    # end to end: the block tables the plain-base rows with rule weight 1.00 and links their regime's figure
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "accuracy_field.json").write_text(json.dumps(plain))
+    (results / "configs.json").write_text(json.dumps(configs))
+    regime = plain[0]["regime"]
+    block = report_field.field_per_sample(results)
+    rows = [ln for ln in block.splitlines() if ln.startswith(f"| {regime} | ")]
+    assert rows and all(ln.split(" | ")[3] == "1.00" for ln in rows)
+    assert f"![](docs/figures/field_per_sample_{regime}.png)" in block
+    assert f"field_per_sample_{regime}" in [f["key"] for f in figures.plan(results)]
+    assert (tmp_path / "figures" / f"field_per_sample_{regime}.png") in figures.draw_all(results, tmp_path / "figures")
