@@ -210,7 +210,7 @@ def plan(results: Path) -> list[dict]:
     field_path = results / "accuracy_field.json"
     field = with_rule_weight(json.loads(field_path.read_text()) if field_path.is_file() else [], configs)
     for regime in dict.fromkeys(r["regime"] for r in field):
-        ps = [r for r in field if r["regime"] == regime and r.get("per_sample") and "rule_w" in r["per_sample"]]
+        ps = [r for r in field if r["regime"] == regime]  # with_rule_weight kept the rows with a rule weight only
         if ps:
             figs.append({"key": f"field_per_sample_{regime}",
                          "data": {"regime": regime, "rule": rule_weights_by_method(ps, configs, regime),
